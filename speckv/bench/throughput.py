@@ -1,0 +1,153 @@
+"""`speckv bench throughput`: prefill and decode tokens/s of speckv vs HF transformers.
+
+Both engines run the same workload on the same GGUF weights and dtype, in one run,
+each batch size in a fresh subprocess per engine (so peak RSS is each one's own),
+alternating engines so that machine noise hits both alike. Per configuration:
+
+  prefill tok/s = B * prompt_len / t(generate 1 token)
+  decode  tok/s = B * (new_tokens - 1) / (t(generate new_tokens) - t(generate 1 token))
+
+each the median over `--repeats` runs, greedy with EOS ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import date
+from typing import Any
+
+import torch
+
+
+def add_parser(sub, add_engine_options) -> None:
+    p = sub.add_parser("throughput", help="prefill/decode tokens/s vs HF transformers",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (default: 1,8,32)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: 512)")
+    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens (default: 128)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration (default: 3)")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    add_engine_options(p)
+
+
+def _prompts(batch: int, prompt_len: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(100, 49000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _measure(gen, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    gen(min(new_tokens, 4))  # warm-up: page faults, allocator, kernels
+    prefill, total = [], []
+    for _ in range(repeats):
+        prefill.append(_timed(lambda: gen(1)))
+        total.append(_timed(lambda: gen(new_tokens)))
+    t_prefill, t_total = statistics.median(prefill), statistics.median(total)
+    return {"prefill_tok_s": batch * prompt_len / t_prefill,
+            "decode_tok_s": batch * (new_tokens - 1) / max(t_total - t_prefill, 1e-9),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tokens": gen(new_tokens)[0][:16]}
+
+
+def _run_speckv(options: dict, batch: int, prompt_len: int, new_tokens: int, repeats: int):
+    from speckv import LLM, SamplingParams
+
+    llm = LLM(**options)
+    prompts = _prompts(batch, prompt_len)
+
+    def gen(n: int):
+        outs = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+        return [o.token_ids for o in outs]
+
+    return _measure(gen, batch, prompt_len, new_tokens, repeats)
+
+
+def _run_hf(options: dict, batch: int, prompt_len: int, new_tokens: int, repeats: int):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from speckv.models.loader import resolve_model_path
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(options.get("model"))
+    dtype = getattr(torch, options.get("dtype", "float32"))
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model.eval()
+    ids = torch.tensor(_prompts(batch, prompt_len))
+    mask = torch.ones_like(ids)
+
+    @torch.inference_mode()
+    def gen(n: int):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        return out[:, prompt_len:].tolist()
+
+    return _measure(gen, batch, prompt_len, new_tokens, repeats)
+
+
+def _in_subprocess(fn, *args) -> dict[str, Any]:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def run(ns: argparse.Namespace, options: dict) -> int:
+    try:
+        batches = [int(b) for b in ns.batch_sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be comma-separated integers, got {ns.batch_sizes!r}")
+    if min(batches) < 1 or ns.prompt_len < 1 or ns.new_tokens < 2 or ns.repeats < 1:
+        raise ValueError("batch sizes and --prompt-len must be >= 1, --new-tokens >= 2, --repeats >= 1")
+    options = {"max_num_seqs": max(batches), **options}
+    from tqdm.auto import tqdm
+
+    engines = [("speckv", _run_speckv)] + ([] if ns.no_hf else [("hf", _run_hf)])
+    results: list[dict[str, Any]] = []
+    with tqdm(total=len(batches) * len(engines), desc="bench", file=sys.stderr) as bar:
+        for batch in batches:
+            for name, fn in engines:
+                r = _in_subprocess(fn, options, batch, ns.prompt_len, ns.new_tokens, ns.repeats)
+                results.append({"engine": name, "batch": batch, **r})
+                bar.update(1)
+    report = {"date": date.today().isoformat(), "machine": _machine(), "options": options,
+              "prompt_len": ns.prompt_len, "new_tokens": ns.new_tokens, "repeats": ns.repeats,
+              "results": results}
+    print(format_table(report))
+    if ns.json:
+        with open(ns.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+def _machine() -> str:
+    return (f"{platform.machine()} {platform.processor() or ''} {mp.cpu_count()} cpus, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = ["| batch | engine | prefill tok/s | decode tok/s | decode vs HF | peak RSS MiB | same tokens as HF |",
+            "|---:|---|---:|---:|---:|---:|---|"]
+    by = {(r["engine"], r["batch"]): r for r in report["results"]}
+    for (engine, batch), r in by.items():
+        hf = by.get(("hf", batch))
+        ratio = f"{r['decode_tok_s'] / hf['decode_tok_s']:.2f}x" if hf else "-"
+        same = "-" if hf is None or engine == "hf" else str(r["tokens"] == hf["tokens"])
+        rows.append(f"| {batch} | {engine} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+                    f"{ratio} | {r['peak_rss_mib']:.0f} | {same} |")
+    return "\n".join(rows)

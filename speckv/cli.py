@@ -1,0 +1,210 @@
+"""The `speckv` command: generate, info, bench.
+
+Engine options are generated from the config dataclasses, so every option here is
+also a keyword of `LLM(...)` with the same name in snake_case (`--page-size` is
+`page_size`); sampling options are the fields of `SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+from speckv.config import SUBSYSTEMS, format_size
+from speckv.engine.sampling_params import SamplingParams
+
+_JSONL_HELP = """\
+Batch mode (--input FILE.jsonl): one JSON object a line, either
+  {"prompt": "text"}  or  {"messages": [{"role": "user", "content": "..."}]}
+with optional "id" and any sampling option ("max_tokens", "temperature", "top_p",
+"top_k", "seed", "stop", "ignore_eos") overriding the command line for that line.
+A malformed line is reported on stderr with its line number and written to the
+output as {"line": N, "error": "..."}; the other lines are still processed and the
+exit status is 1. With --strict, the first malformed line stops the run before any
+generation (exit status 2)."""
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hint = typing.get_type_hints(cls)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = str if str in args or len(args) > 1 else args[0]
+    return hint
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """Adds `--field-name` for every field of a config dataclass, with its help text."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        hint = _field_type(cls, f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f.metadata.get("help", "")
+        if "default:" not in text:
+            text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        elif typing.get_origin(hint) is tuple:
+            kwargs["action"] = "append"
+        else:
+            kwargs["type"] = hint
+        group.add_argument(flag, **kwargs)
+
+
+def _pick(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+
+
+def engine_options(ns: argparse.Namespace) -> dict[str, Any]:
+    options = {}
+    for cls in SUBSYSTEMS.values():
+        options.update(_pick(ns, cls))
+    return options
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    for name, cls in SUBSYSTEMS.items():
+        add_dataclass_options(parser, cls, f"engine: {name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speckv", description="LLM serving engine with a tiered, paged KV cache.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine events")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate", help="generate text (streams one prompt, or runs a JSONL batch)",
+        description="Generate from one prompt, streaming tokens as they come, or from a "
+                    "JSONL file of prompts.", epilog=_JSONL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("prompt", nargs="?", help="prompt text (omit with --input)")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the model's chat template")
+    gen.add_argument("--input", help="JSONL file of prompts (see below)")
+    gen.add_argument("--output", help="JSONL file for the results (default: stdout)")
+    gen.add_argument("--strict", action="store_true",
+                     help="stop at the first malformed JSONL line instead of skipping it")
+    gen.add_argument("--stats", action="store_true", help="print engine statistics at the end")
+    add_dataclass_options(gen, SamplingParams, "sampling (per request)")
+    _add_engine_options(gen)
+
+    info = sub.add_parser("info", help="print the model's config, parameters and KV bytes per token")
+    _add_engine_options(info)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from speckv.bench import throughput
+
+    throughput.add_parser(bench_sub, _add_engine_options)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if ns.command == "generate":
+            return _generate(ns, parser)
+        if ns.command == "info":
+            return _info(ns)
+        if ns.command == "bench":
+            from speckv.bench import throughput
+
+            return throughput.run(ns, engine_options(ns))
+    except ValueError as exc:
+        print(f"speckv: error: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {ns.command}")
+
+
+def _make_llm(ns: argparse.Namespace):
+    from speckv.engine.llm import LLM
+
+    return LLM(**engine_options(ns))
+
+
+def _info(ns: argparse.Namespace) -> int:
+    llm = _make_llm(ns)
+    engine = llm.engine
+    args = engine.args
+    element = engine.model.embed.element_size()
+    rows = {
+        "model": str(engine.loaded.path),
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(args)},
+        "parameters": f"{args.num_parameters():,}",
+        "dtype": llm.config.model.dtype,
+        "device": str(engine.device),
+        "context window": engine.max_model_len,
+        "kv bytes per token": f"{args.kv_bytes_per_token(element):,}",
+        "page size (tokens)": llm.config.cache.page_size,
+        "page bytes (one layer)": f"{engine.page_bytes:,}",
+        "device kv budget": format_size(llm.config.cache.device_kv_bytes),
+        "device pages": f"{engine.cache.pool.num_pages:,}",
+        "tokens that fit": f"{engine.cache.pool.num_pages // args.num_layers * llm.config.cache.page_size:,}",
+    }
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if (ns.prompt is None) == (ns.input is None):
+        parser.error("give either a prompt or --input FILE.jsonl")
+    params = SamplingParams(**_pick(ns, SamplingParams))
+    if ns.input is not None:
+        from speckv.batch import run_jsonl
+
+        jobs, errors = _read_jsonl_or_fail(ns, params)
+        if jobs is None:
+            return 2
+        llm = _make_llm(ns)
+        status = run_jsonl(llm, jobs, errors, ns.output)
+    else:
+        llm = _make_llm(ns)
+        prompt = llm.apply_chat_template([{"role": "user", "content": ns.prompt}]) if ns.chat else ns.prompt
+        out = None
+        for out in llm.stream(prompt, params):
+            sys.stdout.write(out.delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if out is not None:
+            print(f"[{out.finish_reason}: {out.num_prompt_tokens} prompt + "
+                  f"{out.num_generated_tokens} generated tokens, ttft "
+                  f"{out.time_to_first_token * 1000:.0f} ms, "
+                  f"{(out.per_token_latency or 0) * 1000:.1f} ms/token]", file=sys.stderr)
+        status = 0
+    if ns.stats:
+        print(json.dumps(llm.stats(), indent=2), file=sys.stderr)
+    return status
+
+
+def _read_jsonl_or_fail(ns: argparse.Namespace, params: SamplingParams):
+    from speckv.batch import read_jsonl
+
+    try:
+        with open(ns.input, encoding="utf-8") as fh:
+            jobs, errors = read_jsonl(fh, params)
+    except OSError as exc:
+        raise ValueError(f"cannot read --input: {exc}") from exc
+    for err in errors:
+        print(f"speckv: {ns.input}:{err.line}: {err.error}", file=sys.stderr)
+    if errors and ns.strict:
+        return None, errors
+    return jobs, errors
+
+
+if __name__ == "__main__":
+    sys.exit(main())

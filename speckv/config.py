@@ -1,0 +1,160 @@
+"""Engine configuration: one frozen dataclass per subsystem, composed by `EngineConfig`.
+
+Every field is also a keyword of `LLM(...)` and an option of the CLI (`--page-size`
+for `page_size`), so scripts, the CLI and the server share one configuration. The
+`help` metadata of a field is its CLI help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["float32", "bfloat16"]
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """Parses a byte size: an int, or a string like ``"256MiB"``, ``"1.5GB"``, ``"4096"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a byte size: {value!r}")
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(
+            f"not a byte size: {value!r} (write e.g. 1073741824, 512MiB, 1GiB or 2GB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def format_size(num_bytes: float) -> str:
+    """Formats a byte count with a binary unit, e.g. ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num_bytes) < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which weights to run, where, and in which precision."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "model to load: a .gguf file, or a directory with an HF config.json and "
+                "*.safetensors (Llama family); default: the bundled SmolLM2-135M-Instruct"})
+    device: Device = field(default="auto", metadata={
+        "help": "where the model and the KV cache live: cpu, cuda, or auto (cuda when "
+                "available)"})
+    dtype: DType = field(default="float32", metadata={
+        "help": "compute and KV dtype; float32 is the measured fastest on CPU "
+                "(see BENCHMARKS.md), bfloat16 halves weight and KV memory"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "context window in tokens (prompt + generated); default: the model's"})
+
+    def __post_init__(self) -> None:
+        _choice(self.device, "device", ("auto", "cpu", "cuda"))
+        _choice(self.dtype, "dtype", ("float32", "bfloat16"))
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The paged KV cache in fast memory (the DEVICE tier)."""
+
+    page_size: int = field(default=16, metadata={
+        "help": "tokens per KV page (one sequence, one layer, all KV heads)"})
+    device_kv_bytes: int | str = field(default="1GiB", metadata={
+        "help": "byte budget of the DEVICE tier, preallocated at start; human sizes "
+                "such as 256MiB or 2GiB are accepted"})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.page_size <= 4096:
+            raise ValueError(f"page_size must be in [1, 4096], got {self.page_size}")
+        size = parse_size(self.device_kv_bytes)
+        if size <= 0:
+            raise ValueError(f"device_kv_bytes must be > 0, got {self.device_kv_bytes!r}")
+        object.__setattr__(self, "device_kv_bytes", size)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = field(default=32, metadata={
+        "help": "most sequences in one step (the running batch)"})
+    max_num_batched_tokens: int = field(default=2048, metadata={
+        "help": "most tokens computed in one step; longer prompts are prefilled in "
+                "chunks of this size"})
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}): every running sequence needs one "
+                "token per decode step")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerConfig:
+    """The engine's own randomness."""
+
+    engine_seed: int = field(default=0, metadata={
+        "help": "seed of the engine's generator, used by requests that have no seed of "
+                "their own"})
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine is built from; composed of the subsystem configs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Builds a config from flat keywords (`page_size=32`), routed to their subsystem.
+
+        Raises:
+            ValueError: for an unknown keyword (the known ones are listed) or a bad value.
+        """
+        parts: dict[str, dict[str, Any]] = {name: {} for name in SUBSYSTEMS}
+        for key, value in kwargs.items():
+            owner = _FIELD_OWNER.get(key)
+            if owner is None:
+                known = ", ".join(sorted(_FIELD_OWNER))
+                raise ValueError(f"unknown engine option {key!r}; known options: {known}")
+            parts[owner][key] = value
+        return cls(**{name: SUBSYSTEMS[name](**parts[name]) for name in SUBSYSTEMS})
+
+
+SUBSYSTEMS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "sampler": SamplerConfig,
+}
+
+_FIELD_OWNER: dict[str, str] = {
+    f.name: sub for sub, cls in SUBSYSTEMS.items() for f in dataclasses.fields(cls)
+}

@@ -1,0 +1,227 @@
+"""The engine: requests in, one scheduled step at a time, outputs back.
+
+    add_request ─► Scheduler.schedule ─► ModelRunner.execute ─► _append_token ─► RequestOutput
+                       (pages via KVCacheManager)          (stop / length / EOS checks)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Iterable
+
+import torch
+
+from speckv.config import EngineConfig, format_size
+from speckv.engine.model_runner import ModelRunner
+from speckv.engine.outputs import RequestOutput
+from speckv.engine.sampler import Sampler
+from speckv.engine.sampling_params import SamplingParams
+from speckv.engine.scheduler import Scheduler
+from speckv.engine.sequence import FinishReason, Sequence
+from speckv.kv.attention import ScheduledChunk
+from speckv.kv.cache import KVCacheManager, RequestId
+from speckv.kv.page_pool import DevicePagePool
+from speckv.models.loaded import LoadedModel, load_model
+from speckv.models.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+class LLMEngine:
+    """Owns the model, the paged KV cache and the scheduler; advanced by `step()`."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        """Builds the engine; `loaded` reuses weights already loaded with `config.model`."""
+        self.config = config
+        cc = config.cache
+        if loaded is None:
+            loaded = load_model(config.model)
+        elif loaded.config != config.model:
+            raise ValueError(f"the loaded model was built for {loaded.config}, not {config.model}")
+        self.loaded = loaded
+        self.model, self.tokenizer, self.args = loaded.model, loaded.tokenizer, loaded.args
+        self.device, self.dtype = loaded.model.device, loaded.model.dtype
+        self.max_model_len = loaded.max_model_len
+        args = self.args
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        self.page_bytes = DevicePagePool.page_bytes(
+            cc.page_size, args.num_kv_heads, args.head_dim, element_size)
+        num_pages = cc.device_kv_bytes // self.page_bytes
+        if num_pages < args.num_layers:
+            raise ValueError(
+                f"device_kv_bytes={cc.device_kv_bytes} holds {num_pages} pages, but one step "
+                f"of one sequence needs a page in each of {args.num_layers} layers: the "
+                f"minimum is {args.num_layers * self.page_bytes} bytes "
+                f"({format_size(args.num_layers * self.page_bytes)})")
+        pool = DevicePagePool(num_pages, cc.page_size, args.num_kv_heads, args.head_dim,
+                              dtype=self.dtype, device=self.device)
+        self.cache = KVCacheManager(pool, args.num_layers, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.cache)
+        self.runner = ModelRunner(self.model, self.cache, Sampler(config.sampler.engine_seed))
+        self._sequences: dict[RequestId, Sequence] = {}
+        self._ids = itertools.count()
+        logger.info("engine ready: %s on %s (%s), %d KV pages of %d bytes",
+                    args.name, self.device, config.model.dtype, num_pages, self.page_bytes)
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> RequestId:
+        """Queues a request (text, or token ids) and returns its id.
+
+        Raises:
+            ValueError: empty prompt, a prompt that leaves no room in the context
+                window, a request larger than the whole KV pool, a duplicate id.
+        """
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        if not token_ids:
+            raise ValueError("prompt is empty (it encodes to no tokens)")
+        if any(not 0 <= t < self.args.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens; the context window is "
+                f"{self.max_model_len} tokens and needs room for at least one generated token")
+        rid = RequestId(request_id if request_id is not None else f"req-{next(self._ids)}")
+        if rid in self._sequences:
+            raise ValueError(f"request id {rid!r} is already in use")
+        most_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        if not self.cache.pool.num_pages >= self.cache.pages_needed(rid, most_tokens):
+            raise ValueError(
+                f"request needs up to {most_tokens} tokens of KV "
+                f"({self.cache.pages_needed(rid, most_tokens)} pages) but the DEVICE tier "
+                f"holds {self.cache.pool.num_pages} pages: raise device_kv_bytes or lower max_tokens")
+        seq = Sequence(rid, text, token_ids, params, IncrementalDetokenizer(self.tokenizer))
+        self._sequences[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request and frees its pages; returns its final output, or None if unknown."""
+        seq = self._sequences.pop(RequestId(request_id), None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq.request_id)
+        seq.finish(FinishReason.ABORT)
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished(self) -> int:
+        return len(self._sequences)
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns an output for every request that advanced."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        tokens = self.runner.execute(sched)
+        now = time.perf_counter()
+        outputs = []
+        for seq, chunk, token in zip(sched.seqs, sched.chunks, tokens):
+            seq.num_computed_tokens += chunk.num_tokens
+            if token is None:
+                continue
+            self._append_token(seq, token, now)
+            if seq.is_finished:
+                self.scheduler.remove(seq.request_id)
+                del self._sequences[seq.request_id]
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+        seq.output_token_ids.append(token)
+        if seq.times.first_token is None:
+            seq.times.first_token = now
+        seq.times.last_token = now
+        params = seq.params
+        if token == self.args.eos_token_id and not params.ignore_eos:
+            seq.finish(FinishReason.STOP)
+            return
+        seq.detokenizer.add(token)
+        seq.text = seq.detokenizer.text
+        if params.stop and self._truncate_at_stop(seq):
+            seq.finish(FinishReason.STOP)
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish(FinishReason.LENGTH)
+
+    @staticmethod
+    def _truncate_at_stop(seq: Sequence) -> bool:
+        cuts = [i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0]
+        if not cuts:
+            return False
+        seq.text = seq.text[:min(cuts)]
+        return True
+
+    @staticmethod
+    def _output(seq: Sequence) -> RequestOutput:
+        """The request's output; text that could still become a stop string is held back."""
+        visible = len(seq.text)
+        if not seq.is_finished and seq.params.stop:
+            visible -= max(len(s) for s in seq.params.stop) - 1
+        visible = max(visible, seq.emitted)
+        delta = seq.text[seq.emitted:visible]
+        seq.emitted = visible
+        return RequestOutput.of(seq, seq.text[:visible], delta)
+
+    # ------------------------------------------------------------ evaluation
+
+    def score(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Logits [T, V] (float32) of every position of `token_ids`, prefilled in chunks
+        through the paged cache; used for reference checks and perplexity."""
+        chunk_size = chunk_size or self.config.scheduler.max_num_batched_tokens
+        rid = RequestId(f"score-{next(self._ids)}")
+        if not self.cache.allocate(rid, len(token_ids)):
+            raise ValueError(f"{len(token_ids)} tokens do not fit in the free KV pages")
+        try:
+            parts = []
+            for start in range(0, len(token_ids), chunk_size):
+                ids = token_ids[start:start + chunk_size]
+                parts.append(self.runner.forward([ScheduledChunk(rid, start, len(ids))], [ids],
+                                                 logits_for="all"))
+            return torch.cat(parts)
+        finally:
+            self.cache.free(rid)
+
+    def stats(self) -> dict[str, int | float]:
+        pool = self.cache.pool
+        return {
+            "device_pages_total": pool.num_pages,
+            "device_pages_used": pool.num_used_pages,
+            "device_pages_free": pool.num_free_pages,
+            "device_kv_bytes_budget": self.config.cache.device_kv_bytes,
+            "device_kv_bytes_used": pool.num_used_pages * self.page_bytes,
+            "page_bytes": self.page_bytes,
+            "requests_running": len(self.scheduler.running),
+            "requests_waiting": len(self.scheduler.waiting),
+        }
+
+    def generate_all(self, prompts: Iterable[str | list[int]], params: list[SamplingParams],
+                     progress=None) -> list[RequestOutput]:
+        """Runs prompts to completion; on any error, aborts what it added (engine stays usable)."""
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                ids.append(self.add_request(prompt, p))
+            final: dict[str, RequestOutput] = {}
+            while len(final) < len(ids):
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        if progress is not None:
+                            progress.update(1)
+            return [final[i] for i in ids]
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise

@@ -1,0 +1,53 @@
+"""Turns a scheduled step into model inputs, runs the forward pass and samples."""
+
+from __future__ import annotations
+
+import torch
+
+from speckv.engine.sampler import Sampler
+from speckv.engine.scheduler import SchedulerOutput
+from speckv.kv.attention import ScheduledChunk, StepAttention
+from speckv.kv.cache import KVCacheManager
+from speckv.models.llama import LlamaModel
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, cache: KVCacheManager, sampler: Sampler) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+        self.device = model.device
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[ScheduledChunk], token_ids: list[list[int]],
+                logits_for: str = "last") -> torch.Tensor:
+        """Runs one step over `chunks` (decodes first); `token_ids[i]` are chunk i's tokens.
+
+        Returns logits [len(chunks), V] of each chunk's last token, or
+        [total tokens, V] of every token when `logits_for="all"`.
+        """
+        flat = torch.tensor([t for ids in token_ids for t in ids], device=self.device)
+        attention = StepAttention(self.cache, chunks, self.device)
+        hidden = self.model.forward(flat, attention.positions, attention)
+        if logits_for == "last":
+            ends = torch.cumsum(torch.tensor([c.num_tokens for c in chunks]), 0) - 1
+            hidden = hidden[ends.to(self.device)]
+        return self.model.compute_logits(hidden)
+
+    def execute(self, sched: SchedulerOutput) -> list[int | None]:
+        """Runs a scheduled step; returns the sampled token of each sequence, or None
+        for a sequence whose prompt is only partly prefilled."""
+        token_ids = [seq.all_token_ids[c.start:c.start + c.num_tokens]
+                     for seq, c in zip(sched.seqs, sched.chunks)]
+        logits = self.forward(sched.chunks, token_ids)
+        completes = [c.start + c.num_tokens == seq.num_tokens
+                     for seq, c in zip(sched.seqs, sched.chunks)]
+        rows = [i for i, done in enumerate(completes) if done]
+        if not rows:
+            return [None] * len(sched.seqs)
+        sampled = self.sampler(logits[rows], [sched.seqs[i].params for i in rows],
+                               [sched.seqs[i].generator for i in rows])
+        result: list[int | None] = [None] * len(sched.seqs)
+        for i, token in zip(rows, sampled):
+            result[i] = token
+        return result

@@ -1,0 +1,123 @@
+"""Continuous batching: which sequences compute how many tokens in the next step.
+
+Each step:
+  1. running sequences, oldest first, get their next chunk (one token when
+     decoding, up to the token budget while prefilling); a sequence that needs a
+     new page when none is free preempts the youngest running sequence, whose
+     pages are freed and which is recomputed later (vLLM's recompute preemption);
+  2. waiting sequences join in arrival order while the batch, the token budget
+     and the free pages allow. A request that does not fit waits; it is never
+     partly admitted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from speckv.config import SchedulerConfig
+from speckv.engine.sequence import Sequence, Status
+from speckv.kv.attention import ScheduledChunk
+from speckv.kv.cache import KVCacheManager, RequestId
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the next step computes: `chunks[i]` belongs to `seqs[i]`, decodes first."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.chunks.append(ScheduledChunk(seq.request_id, seq.num_computed_tokens, num_tokens))
+
+    def decode_first(self) -> None:
+        order = sorted(range(len(self.chunks)), key=lambda i: self.chunks[i].num_tokens != 1)
+        self.seqs = [self.seqs[i] for i in order]
+        self.chunks = [self.chunks[i] for i in order]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: KVCacheManager) -> None:
+        self.config = config
+        self.cache = cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request_id: RequestId) -> Sequence | None:
+        """Takes a request out of the queues and frees its pages (finish or abort)."""
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                break
+        else:
+            seq = next((s for s in self.waiting if s.request_id == request_id), None)
+            if seq is None:
+                return None
+            self.waiting.remove(seq)
+        self.cache.free(request_id)
+        return seq
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:  # memory is short: admitting now would only thrash
+            self._schedule_waiting(out, budget)
+        out.decode_first()
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.cache.allocate(seq.request_id, seq.num_computed_tokens + num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status != Status.RUNNING:  # preempted itself: nothing left to run
+                break
+            out.add(seq, num_tokens)
+            budget -= num_tokens
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.cache.allocate(seq.request_id, seq.num_computed_tokens + num_tokens):
+                break  # wait for pages; later requests wait behind it (FIFO)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.add(seq, num_tokens)
+            budget -= num_tokens
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        logger.info("preempting %s: no free page (it will be recomputed)", seq.request_id)
+        self.running.remove(seq)
+        self.cache.free(seq.request_id)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        if seq in out.seqs:  # already scheduled this step: withdraw its chunk
+            i = out.seqs.index(seq)
+            del out.seqs[i], out.chunks[i]

@@ -1,0 +1,76 @@
+"""A request as the engine tracks it: tokens, progress, status and timings."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from speckv.engine.sampling_params import SamplingParams
+from speckv.kv.cache import RequestId
+from speckv.models.tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"
+
+
+@dataclass(slots=True)
+class RequestTimes:
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+
+
+class Sequence:
+    """One request in the engine: its prompt, generated tokens and progress."""
+
+    def __init__(self, request_id: RequestId, prompt: str, prompt_token_ids: list[int],
+                 params: SamplingParams, detokenizer: IncrementalDetokenizer) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.detokenizer = detokenizer
+        self.status = Status.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.text = ""  # generated text, stop string removed
+        self.emitted = 0  # characters of `text` already given out in outputs
+        self.times = RequestTimes()
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def finish(self, reason: FinishReason) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.times.finished = time.perf_counter()

