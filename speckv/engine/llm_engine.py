@@ -37,12 +37,12 @@ class LLMEngine:
         cc = config.cache
         if loaded is None:
             loaded = load_model(config.model)
-        elif loaded.config != config.model:
+        elif not loaded.serves(config.model):
             raise ValueError(f"the loaded model was built for {loaded.config}, not {config.model}")
         self.loaded = loaded
         self.model, self.tokenizer, self.args = loaded.model, loaded.tokenizer, loaded.args
         self.device, self.dtype = loaded.model.device, loaded.model.dtype
-        self.max_model_len = loaded.max_model_len
+        self.max_model_len = loaded.context_window(config.model)
         args = self.args
         element_size = torch.empty((), dtype=self.dtype).element_size()
         self.page_bytes = DevicePagePool.page_bytes(
@@ -204,6 +204,7 @@ class LLMEngine:
             "page_bytes": self.page_bytes,
             "requests_running": len(self.scheduler.running),
             "requests_waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
         }
 
     def generate_all(self, prompts: Iterable[str | list[int]], params: list[SamplingParams],

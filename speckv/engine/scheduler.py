@@ -52,6 +52,7 @@ class Scheduler:
         self.cache = cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -112,6 +113,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         logger.info("preempting %s: no free page (it will be recomputed)", seq.request_id)
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.cache.free(seq.request_id)
         seq.num_computed_tokens = 0

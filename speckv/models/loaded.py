@@ -34,18 +34,31 @@ class LoadedModel:
     model: LlamaModel
     tokenizer: Tokenizer
     path: Path
-    max_model_len: int
 
     @property
     def args(self) -> ModelArgs:
         return self.model.args
+
+    def serves(self, config: ModelConfig) -> bool:
+        """Whether an engine configured with `config` can run on these weights."""
+        return (config.model, config.device, config.dtype) == (
+            self.config.model, self.config.device, self.config.dtype)
+
+    def context_window(self, config: ModelConfig) -> int:
+        """The engine's context window: `max_model_len`, at most what the model supports."""
+        limit = self.args.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's context window "
+                f"of {limit} tokens")
+        return config.max_model_len or limit
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
     """Loads and converts the weights named by `config.model` onto its device and dtype."""
     device = resolve_device(config.device)
     checkpoint = load_checkpoint(config.model)
-    max_len = config.max_model_len or checkpoint.args.max_position_embeddings
     model = LlamaModel(checkpoint.args, checkpoint.state_dict, device=device,
-                       dtype=DTYPES[config.dtype], max_len=max_len)
-    return LoadedModel(config, model, checkpoint.tokenizer, checkpoint.path, max_len)
+                       dtype=DTYPES[config.dtype],
+                       max_len=checkpoint.args.max_position_embeddings)
+    return LoadedModel(config, model, checkpoint.tokenizer, checkpoint.path)

@@ -1,0 +1,87 @@
+"""The `speckv` command, run as users run it (a real subprocess where it matters)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from speckv.cli import main
+
+SMALL = ["--device-kv-bytes", "32MiB", "--device", "cpu"]
+
+
+def _speckv(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "speckv.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_every_engine_option():
+    proc = _speckv("generate", "--help")
+    assert proc.returncode == 0
+    for flag in ("--model", "--dtype", "--page-size", "--device-kv-bytes", "--max-num-seqs",
+                 "--max-num-batched-tokens", "--engine-seed", "--max-tokens", "--top-p",
+                 "--stop", "--ignore-eos", "malformed line"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.slow
+def test_generate_streams_to_stdout():
+    proc = _speckv("generate", "The capital of France is", "--max-tokens", "4", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(" Paris")
+    assert "[length: 5 prompt + 4 generated tokens" in proc.stderr
+
+
+@pytest.mark.slow
+def test_jsonl_batch_reports_bad_lines_and_runs_the_rest(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([
+        json.dumps({"id": "a", "prompt": "The capital of France is", "max_tokens": 3}),
+        "{not json",
+        json.dumps({"id": "b", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        json.dumps({"id": "c", "prompt": "x", "temperature": -1}),
+        json.dumps({"id": "d", "prompt": "x", "colour": "red"}),
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", str(inp), "--output", str(out), *SMALL]) == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[0]["id"] == "a" and records[0]["text"] == " Paris.\n" and records[0]["num_generated_tokens"] == 3
+    assert "not valid JSON" in records[1]["error"]
+    assert records[2]["id"] == "b" and records[2]["num_generated_tokens"] == 2
+    assert "temperature must be >= 0" in records[3]["error"]
+    assert "unknown keys ['colour']" in records[4]["error"]
+
+
+def test_jsonl_strict_stops_before_generating(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "ok"}\n[1, 2]\n')
+    assert main(["generate", "--input", str(inp), "--strict", *SMALL]) == 2
+    assert "in.jsonl:2: expected a JSON object" in capsys.readouterr().err
+
+
+def test_bad_options_are_errors_not_tracebacks(capsys):
+    assert main(["generate", "hi", "--device-kv-bytes", "lots"]) == 2
+    assert "not a byte size" in capsys.readouterr().err
+    assert main(["generate", "hi", "--top-p", "2"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", "/no/such/model.gguf"]) == 2
+    assert "model path does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate"])  # neither a prompt nor --input
+
+
+def test_missing_input_file(capsys, tmp_path):
+    assert main(["generate", "--input", str(tmp_path / "none.jsonl")]) == 2
+    assert "cannot read --input" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_info_prints_config_and_kv_bytes(capsys):
+    assert main(["info", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "134,515,008" in out  # parameters of SmolLM2-135M
+    assert "kv bytes per token" in out and "46,080" in out  # 30 layers * 2 * 3 heads * 64 * 4 B
