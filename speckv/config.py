@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16"]
+AttentionBackend = Literal["auto", "torch", "cpu_kernel"]
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -83,10 +84,15 @@ class CacheConfig:
     device_kv_bytes: int | str = field(default="1GiB", metadata={
         "help": "byte budget of the DEVICE tier, preallocated at start; human sizes "
                 "such as 256MiB or 2GiB are accepted"})
+    attention_backend: AttentionBackend = field(default="auto", metadata={
+        "help": "decode attention: torch (gather pages, then SDPA; any device), cpu_kernel "
+                "(C++ kernel reading pages in place; CPU float32; compiled on first use), "
+                "auto (cpu_kernel on CPU float32, torch otherwise)"})
 
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 4096:
             raise ValueError(f"page_size must be in [1, 4096], got {self.page_size}")
+        _choice(self.attention_backend, "attention_backend", ("auto", "torch", "cpu_kernel"))
         size = parse_size(self.device_kv_bytes)
         if size <= 0:
             raise ValueError(f"device_kv_bytes must be > 0, got {self.device_kv_bytes!r}")

@@ -20,10 +20,12 @@ from speckv.engine.sampler import Sampler
 from speckv.engine.sampling_params import SamplingParams
 from speckv.engine.scheduler import Scheduler
 from speckv.engine.sequence import FinishReason, Sequence
-from speckv.kv.attention import ScheduledChunk
+from speckv.kv.attention import (DecodeAttention, ScheduledChunk, cpu_kernel_decode_attention,
+                                 torch_decode_attention)
+from speckv.kv.cpu_kernels import load_cpu_kernels
 from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.kv.page_pool import DevicePagePool
-from speckv.models.loaded import LoadedModel, load_model
+from speckv.models.loaded import LoadedModel, load_model, resolve_device
 from speckv.models.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class LLMEngine:
         """Builds the engine; `loaded` reuses weights already loaded with `config.model`."""
         self.config = config
         cc = config.cache
+        decode_attention = self._decode_attention(config)  # fails fast, before loading
         if loaded is None:
             loaded = load_model(config.model)
         elif not loaded.serves(config.model):
@@ -58,11 +61,24 @@ class LLMEngine:
                               dtype=self.dtype, device=self.device)
         self.cache = KVCacheManager(pool, args.num_layers, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.cache)
-        self.runner = ModelRunner(self.model, self.cache, Sampler(config.sampler.engine_seed))
+        self.runner = ModelRunner(self.model, self.cache, Sampler(config.sampler.engine_seed),
+                                  decode_attention)
         self._sequences: dict[RequestId, Sequence] = {}
         self._ids = itertools.count()
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d bytes",
                     args.name, self.device, config.model.dtype, num_pages, self.page_bytes)
+
+    @staticmethod
+    def _decode_attention(config: EngineConfig) -> DecodeAttention:
+        backend, device = config.cache.attention_backend, resolve_device(config.model.device)
+        kernel_fits = device.type == "cpu" and config.model.dtype == "float32"
+        if backend == "cpu_kernel" and not kernel_fits:
+            raise ValueError(
+                f"attention_backend='cpu_kernel' needs device cpu and dtype float32, not "
+                f"{device.type} and {config.model.dtype}: use 'torch' or 'auto'")
+        if backend == "torch" or (backend == "auto" and not kernel_fits):
+            return torch_decode_attention
+        return cpu_kernel_decode_attention(load_cpu_kernels())
 
     # ------------------------------------------------------------ requests
 

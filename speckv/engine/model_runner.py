@@ -6,14 +6,16 @@ import torch
 
 from speckv.engine.sampler import Sampler
 from speckv.engine.scheduler import SchedulerOutput
-from speckv.kv.attention import ScheduledChunk, StepAttention
+from speckv.kv.attention import DecodeAttention, ScheduledChunk, StepAttention
 from speckv.kv.cache import KVCacheManager
 from speckv.models.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCacheManager, sampler: Sampler) -> None:
+    def __init__(self, model: LlamaModel, cache: KVCacheManager, sampler: Sampler,
+                 decode_attention: DecodeAttention) -> None:
         self.model = model
+        self.decode_attention = decode_attention
         self.cache = cache
         self.sampler = sampler
         self.device = model.device
@@ -27,7 +29,7 @@ class ModelRunner:
         [total tokens, V] of every token when `logits_for="all"`.
         """
         flat = torch.tensor([t for ids in token_ids for t in ids], device=self.device)
-        attention = StepAttention(self.cache, chunks, self.device)
+        attention = StepAttention(self.cache, chunks, self.device, self.decode_attention)
         hidden = self.model.forward(flat, attention.positions, attention)
         if logits_for == "last":
             ends = torch.cumsum(torch.tensor([c.num_tokens for c in chunks]), 0) - 1
