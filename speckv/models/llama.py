@@ -66,15 +66,17 @@ class LlamaModel:
 
     def __init__(self, args: ModelArgs, state_dict: dict[str, torch.Tensor], *,
                  device: torch.device, dtype: torch.dtype, max_len: int) -> None:
+        """Converts `state_dict` (HF names; consumed: tensors are popped as converted)."""
         self.args = args
         self.device = device
         self.dtype = dtype
         self.max_len = max_len
 
         def take(name: str) -> torch.Tensor:
+            # pop: each source tensor is freed once converted, halving peak memory at load
             if name not in state_dict:
                 raise ValueError(f"checkpoint is missing tensor {name!r}")
-            return state_dict[name].to(device=device, dtype=dtype)
+            return state_dict.pop(name).to(device=device, dtype=dtype)
 
         def transposed(*names: str) -> torch.Tensor:
             return torch.cat([take(n) for n in names], dim=0).t().contiguous()
@@ -92,8 +94,8 @@ class LlamaModel:
             ))
         self.embed = take("model.embed_tokens.weight")  # [V, hidden]
         self.norm = take("model.norm.weight")
-        head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
-        self.lm_head = transposed(head)  # [hidden, V]
+        self.lm_head = (self.embed.t().contiguous() if args.tie_word_embeddings
+                        else transposed("lm_head.weight"))  # [hidden, V]
         self.cos, self.sin = rope_tables(args, max_len, device, dtype)
         self._q_dim = args.num_heads * args.head_dim
         self._kv_dim = args.num_kv_heads * args.head_dim

@@ -3,8 +3,10 @@
 // The PyTorch path gathers each sequence's pages into a contiguous tensor and then
 // runs SDPA: K and V cross memory three times (read, write, read). Decode is
 // memory-bound, so this kernel reads every listed page once, where it lies, with an
-// online softmax per page (flash-decoding style). One task per (sequence, KV head);
-// the G query heads of the group share each K/V row while it is in L1.
+// online softmax per page (flash-decoding style). A task is a whole sequence (its
+// pages stream front to back once) or, when there are too few sequences to keep
+// every thread busy, one KV head of one; the G query heads of a KV head share each
+// K/V row while it is in L1.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -19,63 +21,82 @@ namespace {
 // under which true infinities are not allowed.
 constexpr float kNegBig = -1e30f;
 
-// One (sequence, KV head) task: G query rows against the first `ctx` tokens of the
-// listed pages. kDim > 0 fixes the head dim at compile time (full unrolling).
+// One task: the query rows of KV heads [h0, h1) of one sequence (G rows per KV head)
+// against the first `ctx` tokens of its listed pages. Pages are read front to back,
+// all the task's heads together, so each page streams from memory once. kDim > 0
+// fixes the head dim at compile time (full unrolling).
 template <int64_t kDim>
-void attend_one(const float* qb, const float* kp, const float* vp, const int64_t* pages,
-                int64_t ctx, int64_t page_size, int64_t page_stride, int64_t token_stride,
-                int64_t G, int64_t dim, float scale, float* ob, float* acc, float* scores,
-                float* running_max, float* running_sum) {
+void attend(const float* qb, const float* kp, const float* vp, const int64_t* pages,
+            int64_t ctx, int64_t h0, int64_t h1, int64_t page_size, int64_t page_stride,
+            int64_t token_stride, int64_t G, int64_t dim, float scale, float* ob, float* acc,
+            float* scores, float* running_max, float* running_sum) {
   const int64_t D = kDim > 0 ? kDim : dim;
-  std::fill(acc, acc + G * D, 0.f);
-  std::fill(running_max, running_max + G, kNegBig);
-  std::fill(running_sum, running_sum + G, 0.f);
+  const int64_t rows = (h1 - h0) * G;  // query rows, row r = (h - h0) * G + g
+  std::fill(acc, acc + rows * D, 0.f);
+  std::fill(running_max, running_max + rows, kNegBig);
+  std::fill(running_sum, running_sum + rows, 0.f);
   for (int64_t p = 0; p * page_size < ctx; ++p) {
     const int64_t ntok = std::min(page_size, ctx - p * page_size);
     const float* kpage = kp + pages[p] * page_stride;
     const float* vpage = vp + pages[p] * page_stride;
-    // scores[g * page_size + t] = q_g . k_t * scale
-    for (int64_t t = 0; t < ntok; ++t) {
-      const float* kr = kpage + t * token_stride;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qb + g * D;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
-        scores[g * page_size + t] = dot * scale;
+    if ((p + 1) * page_size < ctx) {  // pages lie anywhere: prefetch the next one's rows
+      const float* knext = kp + pages[p + 1] * page_stride + h0 * D;
+      const float* vnext = vp + pages[p + 1] * page_stride + h0 * D;
+      for (int64_t t = 0; t < page_size; ++t) {
+        for (int64_t off = 0; off < (h1 - h0) * D; off += 16) {
+          __builtin_prefetch(knext + t * token_stride + off);
+          __builtin_prefetch(vnext + t * token_stride + off);
+        }
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float* sg = scores + g * page_size;
+    // scores[r * page_size + t] = q_r . k_t * scale
+    for (int64_t t = 0; t < ntok; ++t) {
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* kr = kpage + t * token_stride + h * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = (h - h0) * G + g;
+          const float* qr = qb + r * D;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+          scores[r * page_size + t] = dot * scale;
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = scores + r * page_size;
       float page_max = kNegBig;
-      for (int64_t t = 0; t < ntok; ++t) page_max = std::max(page_max, sg[t]);
-      const float new_max = std::max(running_max[g], page_max);
-      const float correction = std::exp(running_max[g] - new_max);
+      for (int64_t t = 0; t < ntok; ++t) page_max = std::max(page_max, sr[t]);
+      const float new_max = std::max(running_max[r], page_max);
+      const float correction = std::exp(running_max[r] - new_max);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < ntok; ++t) {
-        sg[t] = std::exp(sg[t] - new_max);
-        sum += sg[t];
+        sr[t] = std::exp(sr[t] - new_max);
+        sum += sr[t];
       }
-      running_sum[g] = running_sum[g] * correction + sum;
-      running_max[g] = new_max;
-      float* ag = acc + g * D;
+      running_sum[r] = running_sum[r] * correction + sum;
+      running_max[r] = new_max;
+      float* ar = acc + r * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) ag[d] *= correction;
+      for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
     }
     for (int64_t t = 0; t < ntok; ++t) {
-      const float* vr = vpage + t * token_stride;
-      for (int64_t g = 0; g < G; ++g) {
-        const float w = scores[g * page_size + t];
-        float* ag = acc + g * D;
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* vr = vpage + t * token_stride + h * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = (h - h0) * G + g;
+          const float w = scores[r * page_size + t];
+          float* ar = acc + r * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ag[d] += w * vr[d];
+          for (int64_t d = 0; d < D; ++d) ar[d] += w * vr[d];
+        }
       }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const float inv = running_sum[g] > 0.f ? 1.f / running_sum[g] : 0.f;
-    for (int64_t d = 0; d < D; ++d) ob[g * D + d] = acc[g * D + d] * inv;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = running_sum[r] > 0.f ? 1.f / running_sum[r] : 0.f;
+    for (int64_t d = 0; d < D; ++d) ob[r * D + d] = acc[r * D + d] * inv;
   }
 }
 
@@ -110,16 +131,22 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pages,
   const int64_t page_stride = page_size * Hkv * D, token_stride = Hkv * D;
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(G * D), running_max(G), running_sum(G), scores(G * page_size);
+  // Whole sequences per task when there are enough of them to share out (each page
+  // then streams once); one KV head per task otherwise, so that one long sequence
+  // still uses every thread.
+  const int64_t heads_per_task = B >= 2 * at::get_num_threads() ? Hkv : 1;
+  const int64_t tasks_per_seq = Hkv / heads_per_task;
+  at::parallel_for(0, B * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows = heads_per_task * G;
+    std::vector<float> acc(rows * D), running_max(rows), running_sum(rows), scores(rows * page_size);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t b = task / tasks_per_seq;
+      const int64_t h0 = (task % tasks_per_seq) * heads_per_task, h1 = h0 + heads_per_task;
       const int64_t ctx = std::min(cl[b], P * page_size);
-      const float* qb = qp + (b * H + h * G) * D;
-      float* ob = op + (b * H + h * G) * D;
-      const auto run = D == 64 ? attend_one<64> : D == 128 ? attend_one<128> : attend_one<0>;
-      run(qb, kp + h * D, vp + h * D, bt + b * P, ctx, page_size, page_stride, token_stride, G,
-          D, fscale, ob, acc.data(), scores.data(), running_max.data(), running_sum.data());
+      const auto run = D == 64 ? attend<64> : D == 128 ? attend<128> : attend<0>;
+      run(qp + (b * H + h0 * G) * D, kp, vp, bt + b * P, ctx, h0, h1, page_size, page_stride,
+          token_stride, G, D, fscale, op + (b * H + h0 * G) * D, acc.data(), scores.data(),
+          running_max.data(), running_sum.data());
     }
   });
   return out;
