@@ -85,3 +85,22 @@ def test_info_prints_config_and_kv_bytes(capsys):
     out = capsys.readouterr().out
     assert "134,515,008" in out  # parameters of SmolLM2-135M
     assert "kv bytes per token" in out and "46,080" in out  # 30 layers * 2 * 3 heads * 64 * 4 B
+
+
+@pytest.mark.slow
+def test_bench_throughput_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "throughput", "--batch-sizes", "2", "--prompt-len", "8",
+                 "--new-tokens", "3", "--repeats", "1", "--no-hf", "--variant",
+                 "attention_backend=torch", "--json", str(out), *SMALL]) == 0
+    report = json.loads(out.read_text())
+    assert [r["engine"] for r in report["results"]] == ["speckv", "speckv[attention_backend=torch]"]
+    for r in report["results"]:
+        assert r["batch"] == 2 and r["decode_tok_s"] > 0 and len(r["tokens"]) == 3
+    # both attention backends produce the same greedy tokens
+    assert report["results"][0]["tokens"] == report["results"][1]["tokens"]
+
+
+def test_bench_rejects_bad_variant(capsys):
+    assert main(["bench", "throughput", "--variant", "page_size", "--no-hf"]) == 2
+    assert "--variant wants KEY=VALUE" in capsys.readouterr().err

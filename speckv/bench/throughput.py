@@ -34,6 +34,9 @@ def add_parser(sub, add_engine_options) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens (default: 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (default: 3)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also run speckv with these engine options changed (LLM keywords), "
+                        "in the same run; repeatable, e.g. --variant attention_backend=torch")
     p.add_argument("--json", help="also write the results to this JSON file")
     add_engine_options(p)
 
@@ -117,12 +120,20 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     options = {"max_num_seqs": max(batches), **options}
     from tqdm.auto import tqdm
 
-    engines = [("speckv", _run_speckv)] + ([] if ns.no_hf else [("hf", _run_hf)])
+    from speckv.config import EngineConfig
+
+    engines = [("speckv", _run_speckv, options)]
+    for variant in ns.variant:
+        changed = _parse_variant(variant)
+        EngineConfig.from_kwargs(**{**options, **changed})  # a bad variant fails before any run
+        engines.append((f"speckv[{variant}]", _run_speckv, {**options, **changed}))
+    if not ns.no_hf:
+        engines.append(("hf", _run_hf, options))
     results: list[dict[str, Any]] = []
     with tqdm(total=len(batches) * len(engines), desc="bench", file=sys.stderr) as bar:
         for batch in batches:
-            for name, fn in engines:
-                r = _in_subprocess(fn, options, batch, ns.prompt_len, ns.new_tokens, ns.repeats)
+            for name, fn, opts in engines:
+                r = _in_subprocess(fn, opts, batch, ns.prompt_len, ns.new_tokens, ns.repeats)
                 results.append({"engine": name, "batch": batch, **r})
                 bar.update(1)
     report = {"date": date.today().isoformat(), "machine": _machine(), "options": options,
@@ -133,6 +144,17 @@ def run(ns: argparse.Namespace, options: dict) -> int:
         with open(ns.json, "w") as fh:
             json.dump(report, fh, indent=2)
     return 0
+
+
+def _parse_variant(text: str) -> dict[str, Any]:
+    """`"a=1,b=x"` -> `{"a": 1, "b": "x"}` (ints stay ints)."""
+    changed: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--variant wants KEY=VALUE[,KEY=VALUE], got {text!r}")
+        changed[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+    return changed
 
 
 def _machine() -> str:

@@ -155,6 +155,9 @@ class StepAttention:
         slots = self.slot_mapping[layer]
         pool.k_pages.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         pool.v_pages.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+        if len(self.groups) == 1 and self.groups[0].valid is None:  # decode-only step
+            return self.decode_attention(q, pool.k_pages, pool.v_pages, self.block_tables[layer],
+                                         self.context_lens)
         out = torch.empty_like(q)
         for g in self.groups:
             tables, lens = self.block_tables[layer, g.rows], self.context_lens[g.rows]

@@ -40,7 +40,9 @@ class LayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
+    if x.dtype == torch.float32:  # one fused op; the same numbers as below
+        return F.rms_norm(x, weight.shape, weight, eps)
+    x32 = x.float()  # lower precisions normalize in float32, as HF does
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
 
@@ -98,7 +100,6 @@ class LlamaModel:
                         else transposed("lm_head.weight"))  # [hidden, V]
         self.cos, self.sin = rope_tables(args, max_len, device, dtype)
         self._q_dim = args.num_heads * args.head_dim
-        self._kv_dim = args.num_kv_heads * args.head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attention: LayerAttention) -> torch.Tensor:
@@ -110,11 +111,10 @@ class LlamaModel:
         num_tokens = input_ids.shape[0]
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.attn_norm, a.rms_norm_eps)
-            qkv = h @ w.wqkv  # [T, (H + 2*Hkv) * D]
-            q, k, v = qkv.split([self._q_dim, self._kv_dim, self._kv_dim], dim=-1)
-            q = apply_rope(q.view(num_tokens, a.num_heads, a.head_dim), cos, sin)
-            k = apply_rope(k.view(num_tokens, a.num_kv_heads, a.head_dim), cos, sin)
-            v = v.view(num_tokens, a.num_kv_heads, a.head_dim)
+            qkv = (h @ w.wqkv).view(num_tokens, -1, a.head_dim)  # [T, H + 2*Hkv, D]
+            qk = apply_rope(qkv[:, :a.num_heads + a.num_kv_heads], cos, sin)  # q and k at once
+            q, k = qk.split([a.num_heads, a.num_kv_heads], dim=1)
+            v = qkv[:, a.num_heads + a.num_kv_heads:]
             o = attention(i, q, k, v)  # [T, H, D]
             x = x + o.reshape(num_tokens, self._q_dim) @ w.wo
             h = rms_norm(x, w.mlp_norm, a.rms_norm_eps)
