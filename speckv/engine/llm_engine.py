@@ -109,11 +109,12 @@ class LLMEngine:
         if rid in self._sequences:
             raise ValueError(f"request id {rid!r} is already in use")
         most_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        if not self.cache.pool.num_pages >= self.cache.pages_needed(rid, most_tokens):
+        most_pages = self.cache.pages_needed(rid, most_tokens)
+        if most_pages > self.cache.pool.num_pages:
             raise ValueError(
-                f"request needs up to {most_tokens} tokens of KV "
-                f"({self.cache.pages_needed(rid, most_tokens)} pages) but the DEVICE tier "
-                f"holds {self.cache.pool.num_pages} pages: raise device_kv_bytes or lower max_tokens")
+                f"request needs up to {most_tokens} tokens of KV ({most_pages} pages) but "
+                f"the DEVICE tier holds {self.cache.pool.num_pages} pages: raise "
+                "device_kv_bytes or lower max_tokens")
         seq = Sequence(rid, text, token_ids, params, IncrementalDetokenizer(self.tokenizer))
         self._sequences[rid] = seq
         self.scheduler.add(seq)
@@ -164,16 +165,20 @@ class LLMEngine:
         if token == self.args.eos_token_id and not params.ignore_eos:
             seq.finish(FinishReason.STOP)
             return
+        searched = len(seq.text)  # a stop string can only end in the new text
         seq.detokenizer.add(token)
         seq.text = seq.detokenizer.text
-        if params.stop and self._truncate_at_stop(seq):
+        if params.stop and self._truncate_at_stop(seq, searched):
             seq.finish(FinishReason.STOP)
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish(FinishReason.LENGTH)
 
     @staticmethod
-    def _truncate_at_stop(seq: Sequence) -> bool:
-        cuts = [i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0]
+    def _truncate_at_stop(seq: Sequence, searched: int) -> bool:
+        """Cuts the text at the first stop string ending after `searched` characters."""
+        stops = seq.params.stop
+        cuts = [i for i in (seq.text.find(s, max(0, searched - len(s) + 1)) for s in stops)
+                if i >= 0]
         if not cuts:
             return False
         seq.text = seq.text[:min(cuts)]

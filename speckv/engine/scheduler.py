@@ -88,6 +88,7 @@ class Scheduler:
             seq = self.running[i]
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.cache.allocate(seq.request_id, seq.num_computed_tokens + num_tokens):
+                # the youngest: never one scheduled earlier in this loop (those are older)
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -120,6 +121,3 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
-        if seq in out.seqs:  # already scheduled this step: withdraw its chunk
-            i = out.seqs.index(seq)
-            del out.seqs[i], out.chunks[i]

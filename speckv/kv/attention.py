@@ -13,7 +13,6 @@ batch of single-token decodes is never padded to a prompt's length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Callable
 
 import torch
