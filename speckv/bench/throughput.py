@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -106,8 +107,22 @@ def _run_hf(options: dict, batch: int, prompt_len: int, new_tokens: int, repeats
 
 
 def _in_subprocess(fn, *args) -> dict[str, Any]:
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    # TQDM_DISABLE: transformers' GGUF dequantization bar ignores its own progress-bar
+    # switch, and tqdm reads the variable when it is first imported, i.e. in the child.
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        pool = mp.get_context("spawn").Pool(1)
+        try:
+            return pool.apply(fn, args)
+        finally:
+            pool.close()  # a clean exit; terminate() leaves semaphores to the tracker
+            pool.join()
+    finally:
+        if previous is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = previous
 
 
 def run(ns: argparse.Namespace, options: dict) -> int:
