@@ -6,7 +6,7 @@ index of each listed page, so a caller can pass any subset of a sequence's pages
 
 `StepAttention` binds one engine step: it knows, for each flattened token, its
 sequence, its position and its cache slot in every layer, appends the new K/V, and
-attends in groups (decode tokens together, prefill chunks together) so that a
+attends in two groups (decode tokens together, prefill chunks together) so that a
 batch of single-token decodes is never padded to a prompt's length.
 """
 
@@ -85,13 +85,12 @@ def cpu_kernel_decode_attention(kernels) -> DecodeAttention:
 
 
 @dataclass(slots=True)
-class AttentionGroup:
-    """Sequences attended together, their queries padded to the longest in the group."""
+class PrefillGroup:
+    """The step's multi-token chunks, their queries padded to the longest chunk."""
 
-    rows: slice  # rows of the step's batch (index into the stacked block tables)
     query_index: torch.Tensor  # [B, Q] flat token index of each query (padding: 0)
     query_positions: torch.Tensor  # [B, Q]
-    valid: torch.Tensor | None  # [B, Q] bool, None when no query is padding
+    valid: torch.Tensor  # [B, Q] bool, False for padding
 
 
 @dataclass(slots=True)
@@ -123,48 +122,39 @@ class StepAttention:
         # slot of every token in every layer: [num_layers, T]
         page_of_token = self.block_tables[:, rows, self.positions // ps]
         self.slot_mapping = page_of_token * ps + self.positions % ps
-        self.groups = self._groups(chunks, device)
+        self.num_decode = sum(1 for c in chunks if c.num_tokens == 1)
+        self.prefill = self._prefill_group(chunks[self.num_decode:], self.num_decode, device)
 
     @staticmethod
-    def _groups(chunks: list[ScheduledChunk], device: torch.device) -> list[AttentionGroup]:
-        num_decode = sum(1 for c in chunks if c.num_tokens == 1)
-        if any(c.num_tokens == 1 for c in chunks[num_decode:]):
+    def _prefill_group(prefill: list[ScheduledChunk], first_token: int,
+                       device: torch.device) -> PrefillGroup | None:
+        if not prefill:
+            return None
+        if any(c.num_tokens == 1 for c in prefill):
             raise RuntimeError("bug: decode chunks must come first in a step")
-        groups = []
-        if num_decode:
-            index = torch.arange(num_decode, device=device)[:, None]
-            starts = torch.tensor([c.start for c in chunks[:num_decode]], device=device)
-            groups.append(AttentionGroup(slice(0, num_decode), index, starts[:, None], None))
-        prefill = chunks[num_decode:]
-        if prefill:
-            width = max(c.num_tokens for c in prefill)
-            lens = torch.tensor([c.num_tokens for c in prefill])
-            first = torch.cumsum(lens, 0) - lens + num_decode
-            cols = torch.arange(width)
-            valid = cols[None, :] < lens[:, None]
-            index = torch.where(valid, first[:, None] + cols, 0)
-            starts = torch.tensor([c.start for c in prefill])
-            groups.append(AttentionGroup(
-                slice(num_decode, len(chunks)), index.to(device),
-                (starts[:, None] + cols).to(device), valid.to(device)))
-        return groups
+        width = max(c.num_tokens for c in prefill)
+        lens = torch.tensor([c.num_tokens for c in prefill])
+        first = torch.cumsum(lens, 0) - lens + first_token
+        cols = torch.arange(width)
+        valid = cols[None, :] < lens[:, None]
+        index = torch.where(valid, first[:, None] + cols, 0)
+        starts = torch.tensor([c.start for c in prefill])
+        return PrefillGroup(index.to(device), (starts[:, None] + cols).to(device), valid.to(device))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool = self.cache.pool
         slots = self.slot_mapping[layer]
         pool.k_pages.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         pool.v_pages.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
-        if len(self.groups) == 1 and self.groups[0].valid is None:  # decode-only step
-            return self.decode_attention(q, pool.k_pages, pool.v_pages, self.block_tables[layer],
-                                         self.context_lens)
+        # decode tokens are the flat tokens [0, n): one query per sequence, no padding
+        n, tables, lens = self.num_decode, self.block_tables[layer], self.context_lens
+        if self.prefill is None:
+            return self.decode_attention(q, pool.k_pages, pool.v_pages, tables, lens)
         out = torch.empty_like(q)
-        for g in self.groups:
-            tables, lens = self.block_tables[layer, g.rows], self.context_lens[g.rows]
-            if g.valid is None:  # decode: one query per sequence, flat tokens [0, B)
-                rows = g.query_index[:, 0]
-                out[rows] = self.decode_attention(q[rows], pool.k_pages, pool.v_pages, tables, lens)
-            else:
-                o = paged_attention(q[g.query_index], pool.k_pages, pool.v_pages, tables, lens,
-                                    g.query_positions)
-                out[g.query_index[g.valid]] = o[g.valid]
+        if n:
+            out[:n] = self.decode_attention(q[:n], pool.k_pages, pool.v_pages, tables[:n], lens[:n])
+        g = self.prefill
+        o = paged_attention(q[g.query_index], pool.k_pages, pool.v_pages, tables[n:], lens[n:],
+                            g.query_positions)
+        out[g.query_index[g.valid]] = o[g.valid]
         return out
