@@ -94,12 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", help="JSONL file for the results (default: stdout)")
     gen.add_argument("--strict", action="store_true",
                      help="stop at the first malformed JSONL line instead of skipping it")
-    gen.add_argument("--stats", action="store_true", help="print engine statistics at the end")
+    gen.add_argument("--stats", action="store_true",
+                     help="print engine statistics (pages and bytes per tier, fetches, stall "
+                          "seconds) as a table on stderr at the end")
+    gen.add_argument("--stats-json", metavar="FILE",
+                     help="write the engine statistics as JSON to FILE at the end")
     add_dataclass_options(gen, SamplingParams, "sampling (per request)")
     _add_engine_options(gen)
 
     info = sub.add_parser("info", help="print the model's config, parameters and KV bytes per token")
     _add_engine_options(info)
+
+    memnode = sub.add_parser(
+        "memnode", help="run a memory-node process that holds KV pages for engines (pool=memnode)",
+        description="Hold KV pages in shared memory for an engine started with --pool memnode "
+                    "--memnode-socket PATH. Stops on SIGINT/SIGTERM, removing its socket and "
+                    "shared memory.")
+    from speckv.pool import memnode_server
+
+    memnode_server.add_arguments(memnode)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -119,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(ns, parser)
         if ns.command == "info":
             return _info(ns)
+        if ns.command == "memnode":
+            from speckv.pool import memnode_server
+
+            return memnode_server.run(ns)
         if ns.command == "bench":
             from speckv.bench import throughput
 
@@ -186,9 +203,29 @@ def _generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                   f"{out.time_to_first_token * 1000:.0f} ms, "
                   f"{(out.per_token_latency or 0) * 1000:.1f} ms/token]", file=sys.stderr)
         status = 0
+    stats = llm.stats()
+    llm.close()
     if ns.stats:
-        print(json.dumps(llm.stats(), indent=2), file=sys.stderr)
+        print(format_stats(stats), file=sys.stderr)
+    if ns.stats_json:
+        with open(ns.stats_json, "w", encoding="utf-8") as fh:
+            json.dump(stats, fh, indent=2)
     return status
+
+
+def format_stats(stats: dict) -> str:
+    """The engine statistics as an aligned two-column table (byte counts also in MiB)."""
+    width = max(map(len, stats))
+    lines = []
+    for key, value in stats.items():
+        if isinstance(value, float):
+            text = f"{value:.4f}"
+        elif isinstance(value, int) and "bytes" in key and value >= 1024:
+            text = f"{value:,} ({format_size(value)})"
+        else:
+            text = f"{value:,}" if isinstance(value, int) else str(value)
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)
 
 
 def _read_jsonl_or_fail(ns: argparse.Namespace, params: SamplingParams):

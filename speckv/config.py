@@ -99,6 +99,64 @@ class CacheConfig:
         object.__setattr__(self, "device_kv_bytes", size)
 
 
+PoolBackendName = Literal["none", "local", "memnode"]
+EvictionName = Literal["lru", "fifo"]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """The POOL tier: where sealed pages go, encoded, when DEVICE is not enough."""
+
+    pool: PoolBackendName = field(default="none", metadata={
+        "help": "capacity tier for sealed KV pages: none (every page stays in DEVICE), "
+                "local (host memory of this process), memnode (a memory-node process; "
+                "see `speckv memnode`)"})
+    pool_bytes: int | str = field(default="4GiB", metadata={
+        "help": "capacity of the pool (local), or of the memory node the engine spawns"})
+    codec: str = field(default="none", metadata={
+        "help": "how pages are encoded in the pool: none, fp16, bf16, int8, kivi4, kivi2, "
+                "seed, optionally +zstd (e.g. int8+zstd)"})
+    residual_tokens: int = field(default=0, metadata={
+        "help": "most recent tokens of a sequence kept unencoded in DEVICE (their pages "
+                "are stored only once older)"})
+    keep_sink_page: bool = field(default=False, metadata={
+        "help": "keep each sequence's first page (the attention sink) unencoded in DEVICE"})
+    eviction: EvictionName = field(default="lru", metadata={
+        "help": "which pooled pages leave DEVICE first: lru or fifo"})
+    memnode_socket: str | None = field(default=None, metadata={
+        "help": "control socket of a running memory node (pool=memnode); default: the "
+                "engine spawns its own node of pool_bytes and stops it on exit"})
+    link: str | None = field(default=None, metadata={
+        "help": "link model for memnode transfers: none, cxl2-x16, cxl3-x16, pcie4-x16, "
+                "pcie5-x16 or custom:<GB/s>,<ns>; default: the node's own --link"})
+    pool_numa_node: int | None = field(default=None, metadata={
+        "help": "bind the local pool's memory to this NUMA node (a CXL expander appears "
+                "as one)"})
+
+    def __post_init__(self) -> None:
+        from speckv.codecs.base import validate_codec_name
+        from speckv.pool.link import parse_link
+
+        _choice(self.pool, "pool", ("none", "local", "memnode"))
+        _choice(self.eviction, "eviction", ("lru", "fifo"))
+        validate_codec_name(self.codec)
+        if self.link is not None:
+            parse_link(self.link)
+        size = parse_size(self.pool_bytes)
+        if size <= 0:
+            raise ValueError(f"pool_bytes must be > 0, got {self.pool_bytes!r}")
+        object.__setattr__(self, "pool_bytes", size)
+        if self.residual_tokens < 0:
+            raise ValueError(f"residual_tokens must be >= 0, got {self.residual_tokens}")
+        if self.pool == "none" and self.codec != "none":
+            raise ValueError(f"codec={self.codec!r} encodes pages for a pool, but pool='none': "
+                             "choose pool='local' or pool='memnode'")
+        if self.pool != "memnode" and (self.memnode_socket is not None or self.link is not None):
+            raise ValueError("memnode_socket and link apply to pool='memnode' only")
+        if self.pool != "local" and self.pool_numa_node is not None:
+            raise ValueError("pool_numa_node applies to pool='local' only")
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """Continuous batching limits."""
@@ -134,6 +192,7 @@ class EngineConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
@@ -157,6 +216,7 @@ class EngineConfig:
 SUBSYSTEMS: dict[str, type] = {
     "model": ModelConfig,
     "cache": CacheConfig,
+    "pool": PoolConfig,
     "scheduler": SchedulerConfig,
     "sampler": SamplerConfig,
 }

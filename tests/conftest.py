@@ -60,12 +60,44 @@ def hf_greedy(hf_model, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def assert_no_leak(engine: LLMEngine) -> None:
-    """Every page is back in the free pool and no request is left anywhere."""
-    pool = engine.cache.pool
+    """Every page is back in the free pool of every tier and no request is left anywhere."""
+    cache = engine.cache
+    pool = cache.pool
     assert pool.num_free_pages == pool.num_pages, f"{pool.num_used_pages} pages leaked"
-    assert engine.cache.num_sequences() == 0
+    assert cache.num_sequences() == 0
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert engine.num_unfinished() == 0
+    if cache.store is not None:
+        backend = cache.store.backend
+        assert backend.num_free == backend.num_slots, "pool slots leaked"
+        assert backend.stats().encoded_bytes == 0
+        assert cache.committed_pages == 0 and cache.num_evicted == 0
+        assert not cache.store.evictable.any() and (cache.store.owner == -1).all()
+
+
+def check_tier_invariants(engine: LLMEngine) -> None:
+    """Invariants 2 and 3 at a step boundary: every page that may leave DEVICE is in the
+    pool, a page not in the pool is resident, and no tier holds more than its budget."""
+    cache = engine.cache
+    store = cache.store
+    backend = store.backend
+    first = store.first_stored
+    resident = 0
+    for table in cache.all_tables():
+        n = table.num_pages
+        slots, keys = table.slots[:, :n], table.pool_keys[:, :n]
+        stored = slice(first, first + table.num_stored)
+        assert (keys[:, stored] >= 0).all(), "a page due in the pool is not stored"
+        assert all(backend.contains(int(k)) for k in keys[:, stored].reshape(-1))
+        pinned = slots[:, :first].tolist() + slots[:, first + table.num_stored:].tolist()
+        assert all(s >= 0 for row in pinned for s in row), "an unstored page left DEVICE"
+        assert (keys[:, first + table.num_stored:] == -1).all()
+        resident += int((slots >= 0).sum())
+    assert resident == cache.pool.num_used_pages <= cache.pool.num_pages
+    assert cache.committed_pages <= cache.pool.num_pages
+    assert backend.num_slots - backend.num_free <= backend.num_slots
+    assert (engine.cache.pool.num_used_pages * engine.page_bytes
+            <= engine.config.cache.device_kv_bytes)
 
 
 def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, object]:

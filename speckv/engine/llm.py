@@ -78,8 +78,19 @@ class LLM:
             if not finished:
                 self.engine.abort(rid)
 
-    def stats(self) -> dict[str, int | float]:
+    def stats(self) -> dict[str, int | float | str]:
+        """Engine counters: requests, pages and bytes per tier, fetches, stall seconds."""
         return self.engine.stats()
+
+    def close(self) -> None:
+        """Aborts what is queued and releases the pool (stops a spawned memory node)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def _params_list(params, n: int) -> list[SamplingParams]:

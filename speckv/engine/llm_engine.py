@@ -24,7 +24,11 @@ from speckv.kv.attention import (DecodeAttention, ScheduledChunk, cpu_kernel_dec
                                  torch_decode_attention)
 from speckv.kv.cpu_kernels import load_cpu_kernels
 from speckv.kv.cache import KVCacheManager, RequestId
+from speckv.kv.eviction import make_eviction
 from speckv.kv.page_pool import DevicePagePool
+from speckv.kv.tiers import TieredStore, TierOptions
+from speckv.codecs.base import PageShape, make_codec
+from speckv.pool.base import PoolUnavailable, pool_class
 from speckv.models.loaded import LoadedModel, load_model, resolve_device
 from speckv.models.tokenizer import IncrementalDetokenizer
 
@@ -46,27 +50,49 @@ class LLMEngine:
         self.model, self.tokenizer, self.args = loaded.model, loaded.tokenizer, loaded.args
         self.device, self.dtype = loaded.model.device, loaded.model.dtype
         self.max_model_len = loaded.context_window(config.model)
-        args = self.args
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        self.page_bytes = DevicePagePool.page_bytes(
-            cc.page_size, args.num_kv_heads, args.head_dim, element_size)
-        num_pages = cc.device_kv_bytes // self.page_bytes
-        if num_pages < args.num_layers:
-            raise ValueError(
-                f"device_kv_bytes={cc.device_kv_bytes} holds {num_pages} pages, but one step "
-                f"of one sequence needs a page in each of {args.num_layers} layers: the "
-                f"minimum is {args.num_layers * self.page_bytes} bytes "
-                f"({format_size(args.num_layers * self.page_bytes)})")
-        pool = DevicePagePool(num_pages, cc.page_size, args.num_kv_heads, args.head_dim,
-                              dtype=self.dtype, device=self.device)
-        self.cache = KVCacheManager(pool, args.num_layers, self.max_model_len)
+        self.cache = self._build_cache(config)
+        num_pages = self.cache.pool.num_pages
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.runner = ModelRunner(self.model, self.cache, Sampler(config.sampler.engine_seed),
                                   decode_attention)
         self._sequences: dict[RequestId, Sequence] = {}
         self._ids = itertools.count()
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d bytes",
-                    args.name, self.device, config.model.dtype, num_pages, self.page_bytes)
+                    self.args.name, self.device, config.model.dtype, num_pages, self.page_bytes)
+
+    def _build_cache(self, config: EngineConfig) -> KVCacheManager:
+        cc, pc, args = config.cache, config.pool, self.args
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        self.page_bytes = DevicePagePool.page_bytes(
+            cc.page_size, args.num_kv_heads, args.head_dim, element_size)
+        num_pages = cc.device_kv_bytes // self.page_bytes
+        pinned = 1 + -(-pc.residual_tokens // cc.page_size) + int(pc.keep_sink_page)
+        minimum = args.num_layers * (pinned if pc.pool != "none" else 1)
+        if num_pages < minimum:
+            raise ValueError(
+                f"device_kv_bytes={cc.device_kv_bytes} holds {num_pages} pages, but one step "
+                f"of one sequence needs {pinned} page(s) in each of {args.num_layers} layers: "
+                f"the minimum is {minimum * self.page_bytes} bytes "
+                f"({format_size(minimum * self.page_bytes)})")
+        pool = DevicePagePool(num_pages, cc.page_size, args.num_kv_heads, args.head_dim,
+                              dtype=self.dtype, device=self.device)
+        store = None
+        if pc.pool != "none":
+            codec = make_codec(pc.codec, PageShape(cc.page_size, args.num_kv_heads,
+                                                   args.head_dim, self.dtype))
+            backend = pool_class(pc.pool)(codec.slot_bytes, pc.pool_bytes, device=self.device,
+                                          numa_node=pc.pool_numa_node,
+                                          socket=pc.memnode_socket, link=pc.link)
+            store = TieredStore(pool, backend, codec, make_eviction(pc.eviction, num_pages),
+                                TierOptions(pc.residual_tokens, pc.keep_sink_page))
+        return KVCacheManager(pool, args.num_layers, self.max_model_len, store)
+
+    def close(self) -> None:
+        """Releases the pool (stopping a memory node this engine spawned)."""
+        for rid in list(self._sequences):
+            self.abort(rid)
+        if self.cache.store is not None:
+            self.cache.store.backend.close()
 
     @staticmethod
     def _decode_attention(config: EngineConfig) -> DecodeAttention:
@@ -109,16 +135,34 @@ class LLMEngine:
         if rid in self._sequences:
             raise ValueError(f"request id {rid!r} is already in use")
         most_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        most_pages = self.cache.pages_needed(rid, most_tokens)
-        if most_pages > self.cache.pool.num_pages:
-            raise ValueError(
-                f"request needs up to {most_tokens} tokens of KV ({most_pages} pages) but "
-                f"the DEVICE tier holds {self.cache.pool.num_pages} pages: raise "
-                "device_kv_bytes or lower max_tokens")
+        self._check_fits(most_tokens)
+        self._ensure_pool()
         seq = Sequence(rid, text, token_ids, params, IncrementalDetokenizer(self.tokenizer))
         self._sequences[rid] = seq
         self.scheduler.add(seq)
         return rid
+
+    def _check_fits(self, num_tokens: int) -> None:
+        cache = self.cache
+        most_pages = cache.worst_requirement(num_tokens)
+        if most_pages > cache.pool.num_pages:
+            raise ValueError(
+                f"request needs up to {num_tokens} tokens of KV ({most_pages} DEVICE pages at "
+                f"once) but the DEVICE tier holds {cache.pool.num_pages} pages: raise "
+                "device_kv_bytes (or use a pool), or lower max_tokens")
+        if cache.store is not None:
+            pool_pages = num_tokens // cache.page_size * self.args.num_layers
+            if pool_pages > cache.store.backend.num_slots:
+                raise ValueError(
+                    f"request needs up to {pool_pages} pool pages but the pool holds "
+                    f"{cache.store.backend.num_slots}: raise pool_bytes or lower max_tokens")
+
+    def _ensure_pool(self) -> None:
+        """Reconnects a pool that was lost (raises PoolUnavailable if it cannot)."""
+        if self.cache.store is not None:
+            backend = self.cache.store.backend
+            if not getattr(backend, "is_available", True):
+                backend.revive()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its pages; returns its final output, or None if unknown."""
@@ -139,10 +183,15 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns an output for every request that advanced."""
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        tokens = self.runner.execute(sched)
+        try:
+            self._ensure_pool()
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            tokens = self.runner.execute(sched)
+        except PoolUnavailable:
+            self._fail_all("the KV pool became unavailable")
+            raise
         now = time.perf_counter()
         outputs = []
         for seq, chunk, token in zip(sched.seqs, sched.chunks, tokens):
@@ -155,6 +204,12 @@ class LLMEngine:
                 del self._sequences[seq.request_id]
             outputs.append(self._output(seq))
         return outputs
+
+    def _fail_all(self, why: str) -> None:
+        """Aborts every request (their pooled pages are gone); the engine stays usable."""
+        logger.error("%s: aborting %d request(s)", why, len(self._sequences))
+        for rid in list(self._sequences):
+            self.abort(rid)
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.output_token_ids.append(token)
@@ -202,21 +257,27 @@ class LLMEngine:
         through the paged cache; used for reference checks and perplexity."""
         chunk_size = chunk_size or self.config.scheduler.max_num_batched_tokens
         rid = RequestId(f"score-{next(self._ids)}")
-        if not self.cache.allocate(rid, len(token_ids)):
-            raise ValueError(f"{len(token_ids)} tokens do not fit in the free KV pages")
+        self._check_fits(len(token_ids))
+        self._ensure_pool()
         try:
             parts = []
-            for start in range(0, len(token_ids), chunk_size):
-                ids = token_ids[start:start + chunk_size]
-                parts.append(self.runner.forward([ScheduledChunk(rid, start, len(ids))], [ids],
+            start = 0
+            while start < len(token_ids):  # chunks shrink to what DEVICE can take
+                fit = self.cache.fitting_tokens(rid, start, min(chunk_size, len(token_ids) - start))
+                if fit == 0 or not self.cache.allocate(rid, start + fit):
+                    raise ValueError(f"{len(token_ids)} tokens do not fit in the free KV pages")
+                ids = token_ids[start:start + fit]
+                parts.append(self.runner.forward([ScheduledChunk(rid, start, fit)], [ids],
                                                  logits_for="all"))
+                start += fit
             return torch.cat(parts)
         finally:
             self.cache.free(rid)
 
-    def stats(self) -> dict[str, int | float]:
+    def stats(self) -> dict[str, int | float | str]:
+        """Counts of what happened: requests, and pages and bytes per tier."""
         pool = self.cache.pool
-        return {
+        stats: dict[str, int | float | str] = {
             "device_pages_total": pool.num_pages,
             "device_pages_used": pool.num_used_pages,
             "device_pages_free": pool.num_free_pages,
@@ -227,6 +288,15 @@ class LLMEngine:
             "requests_waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
         }
+        store = self.cache.store
+        if store is not None:
+            stats["pool_backend"] = self.config.pool.pool
+            stats["codec"] = store.codec.name
+            stats["device_pages_committed"] = self.cache.committed_pages
+            stats["device_pages_pooled_resident"] = int(store.evictable.sum())
+            stats.update({f"pool_{k}": v for k, v in store.backend.stats().as_dict().items()})
+            stats.update({f"tier_{k}": v for k, v in store.counters.as_dict().items()})
+        return stats
 
     def generate_all(self, prompts: Iterable[str | list[int]], params: list[SamplingParams],
                      progress=None) -> list[RequestOutput]:

@@ -31,6 +31,7 @@ class ModelRunner:
         flat = torch.tensor([t for ids in token_ids for t in ids], device=self.device)
         attention = StepAttention(self.cache, chunks, self.device, self.decode_attention)
         hidden = self.model.forward(flat, attention.positions, attention)
+        self.cache.store_sealed([(c.request_id, c.start + c.num_tokens) for c in chunks])
         if logits_for == "last":
             ends = torch.cumsum(torch.tensor([c.num_tokens for c in chunks]), 0) - 1
             hidden = hidden[ends.to(self.device)]

@@ -7,7 +7,7 @@ Each step:
      pages are freed and which is recomputed later (vLLM's recompute preemption);
   2. waiting sequences join in arrival order while the batch, the token budget
      and the free pages allow. A request that does not fit waits; it is never
-     partly admitted.
+     partly admitted while others run.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_tokens = self._chunk(seq, budget)
             while not self.cache.allocate(seq.request_id, seq.num_computed_tokens + num_tokens):
                 # the youngest: never one scheduled earlier in this loop (those are older)
                 victim = self.running[-1]
@@ -103,14 +103,29 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.cache.allocate(seq.request_id, seq.num_computed_tokens + num_tokens):
+            num_tokens = self._chunk(seq, budget)
+            end = seq.num_computed_tokens + num_tokens
+            if num_tokens == 0 or not self.cache.allocate(seq.request_id, end):
                 break  # wait for pages; later requests wait behind it (FIFO)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.add(seq, num_tokens)
             budget -= num_tokens
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens to compute for `seq` now: its remaining prompt (or one token) within the
+        token budget. A running sequence's chunk shrinks to the whole pages that fit
+        (at least one page: the caller preempts younger sequences for it). A waiting
+        one is admitted with its whole chunk or waits (0), unless nothing else runs:
+        then its chunk shrinks too, so a prompt larger than DEVICE can start."""
+        want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        if seq.status == Status.WAITING and self.running:
+            return want if self.cache.can_allocate(seq.request_id, seq.num_computed_tokens + want) else 0
+        fit = self.cache.fitting_tokens(seq.request_id, seq.num_computed_tokens, want)
+        if fit == 0 and seq.status == Status.RUNNING:
+            return min(want, self.cache.page_size)
+        return fit
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         logger.info("preempting %s: no free page (it will be recomputed)", seq.request_id)

@@ -113,7 +113,9 @@ class StepAttention:
         ps = cache.page_size
         context = [c.start + c.num_tokens for c in chunks]
         num_pages = -(-max(context) // ps)
-        self.block_tables = cache.block_tables([c.request_id for c in chunks], num_pages)
+        self.request_ids = [c.request_id for c in chunks]
+        self.block_tables = cache.block_tables(self.request_ids, num_pages)
+        self._built_at = cache.eviction_count
         self.context_lens = torch.tensor(context, device=device)
         positions = torch.cat([torch.arange(c.start, c.start + c.num_tokens) for c in chunks])
         self.positions = positions.to(device)
@@ -148,6 +150,8 @@ class StepAttention:
         pool.v_pages.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
         # decode tokens are the flat tokens [0, n): one query per sequence, no padding
         n, tables, lens = self.num_decode, self.block_tables[layer], self.context_lens
+        if self.cache.store is not None:  # attention reads DEVICE only: fetch what is missing
+            tables = self.cache.ensure_resident(layer, self.request_ids, tables, self._built_at)
         if self.prefill is None:
             return self.decode_attention(q, pool.k_pages, pool.v_pages, tables, lens)
         out = torch.empty_like(q)

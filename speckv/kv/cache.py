@@ -1,83 +1,292 @@
-"""Page tables per sequence and the cache manager that grows and frees them.
+"""Page tables per sequence and the cache manager that grows, tiers and frees them.
 
-A sequence owns one page per layer for every `page_size` tokens: its page table
-is `[num_layers, num_logical_pages]` physical `PageId`s. Layers have their own
-pages (not one block shared by all layers, as in vLLM) because later tiers evict,
-fetch and select pages per layer.
+A sequence owns one page per layer for every `page_size` tokens. Layers have their
+own pages (not one block shared by all layers, as in vLLM) because the tiers
+evict, fetch and select pages per layer. For each (layer, page) the table keeps
+the DEVICE slot (-1 when the page is only in the pool) and the pool key (-1
+until stored).
+
+Without a pool every page stays in DEVICE (F1). With one, DEVICE is a cache
+whose room is committed, not merely allocated: a sequence needs at once
+
+    L * pinned + stored        pinned = pages not (yet) in the pool: the open
+                               page, the residual window, the sink page;
+                               stored = its pooled pages of ONE layer, the
+                               layer being attended
+
+and the manager admits growth only while the sum over sequences fits. That sum
+is what guarantees a step can always run: any page beyond it is evictable.
 """
 
 from __future__ import annotations
 
 from typing import NewType
 
+import numpy as np
 import torch
 
-from speckv.kv.page_pool import DevicePagePool, PageId
+from speckv.kv.page_pool import DevicePagePool
+from speckv.kv.tiers import TieredStore
 
 RequestId = NewType("RequestId", str)
 
 
 class PageTable:
-    """The pages of one sequence: `pages[layer][i]` holds tokens [i*ps, (i+1)*ps)."""
+    """The pages of one sequence: `(layer, i)` holds tokens [i*ps, (i+1)*ps)."""
 
-    def __init__(self, num_layers: int, max_pages: int, device: torch.device) -> None:
-        self.pages: list[list[PageId]] = [[] for _ in range(num_layers)]
-        # Device mirror of `pages`, so a step can stack tables without Python loops.
-        self.tensor = torch.zeros(num_layers, max_pages, dtype=torch.long, device=device)
+    def __init__(self, uid: int, num_layers: int, max_pages: int, device: torch.device) -> None:
+        self.uid = uid
+        # DEVICE slot; -1 for a page only in the pool; 0 past num_pages (valid padding)
+        self.slots = np.zeros((num_layers, max_pages), dtype=np.int64)
+        self.pool_keys = np.full((num_layers, max_pages), -1, dtype=np.int64)
+        self.num_pages = 0
+        self.num_stored = 0  # pages per layer in the pool (counted after the sink page)
+        self.requirement = 0  # DEVICE pages committed to this sequence
+        # what block tables are stacked from; on the CPU it shares memory with `slots`
+        self._shared = device.type == "cpu"
+        self.tensor = torch.from_numpy(self.slots) if self._shared else \
+            torch.zeros(num_layers, max_pages, dtype=torch.long, device=device)
 
     @property
     def num_logical_pages(self) -> int:
-        return len(self.pages[0])
+        return self.num_pages
 
-    def append(self, per_layer: list[PageId]) -> None:
-        index = self.num_logical_pages
-        for layer_pages, page in zip(self.pages, per_layer):
-            layer_pages.append(page)
-        self.tensor[:, index] = torch.tensor(per_layer, dtype=torch.long)
+    def set_slots(self, layer: int | slice, pages: np.ndarray | slice, slots: np.ndarray) -> None:
+        self.slots[layer, pages] = slots
+        if not self._shared:
+            self.tensor[:, :self.num_pages] = torch.from_numpy(self.slots[:, :self.num_pages])
 
-    def all_pages(self) -> list[PageId]:
-        return [page for layer_pages in self.pages for page in layer_pages]
+    def resident_slots(self) -> np.ndarray:
+        used = self.slots[:, :self.num_pages]
+        return used[used >= 0]
 
 
 class KVCacheManager:
-    """Allocates pages for sequences as they grow and frees them when they end."""
+    """Allocates pages for sequences as they grow, moves them between tiers, frees them."""
 
-    def __init__(self, pool: DevicePagePool, num_layers: int, max_model_len: int) -> None:
+    def __init__(self, pool: DevicePagePool, num_layers: int, max_model_len: int,
+                 store: TieredStore | None = None) -> None:
         self.pool = pool
+        self.store = store
         self.num_layers = num_layers
         self.page_size = pool.page_size
         self.max_pages_per_seq = -(-max_model_len // self.page_size)
         self._tables: dict[RequestId, PageTable] = {}
+        self._by_uid: dict[int, PageTable] = {}
+        self._next_uid = 0
+        self._committed = 0  # DEVICE pages committed to all tables (with a pool)
+        self._pool_reserved = 0  # pool slots promised to all tables' future stores
+        self.num_evicted = 0  # pages of live tables currently not resident
+
+    # ------------------------------------------------------------ accounting
+
+    def requirement(self, num_pages: int, num_stored: int) -> int:
+        """DEVICE pages a sequence with these page counts must be able to hold at once."""
+        if self.store is None:
+            return self.num_layers * num_pages
+        return self.num_layers * (num_pages - num_stored) + num_stored
+
+    def _pool_pages(self, num_pages: int) -> int:
+        """Pool slots a sequence of `num_pages` pages will take once all are stored."""
+        return self.num_layers * max(0, num_pages - self.store.first_stored)
+
+    def worst_requirement(self, num_tokens: int) -> int:
+        """The most DEVICE pages one request of `num_tokens` needs at once when it runs
+        alone (prefill chunks shrink to fit, down to one page)."""
+        num_pages = -(-num_tokens // self.page_size)
+        if self.store is None:
+            return self.requirement(num_pages, 0)
+        stored = min(num_pages, self.store.target_stored(max(0, num_tokens - self.page_size)))
+        return self.requirement(num_pages, stored)
+
+    def fitting_tokens(self, request_id: RequestId, start: int, want: int) -> int:
+        """The most tokens <= `want` after `start` that the sequence can grow by now
+        (whole pages, or `want` itself); 0 if not even one more page fits."""
+        if self.can_allocate(request_id, start + want):
+            return want
+        ps = self.page_size
+        lo, hi = 0, (start + want) // ps - start // ps  # in pages past start's page
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.can_allocate(request_id, (start // ps + mid) * ps):
+                lo = mid
+            else:
+                hi = mid - 1
+        return max(0, (start // ps + lo) * ps - start)
 
     def pages_needed(self, request_id: RequestId, num_tokens: int) -> int:
         """Physical pages to allocate so that the sequence can hold `num_tokens` tokens."""
         table = self._tables.get(request_id)
-        have = 0 if table is None else table.num_logical_pages
+        have = 0 if table is None else table.num_pages
         return max(0, -(-num_tokens // self.page_size) - have) * self.num_layers
 
     def can_allocate(self, request_id: RequestId, num_tokens: int) -> bool:
-        return self.pool.can_allocate(self.pages_needed(request_id, num_tokens))
+        return self._growth(request_id, num_tokens) is not None
+
+    def _growth(self, request_id: RequestId, num_tokens: int) -> tuple[int, int, int] | None:
+        """(new pages, new requirement, new pool pages) if the growth fits, else None."""
+        table = self._tables.get(request_id)
+        have, stored, req = (0, 0, 0) if table is None else \
+            (table.num_pages, table.num_stored, table.requirement)
+        new = max(0, -(-num_tokens // self.page_size) - have)
+        if self.store is None:
+            fits = self.pool.can_allocate(new * self.num_layers)
+            return (new, 0, 0) if fits else None
+        new_req = self.requirement(have + new, stored)
+        pool_new = self._pool_pages(have + new) - self._pool_pages(have)
+        if self._committed + new_req - req > self.pool.num_pages:
+            return None
+        if self._pool_reserved + pool_new > self.store.backend.num_slots:
+            return None
+        return new, new_req, pool_new
+
+    # ------------------------------------------------------------ grow and free
 
     def allocate(self, request_id: RequestId, num_tokens: int) -> bool:
         """Grows the sequence's table to hold `num_tokens`; False (nothing taken) if no room."""
-        needed = self.pages_needed(request_id, num_tokens)
-        if needed == 0:
-            return True
-        pages = self.pool.allocate(needed)
-        if pages is None:
+        growth = self._growth(request_id, num_tokens)
+        if growth is None:
             return False
+        new, new_req, pool_new = growth
+        if new == 0:
+            return True
         table = self._tables.get(request_id)
         if table is None:
-            table = self._tables[request_id] = PageTable(
-                self.num_layers, self.max_pages_per_seq, self.pool.kv.device)
-        for i in range(0, needed, self.num_layers):
-            table.append(pages[i:i + self.num_layers])
+            table = self._new_table(request_id)
+        slots = self._take_device_pages(new * self.num_layers).reshape(new, self.num_layers).T
+        first = table.num_pages
+        table.num_pages += new
+        table.set_slots(slice(None), slice(first, first + new), slots)
+        if self.store is not None:
+            width = self.max_pages_per_seq
+            where = np.arange(self.num_layers)[:, None] * width + np.arange(first, first + new)
+            self.store.claim(slots.reshape(-1), table.uid, where.reshape(-1))
+            self._committed += new_req - table.requirement
+            table.requirement = new_req
+            self._pool_reserved += pool_new
         return True
+
+    def _new_table(self, request_id: RequestId) -> PageTable:
+        table = PageTable(self._next_uid, self.num_layers, self.max_pages_per_seq,
+                          self.pool.kv.device)
+        self._next_uid += 1
+        self._tables[request_id] = table
+        self._by_uid[table.uid] = table
+        return table
+
+    def _take_device_pages(self, n: int, protected: np.ndarray | None = None) -> np.ndarray:
+        """`n` DEVICE slots: free ones first, then evicted pages (already in the pool)."""
+        short = n - self.pool.num_free_pages
+        if short > 0:
+            if self.store is None:
+                raise RuntimeError("bug: DEVICE pages were promised but are not free")
+            self._evict(self.store.choose_victims(short, protected))
+        slots = self.pool.allocate(n)
+        if slots is None:
+            raise RuntimeError("bug: DEVICE pages still missing after eviction")
+        return slots
+
+    def _evict(self, victims: np.ndarray) -> None:
+        owners = self.store.owner[victims]
+        width = self.max_pages_per_seq
+        for uid in np.unique(owners):
+            where = self.store.where[victims[owners == uid]]
+            self._by_uid[int(uid)].set_slots(where // width, where % width, -1)
+        self.store.release(victims)
+        self.pool.free(victims)
+        self.num_evicted += len(victims)
 
     def free(self, request_id: RequestId) -> None:
         table = self._tables.pop(request_id, None)
-        if table is not None:
-            self.pool.free(table.all_pages())
+        if table is None:
+            return
+        del self._by_uid[table.uid]
+        resident = table.resident_slots()
+        if self.store is not None:
+            self.num_evicted -= table.num_pages * self.num_layers - len(resident)
+            self.store.release(resident)
+            keys = table.pool_keys[:, :table.num_pages]
+            self.store.backend.free(keys[keys >= 0].tolist())
+            self._committed -= table.requirement
+            self._pool_reserved -= self._pool_pages(table.num_pages)
+        self.pool.free(resident)
+
+    # ------------------------------------------------------------ tiers
+
+    def store_sealed(self, tables_and_lengths: list[tuple[RequestId, int]]) -> None:
+        """Stores the pages that left the residual window: after every forward pass."""
+        if self.store is None:
+            return
+        parts, plan = [], []
+        first = self.store.first_stored
+        for rid, num_tokens in tables_and_lengths:
+            table = self._tables[rid]
+            target = self.store.target_stored(num_tokens)
+            if target > table.num_stored:
+                cols = slice(first + table.num_stored, first + target)
+                parts.append(table.slots[:, cols].reshape(-1))
+                plan.append((table, cols, target))
+        if not parts:
+            return
+        keys = np.asarray(self.store.store(np.concatenate(parts)), dtype=np.int64)
+        offset = 0
+        for table, cols, target in plan:
+            n = (cols.stop - cols.start) * self.num_layers
+            table.pool_keys[:, cols] = keys[offset:offset + n].reshape(self.num_layers, -1)
+            offset += n
+            table.num_stored = target
+            new_req = self.requirement(table.num_pages, target)
+            self._committed += new_req - table.requirement
+            table.requirement = new_req
+
+    @property
+    def eviction_count(self) -> int:
+        """Evictions so far: a block table built before the last one may be stale."""
+        return 0 if self.store is None else self.store.counters.evictions
+
+    def ensure_resident(self, layer: int, request_ids: list[RequestId],
+                        block_table: torch.Tensor, built_at: int) -> torch.Tensor:
+        """Makes every page of `layer` of the batch resident; returns its block table.
+
+        Args:
+            block_table: [B, P] DEVICE slots of the batch's pages in this layer (-1
+                where a page is only in the pool; columns past a sequence's pages
+                are padding), built when `eviction_count` was `built_at`.
+        """
+        store = self.store
+        store.clock += 1
+        tables = [self._tables[r] for r in request_ids]
+        if self.eviction_count != built_at:  # slots may have been reused since
+            block_table = self.block_table(layer, tables, block_table.shape[1])
+        if self.num_evicted:
+            block_table = self._fetch_missing(layer, tables, block_table)
+        used = block_table.cpu().numpy() if block_table.device.type != "cpu" else block_table.numpy()
+        store.eviction.on_use(used.reshape(-1), store.clock)
+        return block_table
+
+    def _fetch_missing(self, layer: int, tables: list[PageTable],
+                       block_table: torch.Tensor) -> torch.Tensor:
+        missing = [(t, np.flatnonzero(t.slots[layer, :t.num_pages] < 0)) for t in tables]
+        missing = [(t, idx) for t, idx in missing if idx.size]
+        if not missing:
+            return block_table
+        n = sum(idx.size for _, idx in missing)
+        needed = np.concatenate([t.slots[layer, :t.num_pages] for t in tables])
+        keys = np.concatenate([t.pool_keys[layer, idx] for t, idx in missing])
+        if (keys < 0).any():
+            raise RuntimeError("bug: a page left DEVICE before it was stored in the pool")
+        slots = self._take_device_pages(n, protected=needed[needed >= 0])
+        offset, width = 0, self.max_pages_per_seq
+        for table, idx in missing:
+            mine = slots[offset:offset + idx.size]
+            offset += idx.size
+            table.set_slots(layer, idx, mine)
+            self.store.claim(mine, table.uid, layer * width + idx)
+        self.num_evicted -= n
+        self.store.fetch(keys.tolist(), slots)  # marks them evictable: they are in the pool
+        return self.block_table(layer, tables, block_table.shape[1])
+
+    # ------------------------------------------------------------ lookups
 
     def table(self, request_id: RequestId) -> PageTable:
         return self._tables[request_id]
@@ -88,3 +297,14 @@ class KVCacheManager:
     def block_tables(self, request_ids: list[RequestId], num_pages: int) -> torch.Tensor:
         """Stacked page tables of a batch: [num_layers, B, num_pages]."""
         return torch.stack([self._tables[r].tensor[:, :num_pages] for r in request_ids], dim=1)
+
+    def block_table(self, layer: int, tables: list[PageTable], num_pages: int) -> torch.Tensor:
+        """One layer's stacked page table: [B, num_pages]."""
+        return torch.stack([t.tensor[layer, :num_pages] for t in tables])
+
+    @property
+    def committed_pages(self) -> int:
+        return self._committed
+
+    def all_tables(self) -> list[PageTable]:
+        return list(self._tables.values())

@@ -1,4 +1,4 @@
-"""The DEVICE tier: one preallocated tensor of KV pages and its free list.
+"""The DEVICE tier: one preallocated tensor of KV pages and its free slots.
 
 Layout (one tensor, allocated once; each page is one sequence, one layer)::
 
@@ -11,10 +11,12 @@ and make an append one row write at `slot = page_id * page_size + offset`.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import NewType
 
+import numpy as np
 import torch
+
+from speckv.pool.slots import SlotAllocator
 
 PageId = NewType("PageId", int)
 
@@ -31,7 +33,7 @@ class DevicePagePool:
         self.kv = torch.zeros(2, num_pages, page_size, num_kv_heads, head_dim,
                               dtype=dtype, device=device)
         self.k_pages, self.v_pages = self.kv[0], self.kv[1]
-        self._free: deque[PageId] = deque(PageId(i) for i in range(num_pages))
+        self._slots = SlotAllocator(num_pages)
 
     @staticmethod
     def page_bytes(page_size: int, num_kv_heads: int, head_dim: int, element_size: int) -> int:
@@ -40,22 +42,18 @@ class DevicePagePool:
 
     @property
     def num_free_pages(self) -> int:
-        return len(self._free)
+        return self._slots.num_free
 
     @property
     def num_used_pages(self) -> int:
-        return self.num_pages - len(self._free)
+        return self._slots.num_used
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self._slots.num_free
 
-    def allocate(self, n: int) -> list[PageId] | None:
-        """Takes `n` free pages (lowest ids first), or returns None if there are fewer."""
-        if n > len(self._free):
-            return None
-        return [self._free.popleft() for _ in range(n)]
+    def allocate(self, n: int) -> np.ndarray | None:
+        """Takes `n` free pages (int64 ids), or returns None if there are fewer."""
+        return self._slots.allocate(n)
 
-    def free(self, pages: list[PageId]) -> None:
-        self._free.extend(pages)
-        if len(self._free) > self.num_pages:
-            raise RuntimeError("bug: a page was freed twice (free list exceeds the pool)")
+    def free(self, pages: np.ndarray | list[PageId]) -> None:
+        self._slots.free(np.asarray(pages, dtype=np.int64))

@@ -1,0 +1,170 @@
+"""The codec seam: how a KV page is encoded for the POOL tier and decoded back.
+
+A codec turns a batch of pages into fixed-width byte rows, one row per page, so a
+pool can keep pages in one arena of equal slots and move a whole batch with one
+gather. A row holds the encoded page and, for codecs whose size depends on the
+data, a 4-byte header with the page's encoded length: ``nbytes`` is always the
+exact number of meaningful bytes in the row (scales and zero points included),
+and it is what the engine accounts and what a link model charges.
+
+    k, v: [n, page_size, num_kv_heads, head_dim] (the device dtype)
+        │ encode                                   ▲ decode
+        ▼                                          │
+    EncodedPages(data uint8 [n, slot_bytes], nbytes int64 [n])
+
+A new codec is one subclass with `@register_codec("name")`; `make_codec("int8+zstd")`
+builds a codec with an optional lossless stage on top.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class PageShape:
+    """What one page holds: K and V of `page_size` tokens for every KV head."""
+
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes of one page in the device dtype (what codec `none` stores)."""
+        return 2 * self.page_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def fp16_bytes(self) -> int:
+        return 2 * self.page_size * self.num_kv_heads * self.head_dim * 2
+
+
+@dataclass(slots=True)
+class EncodedPages:
+    """Encoded pages: row i of `data` holds page i; its first `nbytes[i]` bytes matter."""
+
+    data: torch.Tensor  # uint8 [n, slot_bytes]
+    nbytes: torch.Tensor  # int64 [n], on the CPU
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+class Codec(ABC):
+    """Encodes pages for the pool. Subclasses document their error bound.
+
+    Attributes:
+        name: the registry name.
+        slot_bytes: the width of an encoded row, an upper bound of any page's size.
+        lossless: True when decode(encode(x)) == x exactly.
+    """
+
+    name: str = ""
+    lossless: bool = False
+
+    def __init__(self, shape: PageShape) -> None:
+        self.shape = shape
+
+    @property
+    @abstractmethod
+    def slot_bytes(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> EncodedPages:
+        """k, v: [n, page_size, Hkv, D] in the device dtype -> n encoded rows."""
+
+    @abstractmethod
+    def decode(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """data: uint8 [n, slot_bytes] (rows from `encode`) -> k, v [n, page_size, Hkv, D]
+        in the device dtype, on `data`'s device."""
+
+    @abstractmethod
+    def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codec's stated bound: per element, the most |x - decode(encode(x))| can be
+        for these pages (same shapes as k and v)."""
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.slot_bytes} bytes/page slot, raw {self.shape.raw_bytes}"
+
+
+_CODECS: dict[str, type[Codec]] = {}
+_STAGES: dict[str, Callable[[Codec], Codec]] = {}
+
+
+def register_codec(name: str):
+    """Class decorator: registers a codec under `name` (a duplicate name raises)."""
+
+    def add(cls: type[Codec]) -> type[Codec]:
+        if name in _CODECS:
+            raise ValueError(f"codec {name!r} is already registered")
+        cls.name = name
+        _CODECS[name] = cls
+        return cls
+
+    return add
+
+
+def register_stage(name: str, wrap: Callable[[Codec], Codec]) -> None:
+    """Registers a lossless stage applied on top of any codec (`int8+zstd`)."""
+    if name in _STAGES:
+        raise ValueError(f"codec stage {name!r} is already registered")
+    _STAGES[name] = wrap
+
+
+def known_codecs() -> list[str]:
+    _load_builtin()
+    return sorted(_CODECS) + [f"<codec>+{s}" for s in sorted(_STAGES)]
+
+
+def validate_codec_name(spec: str) -> None:
+    """Raises ValueError, listing the known codecs, unless `spec` names a codec."""
+    _load_builtin()
+    base, *stages = spec.split("+")
+    if base not in _CODECS or any(s not in _STAGES for s in stages) or len(stages) > 1:
+        raise ValueError(f"unknown codec {spec!r}; known codecs: {', '.join(known_codecs())}")
+
+
+def make_codec(spec: str, shape: PageShape) -> Codec:
+    """Builds the codec named `spec`: a registered name, optionally `+stage` (`int8+zstd`)."""
+    validate_codec_name(spec)
+    base, *stages = spec.split("+")
+    codec = _CODECS[base](shape)
+    for stage in stages:
+        codec = _STAGES[stage](codec)
+    return codec
+
+
+def _load_builtin() -> None:
+    # the built-in codecs register themselves on import
+    from speckv.codecs import kivi, quant, seed, zstd  # noqa: F401
+
+
+# ---------------------------------------------------------------- row packing
+
+def pack_rows(parts: list[torch.Tensor], width: int | None = None) -> torch.Tensor:
+    """Concatenates per-page tensors [n, ...] of any dtype into uint8 rows [n, width]."""
+    n = parts[0].shape[0]
+    flat = [p.contiguous().view(n, -1).view(torch.uint8) for p in parts]
+    rows = torch.cat(flat, dim=1)
+    if width is not None and rows.shape[1] < width:
+        rows = torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
+    return rows
+
+
+def unpack_rows(data: torch.Tensor, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """Inverse of `pack_rows`: splits rows [n, >=total] into tensors [n, *shape] of each dtype."""
+    n = data.shape[0]
+    out, offset = [], 0
+    for dtype, shape in specs:
+        count = dtype.itemsize
+        for s in shape:
+            count *= s
+        chunk = data[:, offset:offset + count].contiguous()
+        out.append(chunk.view(dtype).view(n, *shape))
+        offset += count
+    return out

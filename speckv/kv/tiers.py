@@ -1,0 +1,161 @@
+"""The tiers below attention: DEVICE pages backed by an encoded POOL.
+
+    DEVICE  (fast memory, hard budget)  ── store: encode, write ──►  POOL (every sealed page,
+        ▲                                                              encoded by the codec)
+        └──────────── fetch: read, decode (on demand; counted as stall) ◄──┘
+
+`TieredStore` does the moves and counts them; `KVCacheManager` decides when. A
+sealed page is stored once, when it leaves the residual window; from then on its
+DEVICE copy may be evicted (pages never change after sealing, so nothing is
+written back). For a lossy codec, the DEVICE copy is replaced by the decoded page
+when it is stored, so a page reads the same whether it stayed resident or came
+back from the pool: outputs depend on the codec, never on the budget or on
+eviction timing (a fetched page is bit-identical to the one it replaced).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+from speckv.codecs.base import Codec
+from speckv.kv.eviction import EvictionPolicy
+from speckv.kv.page_pool import DevicePagePool
+from speckv.pool.base import PoolBackend, PoolKey
+
+
+class Tier(IntEnum):
+    """Where a page's data lives, fastest first (so `Tier.DEVICE < Tier.POOL`)."""
+
+    DEVICE = 0
+    PREFETCH = 1
+    POOL = 2
+
+
+@dataclass(slots=True)
+class TierCounters:
+    """Moves between tiers, counted as they happen (cumulative)."""
+
+    pages_stored: int = 0
+    raw_bytes_stored: int = 0  # what the stored pages take in the device dtype
+    encoded_bytes_stored: int = 0  # what the codec made of them (exact)
+    store_seconds: float = 0.0
+    pages_fetched: int = 0
+    bytes_fetched: int = 0  # encoded bytes read from the pool
+    fetches: int = 0  # batched demand fetches (one per layer that missed)
+    stall_seconds: float = 0.0  # attention waiting for demand fetches (read + decode)
+    evictions: int = 0
+
+    def as_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TierOptions:
+    """How pages move: the codec, the unencoded window and what may be evicted."""
+
+    residual_tokens: int = 0  # most recent tokens kept unencoded (their pages pinned)
+    keep_sink_page: bool = False  # page 0 never leaves DEVICE and is never encoded
+
+
+class TieredStore:
+    """Encodes pages into the pool and fetches them back into DEVICE slots."""
+
+    def __init__(self, device_pool: DevicePagePool, backend: PoolBackend, codec: Codec,
+                 eviction: EvictionPolicy, options: TierOptions) -> None:
+        self.device_pool = device_pool
+        self.backend = backend
+        self.codec = codec
+        self.eviction = eviction
+        self.options = options
+        self.counters = TierCounters()
+        self.first_stored = 1 if options.keep_sink_page else 0
+        n = device_pool.num_pages
+        self.evictable = np.zeros(n, dtype=bool)  # resident and already in the pool
+        self.owner = np.full(n, -1, dtype=np.int64)  # PageTable uid holding the slot
+        self.where = np.zeros(n, dtype=np.int64)  # flat [layer, page] index in that table
+        self.clock = 0
+
+    def target_stored(self, num_tokens: int) -> int:
+        """Pages (after the sink) that must be in the pool for a sequence of `num_tokens`."""
+        ps = self.device_pool.page_size
+        return max(0, (num_tokens - self.options.residual_tokens) // ps - self.first_stored)
+
+    # ------------------------------------------------------------ store
+
+    def store(self, slots: np.ndarray) -> list[PoolKey]:
+        """Encodes the sealed pages in DEVICE `slots` and writes them to new pool keys.
+
+        Raises:
+            RuntimeError: the pool has no room (the cache reserves room first: a bug).
+        """
+        started = time.perf_counter()
+        keys = self.backend.allocate(len(slots))
+        if keys is None:
+            raise RuntimeError("bug: the pool is full although its room was reserved")
+        index = torch.from_numpy(slots).to(self.device_pool.kv.device)
+        pool = self.device_pool
+        encoded = self.codec.encode(pool.k_pages.index_select(0, index),
+                                    pool.v_pages.index_select(0, index))
+        self.backend.store_batch(keys, encoded.data, encoded.nbytes)
+        if not self.codec.lossless:  # resident copy = what a fetch would bring back
+            k, v = self.codec.decode(encoded.data)
+            pool.k_pages.index_copy_(0, index, k)
+            pool.v_pages.index_copy_(0, index, v)
+        self.evictable[slots] = True
+        c = self.counters
+        c.pages_stored += len(slots)
+        c.raw_bytes_stored += len(slots) * self.codec.shape.raw_bytes
+        c.encoded_bytes_stored += int(encoded.nbytes.sum())
+        c.store_seconds += time.perf_counter() - started
+        return keys
+
+    # ------------------------------------------------------------ fetch
+
+    def fetch(self, keys: list[PoolKey], slots: np.ndarray) -> None:
+        """Reads pages `keys` from the pool and decodes them into DEVICE `slots`."""
+        started = time.perf_counter()
+        pool = self.device_pool
+        device = pool.kv.device
+        read_before = self.backend.counters.bytes_read
+        rows = self.backend.load_batch(keys, device)
+        k, v = self.codec.decode(rows)
+        index = torch.from_numpy(slots).to(device)
+        pool.k_pages.index_copy_(0, index, k)
+        pool.v_pages.index_copy_(0, index, v)
+        self.evictable[slots] = True
+        self.eviction.on_arrival(slots, self.clock)
+        c = self.counters
+        c.fetches += 1
+        c.pages_fetched += len(keys)
+        c.bytes_fetched += self.backend.counters.bytes_read - read_before
+        c.stall_seconds += time.perf_counter() - started
+
+    # ------------------------------------------------------------ DEVICE slots
+
+    def claim(self, slots: np.ndarray, uid: int, where: np.ndarray) -> None:
+        """Records that table `uid` holds `slots` at flat positions `where` (pinned)."""
+        self.owner[slots] = uid
+        self.where[slots] = where
+        self.evictable[slots] = False
+        self.eviction.on_arrival(slots, self.clock)
+
+    def release(self, slots: np.ndarray) -> None:
+        self.owner[slots] = -1
+        self.evictable[slots] = False
+
+    def choose_victims(self, n: int, protected: np.ndarray | None = None) -> np.ndarray:
+        """`n` evictable slots, none of `protected` (slots the current layer reads)."""
+        candidates = self.evictable.copy()
+        if protected is not None:
+            candidates[protected] = False
+        if candidates.sum() < n:
+            raise RuntimeError(f"bug: need {n} DEVICE pages but only {int(candidates.sum())} "
+                               "can be evicted; the cache's commitment accounting is wrong")
+        victims = self.eviction.victims(candidates, n)
+        self.counters.evictions += len(victims)
+        return victims

@@ -1,0 +1,1 @@
+"""POOL tier backends: where encoded pages live when they leave fast memory."""

@@ -1,0 +1,194 @@
+"""The pool-backend seam: store and load encoded pages by key.
+
+A backend is an arena of equal slots (`slot_bytes` = the codec's row width): the
+KV cache allocates keys, stores encoded rows under them, loads rows back and frees
+the keys. Batched calls are the primitive (one gather moves a layer's pages);
+the single-page forms loop over them, as LMCache's backends do.
+
+    allocate(n) -> keys | None   store_batch(keys, rows, nbytes)   load_batch(keys) -> rows
+    contains(key)                free(keys)                        stats()
+
+A new backend is one subclass plus `@register_pool("name")`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import NewType
+
+import numpy as np
+import torch
+
+from speckv.pool.link import LinkProfile, wait_until
+
+PoolKey = NewType("PoolKey", int)
+
+
+class PoolUnavailable(RuntimeError):
+    """The pool cannot be reached (the memory node died or was never started)."""
+
+
+@dataclass(slots=True)
+class PoolStats:
+    """What a pool backend did, counted as it happened."""
+
+    slots_total: int = 0
+    slots_used: int = 0
+    slot_bytes: int = 0
+    encoded_bytes: int = 0  # exact encoded size of the pages held now
+    pages_stored: int = 0
+    pages_loaded: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    link_wait_seconds: float = 0.0  # time added by the link model on top of the real copy
+
+    def as_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+class PoolBackend(ABC):
+    """Encoded pages in equal slots, addressed by `PoolKey`."""
+
+    name: str = ""
+
+    def __init__(self, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self.counters = PoolStats(slot_bytes=slot_bytes)
+
+    @property
+    @abstractmethod
+    def num_slots(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_free(self) -> int: ...
+
+    @abstractmethod
+    def allocate(self, n: int) -> list[PoolKey] | None:
+        """Reserves `n` keys, or returns None (nothing reserved) when the pool lacks room."""
+
+    @abstractmethod
+    def free(self, keys: list[PoolKey]) -> None: ...
+
+    @abstractmethod
+    def store_batch(self, keys: list[PoolKey], rows: torch.Tensor, nbytes: torch.Tensor) -> None:
+        """Writes encoded rows (uint8 [n, slot_bytes]; `nbytes` [n] exact sizes) under `keys`."""
+
+    @abstractmethod
+    def load_batch(self, keys: list[PoolKey], device: torch.device) -> torch.Tensor:
+        """Reads the rows stored under `keys` -> uint8 [n, slot_bytes] on `device`."""
+
+    @abstractmethod
+    def contains(self, key: PoolKey) -> bool:
+        """True when a page has been stored under `key` and not freed."""
+
+    def store(self, key: PoolKey, row: torch.Tensor, nbytes: int) -> None:
+        self.store_batch([key], row[None], torch.tensor([nbytes]))
+
+    def load(self, key: PoolKey, device: torch.device) -> torch.Tensor:
+        return self.load_batch([key], device)[0]
+
+    def stats(self) -> PoolStats:
+        self.counters.slots_total = self.num_slots
+        self.counters.slots_used = self.num_slots - self.num_free
+        return self.counters
+
+    def ensure_available(self) -> None:
+        """Raises PoolUnavailable when the pool cannot serve (reconnecting if it can)."""
+
+    def close(self) -> None:
+        """Releases the pool's memory or connection."""
+
+
+class ArenaPool(PoolBackend):
+    """A backend whose slots are rows of one host uint8 tensor `arena` [num_slots, slot_bytes].
+
+    Subclasses provide the arena and the key allocation; this class copies rows in
+    and out with one gather or scatter per batch and applies the link model.
+    """
+
+    def __init__(self, slot_bytes: int, link: LinkProfile | None = None) -> None:
+        super().__init__(slot_bytes)
+        self.link = link
+        self.arena: torch.Tensor | None = None
+        self._nbytes: np.ndarray = np.zeros(0, dtype=np.int64)  # per slot; 0 = not stored
+
+    def _attach_arena(self, arena: torch.Tensor) -> None:
+        self.arena = arena
+        self._nbytes = np.zeros(arena.shape[0], dtype=np.int64)
+
+    @property
+    def num_slots(self) -> int:
+        return 0 if self.arena is None else self.arena.shape[0]
+
+    def _forget(self, keys: list[PoolKey]) -> None:
+        index = np.asarray(keys, dtype=np.int64)
+        self.counters.encoded_bytes -= int(self._nbytes[index].sum())
+        self._nbytes[index] = 0
+
+    def contains(self, key: PoolKey) -> bool:
+        return 0 <= key < self._nbytes.size and self._nbytes[key] > 0
+
+    def store_batch(self, keys: list[PoolKey], rows: torch.Tensor, nbytes: torch.Tensor) -> None:
+        self.ensure_available()
+        started = time.perf_counter()
+        index = torch.as_tensor(keys, dtype=torch.int64)
+        self.arena.index_copy_(0, index, rows.to("cpu", non_blocking=False))
+        sizes = nbytes.numpy().astype(np.int64)
+        total = int(sizes.sum())
+        self._charge(started, total)
+        self.counters.encoded_bytes += total - int(self._nbytes[index.numpy()].sum())
+        self._nbytes[index.numpy()] = sizes
+        self.counters.pages_stored += len(keys)
+        self.counters.bytes_written += total
+
+    def load_batch(self, keys: list[PoolKey], device: torch.device) -> torch.Tensor:
+        self.ensure_available()
+        started = time.perf_counter()
+        index = torch.as_tensor(keys, dtype=torch.int64)
+        rows = self.arena.index_select(0, index)
+        total = int(self._nbytes[index.numpy()].sum())
+        if not self._nbytes[index.numpy()].all():
+            raise RuntimeError("bug: loading a pool key under which nothing is stored")
+        rows = rows.to(device, non_blocking=device.type == "cuda")
+        self._charge(started, total)
+        self.counters.pages_loaded += len(keys)
+        self.counters.bytes_read += total
+        return rows
+
+    def _charge(self, started: float, nbytes: int) -> None:
+        if self.link is None:
+            return
+        before = time.perf_counter()
+        wait_until(started + self.link.seconds(nbytes))
+        self.counters.link_wait_seconds += time.perf_counter() - before
+
+
+_POOLS: dict[str, type] = {}
+
+
+def register_pool(name: str):
+    """Class decorator: registers a pool backend under `name` (a duplicate name raises)."""
+
+    def add(cls):
+        if name in _POOLS:
+            raise ValueError(f"pool backend {name!r} is already registered")
+        cls.name = name
+        _POOLS[name] = cls
+        return cls
+
+    return add
+
+
+def known_pools() -> list[str]:
+    from speckv.pool import local, memnode  # noqa: F401  (register themselves)
+
+    return ["none", *sorted(_POOLS)]
+
+
+def pool_class(name: str) -> type:
+    if name not in known_pools() or name == "none":
+        raise ValueError(f"unknown pool backend {name!r}; known: {', '.join(known_pools())}")
+    return _POOLS[name]

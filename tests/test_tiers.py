@@ -1,0 +1,189 @@
+"""The tiered KV cache: DEVICE backed by an encoded POOL (local and memnode backends).
+
+Scenarios against the real bundled model: offloading never changes greedy tokens
+with codec `none` (invariant 1), pages are never lost or leaked (invariant 2),
+budgets hold (invariant 3), and every bad option is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import assert_no_leak, check_tier_invariants, run_to_completion
+from speckv import SamplingParams
+from speckv.pool.base import PoolUnavailable
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+PAGE = 24_576  # one page of one layer, float32
+LAYERS = 30
+
+# mixed lengths: one page, several pages, a partial last page, a longer prompt
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea and the wind. " * 6,
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 " * 4,
+    "Hello",
+    "Once upon a time, in a small village by the mountains, " * 9,
+]
+
+
+@pytest.fixture(scope="module")
+def reference(make_llm):
+    """F1's all-resident engine (no pool): the tokens every tiered run must reproduce."""
+    llm = make_llm(device_kv_bytes="64MiB")
+    return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+def _tight_budget(make_llm, **pool_options) -> int:
+    """The smallest DEVICE budget that still runs the longest request alone."""
+    probe = make_llm(device_kv_bytes="64MiB", **pool_options)
+    engine = probe.engine
+    longest = max(len(engine.tokenizer.encode(p)) for p in PROMPTS) + GREEDY.max_tokens
+    pages = engine.cache.worst_requirement(longest)
+    probe.close()
+    return pages * PAGE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "memnode"])
+def test_offloading_never_changes_greedy_tokens(make_llm, reference, backend):
+    options = dict(pool=backend, pool_bytes="64MiB")
+    tight = _tight_budget(make_llm, **options)
+    for budget in ["64MiB", 60 * LAYERS * PAGE, 2 * tight, tight]:
+        llm = make_llm(device_kv_bytes=budget, **options)
+        try:
+            outs = llm.generate(PROMPTS, GREEDY)
+            assert [o.token_ids for o in outs] == reference, f"budget {budget}"
+            stats = llm.stats()
+            if budget == tight:  # the budget was short: pages really came back from the pool
+                assert stats["tier_pages_fetched"] > 0 and stats["tier_evictions"] > 0
+                assert stats["pool_pages_loaded"] == stats["tier_pages_fetched"]
+            if budget == "64MiB":  # everything fits: nothing fetched, F1's behaviour
+                assert stats["tier_pages_fetched"] == 0
+            assert_no_leak(llm.engine)
+        finally:
+            llm.close()
+
+
+def test_lossy_codec_outputs_do_not_depend_on_the_budget(make_llm):
+    """A resident page is replaced by its decoded form when stored, so a page reads the
+    same whether it stayed in DEVICE or came back from the pool."""
+    outs = []
+    for budget in ["64MiB", 8 * LAYERS * PAGE]:
+        llm = make_llm(device_kv_bytes=budget, pool="local", pool_bytes="64MiB", codec="kivi4")
+        outs.append([o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)])
+        if budget != "64MiB":
+            assert llm.stats()["tier_pages_fetched"] > 0
+        assert_no_leak(llm.engine)
+        llm.close()
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.slow
+def test_random_adds_aborts_and_completions_lose_and_leak_nothing(make_llm):
+    rng = random.Random(7)
+    llm = make_llm(device_kv_bytes=20 * LAYERS * PAGE, pool="local", pool_bytes="24MiB",
+                   codec="int8", residual_tokens=20, keep_sink_page=True, max_num_seqs=4,
+                   max_num_batched_tokens=64)
+    engine = llm.engine
+    live: list[str] = []
+    steps = 0
+    for _ in range(120):
+        action = rng.random()
+        if action < 0.25 and len(live) < 6:
+            prompt = " ".join(rng.choice(["sea", "wind", "stone", "river", "light"])
+                              for _ in range(rng.randint(1, 120)))
+            params = SamplingParams(max_tokens=rng.randint(1, 40), temperature=0.8,
+                                    seed=rng.randint(0, 99))
+            live.append(engine.add_request(prompt, params))
+        elif action < 0.35 and live:
+            engine.abort(live.pop(rng.randrange(len(live))))
+        for out in engine.step():
+            if out.finished:
+                live.remove(out.request_id)
+        steps += 1
+        check_tier_invariants(engine)
+    run_to_completion(engine)
+    assert engine.cache.store.counters.evictions > 0, "the scenario never evicted"
+    assert_no_leak(engine)
+    llm.close()
+
+
+def test_sealed_pages_are_stored_once_they_leave_the_residual_window(make_llm):
+    llm = make_llm(device_kv_bytes="16MiB", pool="local", pool_bytes="16MiB",
+                   residual_tokens=32, keep_sink_page=True)
+    engine = llm.engine
+    rid = engine.add_request(list(range(100, 200)), SamplingParams(max_tokens=2))  # 100 tokens
+    engine.step()  # prefill: pages 0-5 sealed, 6 open
+    table = engine.cache.table(rid)
+    # sink page 0 never stored; pages wholly before the last 32 tokens (1..3) stored
+    assert table.num_stored == 3
+    assert (table.pool_keys[:, 0] == -1).all() and (table.pool_keys[:, 1:4] >= 0).all()
+    assert (table.pool_keys[:, 4:] == -1).all()
+    assert engine.stats()["pool_slots_used"] == 3 * LAYERS
+    run_to_completion(engine)
+    assert_no_leak(engine)
+    llm.close()
+
+
+def test_budget_below_one_step_fails_at_start_with_the_minimum(make_llm):
+    with pytest.raises(ValueError, match=r"minimum is 2211840 bytes"):
+        make_llm(device_kv_bytes=LAYERS * PAGE * 3 - 1, pool="local", residual_tokens=17)
+    llm = make_llm(device_kv_bytes=LAYERS * PAGE * 3, pool="local", pool_bytes="8MiB",
+                   residual_tokens=17)  # exactly the minimum works
+    assert llm.generate("Hi", SamplingParams(max_tokens=3))[0].num_generated_tokens == 3
+    llm.close()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(pool="local", codec="int9"), r"unknown codec 'int9'; known codecs: .*int8.*kivi4"),
+    (dict(pool="local", codec="int8+gzip"), r"unknown codec .*<codec>\+zstd"),
+    (dict(pool="disk"), r"pool='disk' is not one of none, local, memnode"),
+    (dict(pool="memnode", link="cxl9"), r"unknown link 'cxl9'; known links: none, cxl2-x16"),
+    (dict(pool="memnode", link="custom:0,5"), r"custom:<GB/s>,<ns>"),
+    (dict(pool="local", eviction="random"), r"eviction='random' is not one of lru, fifo"),
+    (dict(codec="int8"), r"pool='none'"),
+    (dict(pool="local", pool_bytes="0"), r"pool_bytes must be > 0"),
+    (dict(pool="local", residual_tokens=-1), r"residual_tokens must be >= 0"),
+    (dict(pool="local", link="cxl2-x16"), r"apply to pool='memnode' only"),
+    (dict(pool="local", pool_numa_node=7), r"NUMA nodes \[0"),
+])
+def test_bad_pool_options_are_refused_clearly(make_llm, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_llm(device_kv_bytes="8MiB", **options)
+
+
+def test_request_larger_than_the_pool_is_rejected_and_engine_stays_usable(make_llm):
+    llm = make_llm(device_kv_bytes="8MiB", pool="local", pool_bytes=20 * LAYERS * PAGE)
+    with pytest.raises(ValueError, match=r"pool pages but the pool holds 600"):
+        llm.generate(list(range(100, 500)), SamplingParams(max_tokens=4))
+    assert_no_leak(llm.engine)
+    assert llm.generate("Hi", SamplingParams(max_tokens=2))[0].num_generated_tokens == 2
+    llm.close()
+
+
+def test_full_pool_makes_requests_wait_and_never_drops_a_page(make_llm, reference):
+    """Two requests that each fit the pool but not together: the second waits."""
+    probe = make_llm(device_kv_bytes="8MiB")
+    prompt = probe.tokenizer.encode(PROMPTS[1])
+    pages = -(-(len(prompt) + GREEDY.max_tokens) // 16)  # one request's most pages a layer
+    assert 2 * -(-len(prompt) // 16) > pages + 1  # two prompts do not fit together
+    llm = make_llm(device_kv_bytes="16MiB", pool="local", pool_bytes=(pages + 1) * LAYERS * PAGE)
+    engine = llm.engine
+    a = engine.add_request(prompt, GREEDY)
+    b = engine.add_request(prompt, GREEDY)
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == [a]
+    assert [s.request_id for s in engine.scheduler.waiting] == [b]
+    finals = run_to_completion(engine)
+    assert finals[a].token_ids == finals[b].token_ids == reference[1]
+    assert_no_leak(engine)
+    llm.close()
+
+
+def test_pool_unavailable_is_a_runtime_error_with_the_socket(make_llm, tmp_path):
+    sock = str(tmp_path / "nobody.sock")
+    with pytest.raises(PoolUnavailable, match=rf"cannot reach the memory node at {sock}.*speckv memnode"):
+        make_llm(device_kv_bytes="8MiB", pool="memnode", memnode_socket=sock)
