@@ -135,8 +135,8 @@ class LLMEngine:
         if rid in self._sequences:
             raise ValueError(f"request id {rid!r} is already in use")
         most_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        self._check_fits(most_tokens)
         self._ensure_pool()
+        self._check_fits(most_tokens)
         seq = Sequence(rid, text, token_ids, params, IncrementalDetokenizer(self.tokenizer))
         self._sequences[rid] = seq
         self.scheduler.add(seq)
@@ -257,8 +257,8 @@ class LLMEngine:
         through the paged cache; used for reference checks and perplexity."""
         chunk_size = chunk_size or self.config.scheduler.max_num_batched_tokens
         rid = RequestId(f"score-{next(self._ids)}")
-        self._check_fits(len(token_ids))
         self._ensure_pool()
+        self._check_fits(len(token_ids))
         try:
             parts = []
             start = 0

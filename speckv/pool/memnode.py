@@ -133,6 +133,7 @@ class MemNodePool(ArenaPool):
         self.arena = None
         self._held = set()
         self._num_free = 0
+        self.counters.encoded_bytes = 0
 
     @property
     def is_available(self) -> bool:
