@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from speckv.bench import throughput
+    from speckv.bench import capacity, fidelity, throughput
 
     throughput.add_parser(bench_sub, _add_engine_options)
+    fidelity.add_parser(bench_sub, _add_engine_options)
+    capacity.add_parser(bench_sub, _add_engine_options)
     return parser
 
 
@@ -137,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return memnode_server.run(ns)
         if ns.command == "bench":
-            from speckv.bench import throughput
+            from speckv.bench import capacity, fidelity, throughput
 
-            return throughput.run(ns, engine_options(ns))
+            runner = {"throughput": throughput, "fidelity": fidelity, "capacity": capacity}[ns.bench]
+            return runner.run(ns, engine_options(ns))
     except ValueError as exc:
         print(f"speckv: error: {exc}", file=sys.stderr)
         return 2

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -25,6 +22,8 @@ from datetime import date
 from typing import Any
 
 import torch
+
+from speckv.bench.common import in_subprocess, machine, parse_options
 
 
 def add_parser(sub, add_engine_options) -> None:
@@ -106,25 +105,6 @@ def _run_hf(options: dict, batch: int, prompt_len: int, new_tokens: int, repeats
     return _measure(gen, batch, prompt_len, new_tokens, repeats)
 
 
-def _in_subprocess(fn, *args) -> dict[str, Any]:
-    # TQDM_DISABLE: transformers' GGUF dequantization bar ignores its own progress-bar
-    # switch, and tqdm reads the variable when it is first imported, i.e. in the child.
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        pool = mp.get_context("spawn").Pool(1)
-        try:
-            return pool.apply(fn, args)
-        finally:
-            pool.close()  # a clean exit; terminate() leaves semaphores to the tracker
-            pool.join()
-    finally:
-        if previous is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = previous
-
-
 def run(ns: argparse.Namespace, options: dict) -> int:
     try:
         batches = [int(b) for b in ns.batch_sizes.split(",")]
@@ -139,7 +119,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
 
     engines = [("speckv", _run_speckv, options)]
     for variant in ns.variant:
-        changed = _parse_variant(variant)
+        changed = parse_options(variant)
         EngineConfig.from_kwargs(**{**options, **changed})  # a bad variant fails before any run
         engines.append((f"speckv[{variant}]", _run_speckv, {**options, **changed}))
     if not ns.no_hf:
@@ -148,10 +128,10 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     with tqdm(total=len(batches) * len(engines), desc="bench", file=sys.stderr) as bar:
         for batch in batches:
             for name, fn, opts in engines:
-                r = _in_subprocess(fn, opts, batch, ns.prompt_len, ns.new_tokens, ns.repeats)
+                r = in_subprocess(fn, opts, batch, ns.prompt_len, ns.new_tokens, ns.repeats)
                 results.append({"engine": name, "batch": batch, **r})
                 bar.update(1)
-    report = {"date": date.today().isoformat(), "machine": _machine(), "options": options,
+    report = {"date": date.today().isoformat(), "machine": machine(), "options": options,
               "prompt_len": ns.prompt_len, "new_tokens": ns.new_tokens, "repeats": ns.repeats,
               "results": results}
     print(format_table(report))
@@ -159,22 +139,6 @@ def run(ns: argparse.Namespace, options: dict) -> int:
         with open(ns.json, "w") as fh:
             json.dump(report, fh, indent=2)
     return 0
-
-
-def _parse_variant(text: str) -> dict[str, Any]:
-    """`"a=1,b=x"` -> `{"a": 1, "b": "x"}` (ints stay ints)."""
-    changed: dict[str, Any] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--variant wants KEY=VALUE[,KEY=VALUE], got {text!r}")
-        changed[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
-    return changed
-
-
-def _machine() -> str:
-    return (f"{platform.machine()} {platform.processor() or ''} {mp.cpu_count()} cpus, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def format_table(report: dict[str, Any]) -> str:

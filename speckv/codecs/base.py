@@ -79,9 +79,15 @@ class Codec(ABC):
         """k, v: [n, page_size, Hkv, D] in the device dtype -> n encoded rows."""
 
     @abstractmethod
-    def decode(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """data: uint8 [n, slot_bytes] (rows from `encode`) -> k, v [n, page_size, Hkv, D]
-        in the device dtype, on `data`'s device."""
+    def decode(self, data: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """data: uint8 [n, >= slot_bytes] (rows from `encode`) -> k, v [n, page_size, Hkv, D]
+        in the device dtype, on `data`'s device.
+
+        `out`, when given, is a pair of such tensors that a codec may decode into (a
+        caller's reusable buffers: fresh large tensors cost page faults on every
+        fetch). The result may also be views of `data` (codec `none`).
+        """
 
     @abstractmethod
     def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +152,11 @@ def _load_builtin() -> None:
 
 # ---------------------------------------------------------------- row packing
 
+def align8(num_bytes: int) -> int:
+    """Row widths are multiples of 8 so that rows can be viewed as any dtype in place."""
+    return -(-num_bytes // 8) * 8
+
+
 def pack_rows(parts: list[torch.Tensor], width: int | None = None) -> torch.Tensor:
     """Concatenates per-page tensors [n, ...] of any dtype into uint8 rows [n, width]."""
     n = parts[0].shape[0]
@@ -157,14 +168,19 @@ def pack_rows(parts: list[torch.Tensor], width: int | None = None) -> torch.Tens
 
 
 def unpack_rows(data: torch.Tensor, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
-    """Inverse of `pack_rows`: splits rows [n, >=total] into tensors [n, *shape] of each dtype."""
-    n = data.shape[0]
+    """Inverse of `pack_rows`: splits rows [n, >=total] into tensors [n, *shape] of each dtype
+    (views of `data` where its row width and the part's offset allow, copies otherwise)."""
+    n, width = data.shape
     out, offset = [], 0
     for dtype, shape in specs:
-        count = dtype.itemsize
+        size = dtype.itemsize
+        count = size
         for s in shape:
             count *= s
-        chunk = data[:, offset:offset + count].contiguous()
-        out.append(chunk.view(dtype).view(n, *shape))
+        if width % size == 0 and offset % size == 0 and data.stride(1) == 1:
+            part = data.view(dtype)[:, offset // size:(offset + count) // size]
+        else:
+            part = data[:, offset:offset + count].contiguous().view(dtype)
+        out.append(part.view(n, *shape))
         offset += count
     return out

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from speckv.codecs.base import Codec, EncodedPages, PageShape, pack_rows, register_codec, unpack_rows
+from speckv.codecs.base import (Codec, EncodedPages, PageShape, align8, pack_rows,
+                                register_codec, unpack_rows)
 
 
 def quantize_asymmetric(x: torch.Tensor, dim: int, bits: int
@@ -75,7 +76,7 @@ class _Kivi(Codec):
 
     @property
     def slot_bytes(self) -> int:
-        return self._bytes
+        return align8(self._bytes)
 
     def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return asymmetric_bound(k, 1, self.bits), asymmetric_bound(v, 3, self.bits)
@@ -85,10 +86,10 @@ class _Kivi(Codec):
         kq, ks, kz = quantize_asymmetric(k, 1, self.bits)  # per channel, along tokens
         vq, vs, vz = quantize_asymmetric(v, 3, self.bits)  # per token, along channels
         data = pack_rows([pack_bits(kq.view(n, -1), self.bits), pack_bits(vq.view(n, -1), self.bits),
-                          ks, kz, vs, vz])
+                          ks, kz, vs, vz], self.slot_bytes)
         return EncodedPages(data, torch.full((n,), self._bytes, dtype=torch.int64))
 
-    def decode(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, data, out=None):
         n = data.shape[0]
         kp, vp, ks, kz, vs, vz = unpack_rows(data, [
             (torch.uint8, (self._packed,)), (torch.uint8, (self._packed,)),
@@ -97,7 +98,12 @@ class _Kivi(Codec):
         dt = self.shape.dtype
         kq = unpack_bits(kp, self.bits).view(n, *self._elems)
         vq = unpack_bits(vp, self.bits).view(n, *self._elems)
-        return (kq.to(dt) * ks.to(dt) + kz.to(dt)), (vq.to(dt) * vs.to(dt) + vz.to(dt))
+        if out is None:
+            out = (torch.empty(n, *self._elems, dtype=dt, device=data.device),
+                   torch.empty(n, *self._elems, dtype=dt, device=data.device))
+        torch.addcmul(kz.to(dt), kq, ks.to(dt), out=out[0])
+        torch.addcmul(vz.to(dt), vq, vs.to(dt), out=out[1])
+        return out
 
 
 @register_codec("kivi4")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from speckv.codecs.base import Codec, EncodedPages, PageShape, pack_rows, register_codec, unpack_rows
+from speckv.codecs.base import (Codec, EncodedPages, PageShape, align8, pack_rows,
+                                register_codec, unpack_rows)
 
 
 class _Cast(Codec):
@@ -31,7 +32,7 @@ class _Cast(Codec):
 
     @property
     def slot_bytes(self) -> int:
-        return self._bytes
+        return align8(self._bytes)
 
     def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.target == self.shape.dtype:
@@ -42,12 +43,16 @@ class _Cast(Codec):
         return k.abs() * eps / 2 + tiny, v.abs() * eps / 2 + tiny
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> EncodedPages:
-        data = pack_rows([k.to(self.target), v.to(self.target)])
+        data = pack_rows([k.to(self.target), v.to(self.target)], self.slot_bytes)
         return EncodedPages(data, torch.full((data.shape[0],), self._bytes, dtype=torch.int64))
 
-    def decode(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, data, out=None):
         k, v = unpack_rows(data, [(self.target, self._elems)] * 2)
-        return k.to(self.shape.dtype), v.to(self.shape.dtype)
+        if self.target == self.shape.dtype:
+            return k, v  # views of the rows: no copy here
+        if out is None:
+            return k.to(self.shape.dtype), v.to(self.shape.dtype)
+        return out[0].copy_(k), out[1].copy_(v)
 
 
 @register_codec("none")
@@ -117,7 +122,7 @@ class Int8Codec(Codec):
 
     @property
     def slot_bytes(self) -> int:
-        return self._bytes
+        return align8(self._bytes)
 
     @property
     def scale_specs(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
@@ -129,17 +134,19 @@ class Int8Codec(Codec):
         vq, vs = quantize_symmetric(v, self.value_dim)
         return [kq, vq, ks, vs]
 
-    def dequantize(self, kq, vq, ks, vs) -> tuple[torch.Tensor, torch.Tensor]:
+    def dequantize(self, kq, vq, ks, vs, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         dt = self.shape.dtype
-        return (kq.to(dt) * ks.to(dt)), (vq.to(dt) * vs.to(dt))
+        if out is None:
+            return torch.mul(kq, ks.to(dt)), torch.mul(vq, vs.to(dt))
+        return torch.mul(kq, ks.to(dt), out=out[0]), torch.mul(vq, vs.to(dt), out=out[1])
 
     def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return symmetric_bound(k, self.key_dim), symmetric_bound(v, self.value_dim)
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> EncodedPages:
-        data = pack_rows(self.quantize(k, v))
+        data = pack_rows(self.quantize(k, v), self.slot_bytes)
         return EncodedPages(data, torch.full((data.shape[0],), self._bytes, dtype=torch.int64))
 
-    def decode(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, data, out=None):
         codes = [(torch.int8, self._elems)] * 2
-        return self.dequantize(*unpack_rows(data, codes + self.scale_specs))
+        return self.dequantize(*unpack_rows(data, codes + self.scale_specs), out=out)

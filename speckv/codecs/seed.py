@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from speckv.codecs.base import Codec, EncodedPages, PageShape, pack_rows, register_codec, unpack_rows
+from speckv.codecs.base import (Codec, EncodedPages, PageShape, align8, pack_rows,
+                                register_codec, unpack_rows)
 from speckv.codecs.quant import Int8Codec
 
 _HEADER = 4
@@ -66,7 +67,7 @@ class SeedCodec(Codec):
         self._stream = 2 * s.page_size * s.num_kv_heads * s.head_dim
         self._scale_bytes = self.int8.slot_bytes - self._stream
         # worst case: every byte its own run (two bytes)
-        self._bytes = _HEADER + self._scale_bytes + 2 * self._stream
+        self._bytes = align8(_HEADER + self._scale_bytes + 2 * self._stream)
 
     @property
     def slot_bytes(self) -> int:
@@ -94,7 +95,7 @@ class SeedCodec(Codec):
             rows[i, base + r:base + 2 * r] = values[a:b]
         return EncodedPages(torch.from_numpy(rows).to(k.device), torch.from_numpy(nbytes.astype(np.int64)))
 
-    def decode(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, data, out=None):
         rows = data.cpu().numpy()
         n = rows.shape[0]
         nbytes = rows[:, :_HEADER].copy().view("<u4").reshape(n).astype(np.int64)
@@ -109,4 +110,6 @@ class SeedCodec(Codec):
         vq = torch.from_numpy(delta_decode(stream[:, half:].reshape(shape)))
         ks, vs = unpack_rows(torch.from_numpy(rows[:, _HEADER:base]), self.int8.scale_specs)
         k, v = self.int8.dequantize(kq, vq, ks, vs)
-        return k.to(data.device), v.to(data.device)
+        if out is None:
+            return k.to(data.device), v.to(data.device)
+        return out[0].copy_(k), out[1].copy_(v)

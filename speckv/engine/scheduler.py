@@ -6,8 +6,8 @@ Each step:
      new page when none is free preempts the youngest running sequence, whose
      pages are freed and which is recomputed later (vLLM's recompute preemption);
   2. waiting sequences join in arrival order while the batch, the token budget
-     and the free pages allow. A request that does not fit waits; it is never
-     partly admitted while others run.
+     and the free pages allow. A request that does not fit waits; without a pool
+     it is never partly admitted while others run.
 """
 
 from __future__ import annotations
@@ -116,12 +116,15 @@ class Scheduler:
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens to compute for `seq` now: its remaining prompt (or one token) within the
         token budget. A running sequence's chunk shrinks to the whole pages that fit
-        (at least one page: the caller preempts younger sequences for it). A waiting
-        one is admitted with its whole chunk or waits (0), unless nothing else runs:
-        then its chunk shrinks too, so a prompt larger than DEVICE can start."""
+        (at least one page: the caller preempts younger sequences for it). Without a
+        pool, a waiting one is admitted with its whole chunk or waits (0), unless
+        nothing else runs. With a pool its chunk shrinks too: a prefill chunk's pages
+        stay in DEVICE until stored at the end of the step, so admitting prompts in
+        page-sized pieces is what lets many sequences share a small DEVICE tier."""
         want = min(seq.num_tokens - seq.num_computed_tokens, budget)
-        if seq.status == Status.WAITING and self.running:
-            return want if self.cache.can_allocate(seq.request_id, seq.num_computed_tokens + want) else 0
+        if seq.status == Status.WAITING and self.running and self.cache.store is None:
+            fits = self.cache.can_allocate(seq.request_id, seq.num_computed_tokens + want)
+            return want if fits else 0
         fit = self.cache.fitting_tokens(seq.request_id, seq.num_computed_tokens, want)
         if fit == 0 and seq.status == Status.RUNNING:
             return min(want, self.cache.page_size)

@@ -75,6 +75,7 @@ class TieredStore:
         self.counters = TierCounters()
         self.first_stored = 1 if options.keep_sink_page else 0
         n = device_pool.num_pages
+        self._staging: dict[str, torch.Tensor] = {}  # reused fetch buffers, grown on demand
         self.evictable = np.zeros(n, dtype=bool)  # resident and already in the pool
         self.owner = np.full(n, -1, dtype=np.int64)  # PageTable uid holding the slot
         self.where = np.zeros(n, dtype=np.int64)  # flat [layer, page] index in that table
@@ -121,9 +122,11 @@ class TieredStore:
         started = time.perf_counter()
         pool = self.device_pool
         device = pool.kv.device
+        n = len(keys)
         read_before = self.backend.counters.bytes_read
-        rows = self.backend.load_batch(keys, device)
-        k, v = self.codec.decode(rows)
+        rows = self.backend.load_batch(keys, device, out=self._buffer("rows", n, cpu=True))
+        rows = rows.to(device, non_blocking=True)
+        k, v = self.codec.decode(rows, out=(self._buffer("k", n), self._buffer("v", n)))
         index = torch.from_numpy(slots).to(device)
         pool.k_pages.index_copy_(0, index, k)
         pool.v_pages.index_copy_(0, index, v)
@@ -134,6 +137,20 @@ class TieredStore:
         c.pages_fetched += len(keys)
         c.bytes_fetched += self.backend.counters.bytes_read - read_before
         c.stall_seconds += time.perf_counter() - started
+
+    def _buffer(self, name: str, n: int, cpu: bool = False) -> torch.Tensor:
+        """A reusable buffer of `n` encoded rows (`cpu`, pinned for CUDA) or decoded K/V pages."""
+        buf = self._staging.get(name)
+        if buf is None or buf.shape[0] < n:
+            n_alloc = max(n, 0 if buf is None else 2 * buf.shape[0])
+            kv = self.device_pool.kv
+            if cpu:
+                buf = torch.empty(n_alloc, self.codec.slot_bytes, dtype=torch.uint8,
+                                  pin_memory=kv.device.type == "cuda")
+            else:
+                buf = torch.empty(n_alloc, *kv.shape[2:], dtype=kv.dtype, device=kv.device)
+            self._staging[name] = buf
+        return buf[:n]
 
     # ------------------------------------------------------------ DEVICE slots
 

@@ -112,23 +112,21 @@ class MemNode:
                 return {"num_slots": self._slots.num_slots, "num_free": self._slots.num_free}
         return {"error": f"unknown operation {op!r}"}
 
-    def close(self) -> None:
-        self.shm.unlink(missing_ok=True)
 
 
 def serve(size: int, socket_path: str, link: str) -> None:
-    node = MemNode(size, socket_path, link)
-    Path(socket_path).unlink(missing_ok=True)
-    listener = Listener(socket_path, family="AF_UNIX", authkey=AUTHKEY)
-
     def stop(signum, frame):
         raise SystemExit(0)
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, stop)  # from here on, a signal unwinds through `finally`
     signal.signal(signal.SIGINT, stop)
-    print(f"memnode ready: {size} bytes at {node.shm}, socket {socket_path}, link {link}",
-          flush=True)
+    listener = None
     try:
+        node = MemNode(size, socket_path, link)
+        Path(socket_path).unlink(missing_ok=True)
+        listener = Listener(socket_path, family="AF_UNIX", authkey=AUTHKEY)
+        print(f"memnode ready: {size} bytes at {node.shm}, socket {socket_path}, link {link}",
+              flush=True)
         while True:
             try:
                 conn = listener.accept()
@@ -137,9 +135,10 @@ def serve(size: int, socket_path: str, link: str) -> None:
                 continue
             threading.Thread(target=node.handle, args=(conn,), daemon=True).start()
     finally:
-        listener.close()
+        if listener is not None:
+            listener.close()
         Path(socket_path).unlink(missing_ok=True)
-        node.close()
+        shm_path_for(socket_path).unlink(missing_ok=True)  # also if stopped while creating it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
