@@ -173,7 +173,17 @@ def _info(ns: argparse.Namespace) -> int:
         "device kv budget": format_size(llm.config.cache.device_kv_bytes),
         "device pages": f"{engine.cache.pool.num_pages:,}",
         "tokens that fit": f"{engine.cache.pool.num_pages // args.num_layers * llm.config.cache.page_size:,}",
+        "pool": llm.config.pool.pool,
     }
+    store = engine.cache.store
+    if store is not None:
+        rows.update({
+            "codec": store.codec.name,
+            "pool slot bytes (one page)": f"{store.codec.slot_bytes:,}",
+            "pool pages": f"{store.backend.num_slots:,}",
+            "link": str(getattr(store.backend, "link", None) or "none"),
+        })
+    llm.close()
     width = max(map(len, rows))
     for key, value in rows.items():
         print(f"{key:<{width}}  {value}")

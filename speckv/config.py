@@ -86,8 +86,9 @@ class CacheConfig:
                 "such as 256MiB or 2GiB are accepted"})
     attention_backend: AttentionBackend = field(default="auto", metadata={
         "help": "decode attention: torch (gather pages, then SDPA; any device), cpu_kernel "
-                "(C++ kernel reading pages in place; CPU float32; compiled on first use), "
-                "auto (cpu_kernel on CPU float32, torch otherwise)"})
+                "(C++ kernels reading pages in place, and fetching pool pages in one pass "
+                "for codecs none and int8; CPU float32; compiled on first use), auto "
+                "(cpu_kernel on CPU float32, torch otherwise)"})
 
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 4096:
@@ -99,15 +100,11 @@ class CacheConfig:
         object.__setattr__(self, "device_kv_bytes", size)
 
 
-PoolBackendName = Literal["none", "local", "memnode"]
-EvictionName = Literal["lru", "fifo"]
-
-
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     """The POOL tier: where sealed pages go, encoded, when DEVICE is not enough."""
 
-    pool: PoolBackendName = field(default="none", metadata={
+    pool: str = field(default="none", metadata={
         "help": "capacity tier for sealed KV pages: none (every page stays in DEVICE), "
                 "local (host memory of this process), memnode (a memory-node process; "
                 "see `speckv memnode`)"})
@@ -121,7 +118,7 @@ class PoolConfig:
                 "are stored only once older)"})
     keep_sink_page: bool = field(default=False, metadata={
         "help": "keep each sequence's first page (the attention sink) unencoded in DEVICE"})
-    eviction: EvictionName = field(default="lru", metadata={
+    eviction: str = field(default="lru", metadata={
         "help": "which pooled pages leave DEVICE first: lru or fifo"})
     memnode_socket: str | None = field(default=None, metadata={
         "help": "control socket of a running memory node (pool=memnode); default: the "
@@ -135,10 +132,14 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         from speckv.codecs.base import validate_codec_name
+        from speckv.kv.eviction import EVICTIONS
+        from speckv.pool.base import POOLS
         from speckv.pool.link import parse_link
 
-        _choice(self.pool, "pool", ("none", "local", "memnode"))
-        _choice(self.eviction, "eviction", ("lru", "fifo"))
+        if self.pool != "none" and self.pool not in POOLS:
+            raise ValueError(f"unknown pool backend {self.pool!r}; known: none, "
+                             f"{', '.join(POOLS.names())}")
+        EVICTIONS.get(self.eviction)  # raises for an unknown policy, listing the known
         validate_codec_name(self.codec)
         if self.link is not None:
             parse_link(self.link)

@@ -72,6 +72,7 @@ def assert_no_leak(engine: LLMEngine) -> None:
         assert backend.num_free == backend.num_slots, "pool slots leaked"
         assert backend.stats().encoded_bytes == 0
         assert cache.committed_pages == 0 and cache.num_evicted == 0
+        assert cache.reserved_pool_pages == 0
         assert not cache.store.evictable.any() and (cache.store.owner == -1).all()
 
 
@@ -95,6 +96,7 @@ def check_tier_invariants(engine: LLMEngine) -> None:
         resident += int((slots >= 0).sum())
     assert resident == cache.pool.num_used_pages <= cache.pool.num_pages
     assert cache.committed_pages <= cache.pool.num_pages
+    assert cache.reserved_pool_pages <= backend.num_slots
     assert backend.num_slots - backend.num_free <= backend.num_slots
     assert (engine.cache.pool.num_used_pages * engine.page_bytes
             <= engine.config.cache.device_kv_bytes)

@@ -104,3 +104,46 @@ def test_bench_throughput_runs_and_writes_json(tmp_path):
 def test_bench_rejects_bad_variant(capsys):
     assert main(["bench", "throughput", "--variant", "page_size", "--no-hf"]) == 2
     assert "--variant wants KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_with_a_pool_prints_tier_stats_and_writes_json(tmp_path):
+    stats = tmp_path / "stats.json"
+    proc = _speckv("generate", "The capital of France is", "--max-tokens", "20", "--pool", "local",
+                   "--codec", "int8", "--pool-bytes", "16MiB", "--device-kv-bytes", "3MiB",
+                   "--device", "cpu", "--stats", "--stats-json", str(stats))
+    assert proc.returncode == 0, proc.stderr
+    assert "tier_encoded_bytes_stored" in proc.stderr and "codec                       " in proc.stderr
+    report = json.loads(stats.read_text())
+    assert report["codec"] == "int8" and report["pool_backend"] == "local"
+    assert report["tier_pages_stored"] == 30  # 25 tokens: one sealed page in each layer
+    assert report["tier_encoded_bytes_stored"] == 30 * 6624
+
+
+@pytest.mark.slow
+def test_info_shows_the_pool(capsys):
+    assert main(["info", "--pool", "local", "--codec", "kivi2", "--pool-bytes", "1MiB", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "kivi2" in out and "pool slot bytes (one page)  2,496" in out and "pool pages" in out
+
+
+def test_bench_capacity_and_fidelity_reject_bad_arguments(capsys):
+    assert main(["bench", "capacity", "--configs", "int8@disk"]) == 2
+    assert "write CODEC@local or CODEC@memnode[:LINK]" in capsys.readouterr().err
+    assert main(["bench", "capacity", "--configs", "int9@local"]) == 2
+    assert "unknown codec 'int9'" in capsys.readouterr().err
+    assert main(["bench", "fidelity", "--codecs", "int8,int3"]) == 2
+    assert "unknown codec 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_capacity_runs_small(tmp_path):
+    out = tmp_path / "cap.json"
+    assert main(["bench", "capacity", "--seq-len", "48", "--new-tokens", "8", "--base-seqs", "1",
+                 "--factor", "2", "--configs", "int8@local", "--json", str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    configs = [r["config"] for r in report["results"]]
+    assert configs == ["all-resident", "int8@local", "all-resident"]
+    tiered = report["results"][1]
+    assert tiered["sequences"] == 2 and tiered["ran_together"] == 2 and tiered["max_concurrent"] >= 2
+    assert tiered["decode_tok_s"] > 0

@@ -22,16 +22,14 @@ in sequences' worth) for all-resident and for the first tiered config at its
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from datetime import date
 from typing import Any
 
 import torch
 
-from speckv.bench.common import machine
+from speckv.bench.common import publish
 
 DEFAULT_CONFIGS = ("none@local,int8@local,kivi4@local,kivi2@local,int8+zstd@local,"
                    "none@memnode,int8@memnode,none@memnode:cxl2-x16,int8@memnode:cxl2-x16,"
@@ -187,13 +185,9 @@ def run(ns: argparse.Namespace, options: dict) -> int:
         for b in budgets:
             sweep.append(one("all-resident", None, int(b * seq_bytes), None))
             sweep.append(one(configs[0][0], configs[0][1], int(b * seq_bytes), None))
-    report = {"date": date.today().isoformat(), "machine": machine(), "options": options,
+    report = publish({"options": options,
               "seq_len": ns.seq_len, "new_tokens": ns.new_tokens, "budget_bytes": budget,
-              "base_seqs": ns.base_seqs, "factor": ns.factor, "results": results, "sweep": sweep}
-    print(format_table(report))
-    if ns.json:
-        with open(ns.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+              "base_seqs": ns.base_seqs, "factor": ns.factor, "results": results, "sweep": sweep}, format_table, ns.json)
     if ns.plot:
         plot(report, ns.plot)
     return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import platform
+from datetime import date
 from importlib import resources
 from typing import Any, Callable
 
@@ -53,3 +55,13 @@ def bench_text() -> str:
     parts = [(data / name).read_text(encoding="utf-8")
              for name in ("declaration.txt", "pride_and_prejudice_ch1.txt")]
     return "\n\n".join(parts)
+
+
+def publish(fields: dict[str, Any], format_table: Callable[[dict], str], json_path: str | None) -> dict:
+    """Dates and signs a benchmark report, prints its table and writes its JSON."""
+    report = {"date": date.today().isoformat(), "machine": machine(), **fields}
+    print(format_table(report))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return report

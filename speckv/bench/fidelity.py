@@ -23,16 +23,14 @@ Per codec:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from datetime import date
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from speckv.bench.common import bench_text, machine
+from speckv.bench.common import bench_text, publish
 
 DEFAULT_CODECS = "none,fp16,bf16,int8,kivi4,kivi2,seed,int8+zstd"
 PROMPTS = [
@@ -194,14 +192,10 @@ def run(ns: argparse.Namespace, options: dict) -> int:
         rows.append({"codec": name, "bytes_per_page": st["tier_encoded_bytes_stored"] / pages,
                      "ratio_vs_fp16": fp16 * pages / st["tier_encoded_bytes_stored"],
                      "attention_rel_error": att[name], **r})
-    report = {"date": date.today().isoformat(), "machine": machine(), "options": options,
+    report = publish({"options": options,
               "text_tokens": len(text), "reference_ppl": ref_ppl, "prompts": len(prompts),
               "new_tokens": ns.new_tokens, "results": rows,
-              "int8_keys_per_token_attention_rel_error": att.get("int8-keys-per-token")}
-    print(format_table(report))
-    if ns.json:
-        with open(ns.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+              "int8_keys_per_token_attention_rel_error": att.get("int8-keys-per-token")}, format_table, ns.json)
     return 0
 
 

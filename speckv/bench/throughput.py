@@ -13,17 +13,15 @@ each the median over `--repeats` runs, greedy with EOS ignored.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
 import time
-from datetime import date
 from typing import Any
 
 import torch
 
-from speckv.bench.common import in_subprocess, machine, parse_options
+from speckv.bench.common import publish, in_subprocess, parse_options
 
 
 def add_parser(sub, add_engine_options) -> None:
@@ -131,13 +129,9 @@ def run(ns: argparse.Namespace, options: dict) -> int:
                 r = in_subprocess(fn, opts, batch, ns.prompt_len, ns.new_tokens, ns.repeats)
                 results.append({"engine": name, "batch": batch, **r})
                 bar.update(1)
-    report = {"date": date.today().isoformat(), "machine": machine(), "options": options,
+    report = publish({"options": options,
               "prompt_len": ns.prompt_len, "new_tokens": ns.new_tokens, "repeats": ns.repeats,
-              "results": results}
-    print(format_table(report))
-    if ns.json:
-        with open(ns.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+              "results": results}, format_table, ns.json)
     return 0
 
 

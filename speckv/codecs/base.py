@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from speckv.registry import Registry
+
 
 @dataclass(frozen=True, slots=True)
 class PageShape:
@@ -71,6 +73,12 @@ class Codec(ABC):
         self.shape = shape
 
     @property
+    def fused_fetch(self) -> str | None:
+        """The name of a CPU kernel (`speckv.kv.cpu_kernels`) that decodes this codec's
+        rows straight from the pool into DEVICE pages, or None (the torch path)."""
+        return None
+
+    @property
     @abstractmethod
     def slot_bytes(self) -> int: ...
 
@@ -98,40 +106,29 @@ class Codec(ABC):
         return f"{self.name}: {self.slot_bytes} bytes/page slot, raw {self.shape.raw_bytes}"
 
 
-_CODECS: dict[str, type[Codec]] = {}
-_STAGES: dict[str, Callable[[Codec], Codec]] = {}
+def _load_builtin() -> None:
+    # the built-in codecs register themselves on import
+    from speckv.codecs import kivi, quant, seed, zstd  # noqa: F401
 
 
-def register_codec(name: str):
-    """Class decorator: registers a codec under `name` (a duplicate name raises)."""
-
-    def add(cls: type[Codec]) -> type[Codec]:
-        if name in _CODECS:
-            raise ValueError(f"codec {name!r} is already registered")
-        cls.name = name
-        _CODECS[name] = cls
-        return cls
-
-    return add
+CODECS: Registry[type[Codec]] = Registry("codec", _load_builtin)
+STAGES: Registry[Callable[[Codec], Codec]] = Registry("codec stage", _load_builtin)
+register_codec = CODECS.register
 
 
 def register_stage(name: str, wrap: Callable[[Codec], Codec]) -> None:
     """Registers a lossless stage applied on top of any codec (`int8+zstd`)."""
-    if name in _STAGES:
-        raise ValueError(f"codec stage {name!r} is already registered")
-    _STAGES[name] = wrap
+    STAGES.add(name, wrap)
 
 
 def known_codecs() -> list[str]:
-    _load_builtin()
-    return sorted(_CODECS) + [f"<codec>+{s}" for s in sorted(_STAGES)]
+    return CODECS.names() + [f"<codec>+{s}" for s in STAGES.names()]
 
 
 def validate_codec_name(spec: str) -> None:
     """Raises ValueError, listing the known codecs, unless `spec` names a codec."""
-    _load_builtin()
     base, *stages = spec.split("+")
-    if base not in _CODECS or any(s not in _STAGES for s in stages) or len(stages) > 1:
+    if base not in CODECS or len(stages) > 1 or any(s not in STAGES for s in stages):
         raise ValueError(f"unknown codec {spec!r}; known codecs: {', '.join(known_codecs())}")
 
 
@@ -139,15 +136,10 @@ def make_codec(spec: str, shape: PageShape) -> Codec:
     """Builds the codec named `spec`: a registered name, optionally `+stage` (`int8+zstd`)."""
     validate_codec_name(spec)
     base, *stages = spec.split("+")
-    codec = _CODECS[base](shape)
+    codec = CODECS.get(base)(shape)
     for stage in stages:
-        codec = _STAGES[stage](codec)
+        codec = STAGES.get(stage)(codec)
     return codec
-
-
-def _load_builtin() -> None:
-    # the built-in codecs register themselves on import
-    from speckv.codecs import kivi, quant, seed, zstd  # noqa: F401
 
 
 # ---------------------------------------------------------------- row packing

@@ -44,17 +44,19 @@ def asymmetric_bound(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [n, m] (m divisible by 8/bits) -> packed uint8 [n, m * bits / 8]."""
     per = 8 // bits
-    c = codes.reshape(codes.shape[0], -1, per).to(torch.int32)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    c = codes.reshape(codes.shape[0], -1, per)
+    packed = c[..., 0].clone()
+    for i in range(1, per):  # uint8 shifts and ors: no wider intermediates
+        packed |= c[..., i] << (i * bits)
+    return packed
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_bits`: [n, k] -> [n, k * 8 / bits] codes."""
     per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    c = (packed.to(torch.int32)[..., None] >> shifts) & (2 ** bits - 1)
-    return c.reshape(packed.shape[0], -1).to(torch.uint8)
+    mask = 2 ** bits - 1
+    parts = [(packed >> (i * bits)) & mask for i in range(per)]
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)
 
 
 class _Kivi(Codec):
@@ -101,8 +103,8 @@ class _Kivi(Codec):
         if out is None:
             out = (torch.empty(n, *self._elems, dtype=dt, device=data.device),
                    torch.empty(n, *self._elems, dtype=dt, device=data.device))
-        torch.addcmul(kz.to(dt), kq, ks.to(dt), out=out[0])
-        torch.addcmul(vz.to(dt), vq, vs.to(dt), out=out[1])
+        out[0].copy_(kq).mul_(ks.to(dt)).add_(kz.to(dt))
+        out[1].copy_(vq).mul_(vs.to(dt)).add_(vz.to(dt))
         return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from types import ModuleType
 from typing import Iterable
 
 import torch
@@ -28,7 +29,7 @@ from speckv.kv.eviction import make_eviction
 from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.tiers import TieredStore, TierOptions
 from speckv.codecs.base import PageShape, make_codec
-from speckv.pool.base import PoolUnavailable, pool_class
+from speckv.pool.base import POOLS, PoolUnavailable
 from speckv.models.loaded import LoadedModel, load_model, resolve_device
 from speckv.models.tokenizer import IncrementalDetokenizer
 
@@ -41,7 +42,7 @@ class LLMEngine:
         """Builds the engine; `loaded` reuses weights already loaded with `config.model`."""
         self.config = config
         cc = config.cache
-        decode_attention = self._decode_attention(config)  # fails fast, before loading
+        decode_attention, self._kernels = self._decode_attention(config)  # fails fast
         if loaded is None:
             loaded = load_model(config.model)
         elif not loaded.serves(config.model):
@@ -80,11 +81,12 @@ class LLMEngine:
         if pc.pool != "none":
             codec = make_codec(pc.codec, PageShape(cc.page_size, args.num_kv_heads,
                                                    args.head_dim, self.dtype))
-            backend = pool_class(pc.pool)(codec.slot_bytes, pc.pool_bytes, device=self.device,
+            backend = POOLS.get(pc.pool)(codec.slot_bytes, pc.pool_bytes, device=self.device,
                                           numa_node=pc.pool_numa_node,
                                           socket=pc.memnode_socket, link=pc.link)
             store = TieredStore(pool, backend, codec, make_eviction(pc.eviction, num_pages),
-                                TierOptions(pc.residual_tokens, pc.keep_sink_page))
+                                TierOptions(pc.residual_tokens, pc.keep_sink_page),
+                                kernels=self._kernels)
         return KVCacheManager(pool, args.num_layers, self.max_model_len, store)
 
     def close(self) -> None:
@@ -95,7 +97,9 @@ class LLMEngine:
             self.cache.store.backend.close()
 
     @staticmethod
-    def _decode_attention(config: EngineConfig) -> DecodeAttention:
+    def _decode_attention(config: EngineConfig) -> tuple[DecodeAttention, ModuleType | None]:
+        """The decode attention, and the compiled CPU kernels when the backend uses them
+        (the tiers then also fetch pages with them)."""
         backend, device = config.cache.attention_backend, resolve_device(config.model.device)
         kernel_fits = device.type == "cpu" and config.model.dtype == "float32"
         if backend == "cpu_kernel" and not kernel_fits:
@@ -103,8 +107,9 @@ class LLMEngine:
                 f"attention_backend='cpu_kernel' needs device cpu and dtype float32, not "
                 f"{device.type} and {config.model.dtype}: use 'torch' or 'auto'")
         if backend == "torch" or (backend == "auto" and not kernel_fits):
-            return torch_decode_attention
-        return cpu_kernel_decode_attention(load_cpu_kernels())
+            return torch_decode_attention, None
+        kernels = load_cpu_kernels()
+        return cpu_kernel_decode_attention(kernels), kernels
 
     # ------------------------------------------------------------ requests
 
@@ -293,6 +298,7 @@ class LLMEngine:
             stats["pool_backend"] = self.config.pool.pool
             stats["codec"] = store.codec.name
             stats["device_pages_committed"] = self.cache.committed_pages
+            stats["pool_pages_reserved"] = self.cache.reserved_pool_pages
             stats["device_pages_pooled_resident"] = int(store.evictable.sum())
             stats.update({f"pool_{k}": v for k, v in store.backend.stats().as_dict().items()})
             stats.update({f"tier_{k}": v for k, v in store.counters.as_dict().items()})

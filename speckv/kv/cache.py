@@ -304,7 +304,13 @@ class KVCacheManager:
 
     @property
     def committed_pages(self) -> int:
+        """DEVICE pages promised to the live sequences (<= the DEVICE tier's pages)."""
         return self._committed
+
+    @property
+    def reserved_pool_pages(self) -> int:
+        """Pool pages promised to the live sequences' sealed pages (<= the pool's)."""
+        return self._pool_reserved
 
     def all_tables(self) -> list[PageTable]:
         return list(self._tables.values())

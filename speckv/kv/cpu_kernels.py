@@ -1,4 +1,5 @@
-"""The CPU decode-attention kernel (`csrc/paged_attention.cpp`), compiled on first use.
+"""The CPU kernels (`csrc/`), compiled on first use: decode attention reading pages in
+place (`paged_attention.cpp`) and fused pool -> DEVICE page fetches (`page_fetch.cpp`).
 
 Built with torch's JIT extension loader (needs a C++ compiler and ninja) into
 torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions);
@@ -13,7 +14,8 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("paged_attention.cpp", "page_fetch.cpp")]
 
 
 def load_cpu_kernels() -> ModuleType:
@@ -25,7 +27,7 @@ def load_cpu_kernels() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name="speckv_cpu_kernels", sources=[str(_SOURCE)],
+        return load(name="speckv_cpu_kernels", sources=[str(p) for p in _SOURCES],
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # compiler missing, ninja missing, build error

@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from speckv.registry import Registry
+
 
 class EvictionPolicy(ABC):
     name: str = ""
@@ -46,18 +48,8 @@ class _Stamped(EvictionPolicy):
         return ids
 
 
-_POLICIES: dict[str, type[EvictionPolicy]] = {}
-
-
-def register_eviction(name: str):
-    def add(cls):
-        if name in _POLICIES:
-            raise ValueError(f"eviction policy {name!r} is already registered")
-        cls.name = name
-        _POLICIES[name] = cls
-        return cls
-
-    return add
+EVICTIONS: Registry[type[EvictionPolicy]] = Registry("eviction policy")
+register_eviction = EVICTIONS.register
 
 
 @register_eviction("lru")
@@ -79,11 +71,5 @@ class FIFO(_Stamped):
         self.stamp[slots] = clock
 
 
-def known_evictions() -> list[str]:
-    return sorted(_POLICIES)
-
-
 def make_eviction(name: str, num_slots: int) -> EvictionPolicy:
-    if name not in _POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(known_evictions())}")
-    return _POLICIES[name](num_slots)
+    return EVICTIONS.get(name)(num_slots)

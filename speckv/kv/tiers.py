@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from enum import IntEnum
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch
 from speckv.codecs.base import Codec
 from speckv.kv.eviction import EvictionPolicy
 from speckv.kv.page_pool import DevicePagePool
-from speckv.pool.base import PoolBackend, PoolKey
+from speckv.pool.base import ArenaPool, PoolBackend, PoolKey
 
 
 class Tier(IntEnum):
@@ -66,7 +67,9 @@ class TieredStore:
     """Encodes pages into the pool and fetches them back into DEVICE slots."""
 
     def __init__(self, device_pool: DevicePagePool, backend: PoolBackend, codec: Codec,
-                 eviction: EvictionPolicy, options: TierOptions) -> None:
+                 eviction: EvictionPolicy, options: TierOptions,
+                 kernels: ModuleType | None = None) -> None:
+        """`kernels`: the compiled CPU kernels, for fused fetches (`Codec.fused_fetch`)."""
         self.device_pool = device_pool
         self.backend = backend
         self.codec = codec
@@ -76,6 +79,10 @@ class TieredStore:
         self.first_stored = 1 if options.keep_sink_page else 0
         n = device_pool.num_pages
         self._staging: dict[str, torch.Tensor] = {}  # reused fetch buffers, grown on demand
+        self._fused = None
+        if (kernels is not None and codec.fused_fetch is not None
+                and device_pool.kv.device.type == "cpu" and isinstance(backend, ArenaPool)):
+            self._fused = getattr(kernels, codec.fused_fetch)
         self.evictable = np.zeros(n, dtype=bool)  # resident and already in the pool
         self.owner = np.full(n, -1, dtype=np.int64)  # PageTable uid holding the slot
         self.where = np.zeros(n, dtype=np.int64)  # flat [layer, page] index in that table
@@ -124,12 +131,15 @@ class TieredStore:
         device = pool.kv.device
         n = len(keys)
         read_before = self.backend.counters.bytes_read
-        rows = self.backend.load_batch(keys, device, out=self._buffer("rows", n, cpu=True))
-        rows = rows.to(device, non_blocking=True)
-        k, v = self.codec.decode(rows, out=(self._buffer("k", n), self._buffer("v", n)))
         index = torch.from_numpy(slots).to(device)
-        pool.k_pages.index_copy_(0, index, k)
-        pool.v_pages.index_copy_(0, index, v)
+        if self._fused is not None:  # one pass: pool rows -> decoded DEVICE pages
+            self.backend.load_into(keys, lambda arena, key_index: self._fused(
+                arena, key_index, pool.k_pages, pool.v_pages, index))
+        else:  # gather rows, decode into reused buffers, scatter into the slots
+            rows = self.backend.load_batch(keys, device, out=self._buffer("rows", n, cpu=True))
+            k, v = self.codec.decode(rows, out=(self._buffer("k", n), self._buffer("v", n)))
+            pool.k_pages.index_copy_(0, index, k)
+            pool.v_pages.index_copy_(0, index, v)
         self.evictable[slots] = True
         self.eviction.on_arrival(slots, self.clock)
         c = self.counters

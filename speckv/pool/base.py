@@ -16,14 +16,16 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import NewType
+from typing import Callable, NewType, TypeVar
 
 import numpy as np
 import torch
 
 from speckv.pool.link import LinkProfile, wait_until
+from speckv.registry import Registry
 
 PoolKey = NewType("PoolKey", int)
+T = TypeVar("T")
 
 
 class PoolUnavailable(RuntimeError):
@@ -148,20 +150,29 @@ class ArenaPool(PoolBackend):
 
     def load_batch(self, keys: list[PoolKey], device: torch.device,
                    out: torch.Tensor | None = None) -> torch.Tensor:
+        def gather(arena: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            # into a reused buffer: a fresh one page-faults on every byte (~20x slower)
+            return torch.index_select(arena, 0, index, out=out) if out is not None else \
+                arena.index_select(0, index)
+
+        rows = self.load_into(keys, gather)
+        return rows.to(device, non_blocking=device.type == "cuda")
+
+    def load_into(self, keys: list[PoolKey], consume: Callable[[torch.Tensor, torch.Tensor], T]) -> T:
+        """Reads pages in place: calls `consume(arena, key_index)` (a kernel that reads the
+        rows it needs straight from the arena), accounting and link model included."""
         self.ensure_available()
         started = time.perf_counter()
         index = torch.as_tensor(keys, dtype=torch.int64)
-        # into a reused buffer: a fresh one would page-fault on every byte (~20x slower)
-        rows = torch.index_select(self.arena, 0, index, out=out) if out is not None else \
-            self.arena.index_select(0, index)
-        total = int(self._nbytes[index.numpy()].sum())
-        if not self._nbytes[index.numpy()].all():
+        sizes = self._nbytes[index.numpy()]
+        if not sizes.all():
             raise RuntimeError("bug: loading a pool key under which nothing is stored")
-        rows = rows.to(device, non_blocking=device.type == "cuda")
+        result = consume(self.arena, index)
+        total = int(sizes.sum())
         self._charge(started, total)
         self.counters.pages_loaded += len(keys)
         self.counters.bytes_read += total
-        return rows
+        return result
 
     def _charge(self, started: float, nbytes: int) -> None:
         if self.link is None:
@@ -171,29 +182,9 @@ class ArenaPool(PoolBackend):
         self.counters.link_wait_seconds += time.perf_counter() - before
 
 
-_POOLS: dict[str, type] = {}
+def _load_builtin() -> None:
+    from speckv.pool import local, memnode  # noqa: F401  (they register themselves)
 
 
-def register_pool(name: str):
-    """Class decorator: registers a pool backend under `name` (a duplicate name raises)."""
-
-    def add(cls):
-        if name in _POOLS:
-            raise ValueError(f"pool backend {name!r} is already registered")
-        cls.name = name
-        _POOLS[name] = cls
-        return cls
-
-    return add
-
-
-def known_pools() -> list[str]:
-    from speckv.pool import local, memnode  # noqa: F401  (register themselves)
-
-    return ["none", *sorted(_POOLS)]
-
-
-def pool_class(name: str) -> type:
-    if name not in known_pools() or name == "none":
-        raise ValueError(f"unknown pool backend {name!r}; known: {', '.join(known_pools())}")
-    return _POOLS[name]
+POOLS: Registry[type[PoolBackend]] = Registry("pool backend", _load_builtin)
+register_pool = POOLS.register

@@ -154,7 +154,15 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pages,
 
 }  // namespace
 
+// page_fetch.cpp
+void fetch_raw(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
+               torch::Tensor v_pages, torch::Tensor slots);
+void fetch_int8(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
+                torch::Tensor v_pages, torch::Tensor slots);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention read in place from KV pages (CPU, float32)");
+  m.def("fetch_raw", &fetch_raw, "pool rows (codec none) -> DEVICE page slots, one copy");
+  m.def("fetch_int8", &fetch_int8, "pool rows (codec int8) -> float32 DEVICE page slots");
 }
