@@ -147,3 +147,17 @@ def test_bench_capacity_runs_small(tmp_path):
     tiered = report["results"][1]
     assert tiered["sequences"] == 2 and tiered["ran_together"] == 2 and tiered["max_concurrent"] >= 2
     assert tiered["decode_tok_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_fidelity_reference_codec_is_exact(tmp_path):
+    out = tmp_path / "fid.json"
+    assert main(["bench", "fidelity", "--codecs", "none,int8", "--num-prompts", "1",
+                 "--new-tokens", "4", "--json", str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    none, int8 = report["results"]
+    # codec none through the pool is the reference, to the bit
+    assert none["kl"] == 0.0 and none["ppl"] == pytest.approx(report["reference_ppl"], rel=1e-9)
+    assert none["agreement_forced"] == 1.0 and none["attention_rel_error"] == 0.0
+    assert none["bytes_per_page"] == 24576 and int8["bytes_per_page"] == 6624
+    assert 0 < int8["kl"] < 0.01 and 0 < int8["attention_rel_error"] < 0.05

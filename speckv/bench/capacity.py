@@ -13,7 +13,7 @@ Each run submits its sequences at once (random prompt tokens, `--seq-len` minus
 `--new-tokens` long, greedy, EOS ignored), waits until every one has its first
 token, then times the rest: decode tok/s = tokens generated / time. `max
 concurrent` is the engine's own admission bound for this budget (DEVICE pages a
-sequence needs at once, and pool room), `ran together` the most sequences
+sequence needs at once; the pool is sized to hold them), `ran together` the most sequences
 observed running in one step. With `--plot`, also sweeps the budget (`--budgets`,
 in sequences' worth) for all-resident and for the first tiered config at its
 `max concurrent`, and draws throughput and concurrency against the budget.
@@ -115,13 +115,10 @@ def measure(llm, num_seqs: int, prompt_len: int, new_tokens: int) -> dict[str, A
 
 
 def max_concurrent(llm, seq_len: int) -> int:
-    """The engine's admission bound: sequences of `seq_len` that fit DEVICE and the pool."""
+    """The engine's admission bound: sequences of `seq_len` that DEVICE can hold at once
+    (the benchmark sizes the pool to hold them all)."""
     cache = llm.engine.cache
-    bound = cache.pool.num_pages // cache.worst_requirement(seq_len)
-    if cache.store is not None:
-        pages = -(-seq_len // cache.page_size) * cache.num_layers
-        bound = min(bound, cache.store.backend.num_slots // pages)
-    return bound
+    return cache.pool.num_pages // cache.worst_requirement(seq_len)
 
 
 def _engine(loaded, options: dict, budget: int, num_seqs: int, pool: dict | None, seq_len: int):
@@ -165,11 +162,10 @@ def run(ns: argparse.Namespace, options: dict) -> int:
             llm = _engine(loaded, options, budget_bytes, num_seqs or 1, pool, ns.seq_len)
             try:
                 bound = max_concurrent(llm, ns.seq_len)
-                if num_seqs is None:  # serve as many as the engine admits
+                if num_seqs is None:  # serve as many as DEVICE admits, with a pool for them
                     llm.close()
-                    llm = _engine(loaded, options, budget_bytes, bound, pool, ns.seq_len)
-                    bound = max_concurrent(llm, ns.seq_len)
                     num_seqs = bound
+                    llm = _engine(loaded, options, budget_bytes, num_seqs, pool, ns.seq_len)
                 r = {"config": name, "budget_bytes": budget_bytes, "max_concurrent": bound,
                      **measure(llm, num_seqs, prompt_len, ns.new_tokens)}
             finally:
