@@ -39,7 +39,7 @@ def main() -> None:
     step_ms = (time.perf_counter() - start) / ns.steps * 1000
 
     kernel_s = 0.0
-    inner = engine.runner.decode_attention
+    inner = engine.runner.kernels.decode
 
     def timed(*args):
         nonlocal kernel_s
@@ -48,11 +48,11 @@ def main() -> None:
         kernel_s += time.perf_counter() - t
         return out
 
-    engine.runner.decode_attention = timed
+    engine.runner.kernels.decode = timed
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(ns.steps):
             engine.step()
-    engine.runner.decode_attention = inner
+    engine.runner.kernels.decode = inner
     print(f"batch {ns.batch}, context ~{ns.prompt_len}: {step_ms:.1f} ms/step "
           f"({ns.batch * 1000 / step_ms:.1f} tok/s); decode attention "
           f"{kernel_s / ns.steps * 1000:.1f} ms/step "

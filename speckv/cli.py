@@ -23,11 +23,16 @@ _JSONL_HELP = """\
 Batch mode (--input FILE.jsonl): one JSON object a line, either
   {"prompt": "text"}  or  {"messages": [{"role": "user", "content": "..."}]}
 with optional "id" and any sampling option ("max_tokens", "temperature", "top_p",
-"top_k", "seed", "stop", "ignore_eos") overriding the command line for that line.
+"top_k", "seed", "stop", "ignore_eos", "selector", "token_budget") overriding the
+command line for that line.
 A malformed line is reported on stderr with its line number and written to the
 output as {"line": N, "error": "..."}; the other lines are still processed and the
 exit status is 1. With --strict, the first malformed line stops the run before any
 generation (exit status 2)."""
+
+
+# per-request fields whose command-line value is the engine's option of the same name
+_ENGINE_DEFAULTED = frozenset({"selector", "token_budget"})
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -38,10 +43,13 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
     return hint
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """Adds `--field-name` for every field of a config dataclass, with its help text."""
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str,
+                          skip: frozenset[str] = frozenset()) -> None:
+    """Adds `--field-name` for every field of a config dataclass (but `skip`), with its help."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         hint = _field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -99,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "seconds) as a table on stderr at the end")
     gen.add_argument("--stats-json", metavar="FILE",
                      help="write the engine statistics as JSON to FILE at the end")
-    add_dataclass_options(gen, SamplingParams, "sampling (per request)")
+    add_dataclass_options(gen, SamplingParams, "sampling (per request)", _ENGINE_DEFAULTED)
     _add_engine_options(gen)
 
     info = sub.add_parser("info", help="print the model's config, parameters and KV bytes per token")
@@ -116,11 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from speckv.bench import capacity, fidelity, throughput
+    from speckv.bench import capacity, fidelity, selection, throughput
 
     throughput.add_parser(bench_sub, _add_engine_options)
     fidelity.add_parser(bench_sub, _add_engine_options)
     capacity.add_parser(bench_sub, _add_engine_options)
+    selection.add_parser(bench_sub, _add_engine_options)
     return parser
 
 
@@ -139,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return memnode_server.run(ns)
         if ns.command == "bench":
-            from speckv.bench import capacity, fidelity, throughput
+            from speckv.bench import capacity, fidelity, selection, throughput
 
-            runner = {"throughput": throughput, "fidelity": fidelity, "capacity": capacity}[ns.bench]
+            runner = {"throughput": throughput, "fidelity": fidelity, "capacity": capacity,
+                      "selection": selection}[ns.bench]
             return runner.run(ns, engine_options(ns))
     except ValueError as exc:
         print(f"speckv: error: {exc}", file=sys.stderr)
@@ -193,7 +203,8 @@ def _info(ns: argparse.Namespace) -> int:
 def _generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if (ns.prompt is None) == (ns.input is None):
         parser.error("give either a prompt or --input FILE.jsonl")
-    params = SamplingParams(**_pick(ns, SamplingParams))
+    params = SamplingParams(**{k: v for k, v in _pick(ns, SamplingParams).items()
+                               if k not in _ENGINE_DEFAULTED})
     if ns.input is not None:
         from speckv.batch import run_jsonl
 

@@ -158,6 +158,64 @@ class PoolConfig:
             raise ValueError("pool_numa_node applies to pool='local' only")
 
 
+def parse_token_budget(value: int | float | str) -> int | float:
+    """A selection budget: whole tokens (an int >= 1) or a fraction of the context in (0, 1].
+
+    Raises:
+        ValueError: for zero, a negative value, a fraction above 1, or text that is neither.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"token_budget must be tokens or a fraction, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise ValueError(f"token_budget must be tokens (e.g. 512) or a fraction of the "
+                             f"context (e.g. 0.25), got {value!r}") from None
+    if isinstance(value, float) and value.is_integer() and value > 1:
+        value = int(value)
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"token_budget must be >= 1 token, got {value}")
+        return value
+    if not 0 < value <= 1:
+        raise ValueError(f"token_budget as a fraction must be in (0, 1], got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionConfig:
+    """Query-aware page selection: which sealed pages decode attention reads."""
+
+    selector: str = field(default="full", metadata={
+        "help": "page selector for decode attention: full, quest (key-bound scores, top "
+                "pages), sink_recent (first page + most recent), oracle (true top pages; "
+                "evaluation only); overridable per request"})
+    token_budget: int | float | str = field(default=0.25, metadata={
+        "help": "tokens a selector keeps per sequence, KV head and layer: whole tokens "
+                "(512) or a fraction of the context (0.25); the sink and open pages "
+                "count towards it"})
+    dense_layers: int = field(default=2, metadata={
+        "help": "first layers that always attend every page (Quest keeps 2)"})
+    keep_sink: bool = field(default=True, metadata={
+        "help": "always keep each sequence's first page (the attention sink)"})
+    min_context_tokens: int = field(default=0, metadata={
+        "help": "contexts shorter than this attend every page"})
+    selection_eval: bool = field(default=False, metadata={
+        "help": "evaluation mode: also measure each selection's attention-mass recall "
+                "and overlap with the oracle (costs a full attention per layer)"})
+
+    def __post_init__(self) -> None:
+        from speckv.selection.base import SELECTORS
+
+        SELECTORS.get(self.selector)  # raises for an unknown selector, listing the known
+        object.__setattr__(self, "token_budget", parse_token_budget(self.token_budget))
+        if self.dense_layers < 0:
+            raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        if self.min_context_tokens < 0:
+            raise ValueError(f"min_context_tokens must be >= 0, got {self.min_context_tokens}")
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """Continuous batching limits."""
@@ -194,6 +252,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
@@ -218,6 +277,7 @@ SUBSYSTEMS: dict[str, type] = {
     "model": ModelConfig,
     "cache": CacheConfig,
     "pool": PoolConfig,
+    "selection": SelectionConfig,
     "scheduler": SchedulerConfig,
     "sampler": SamplerConfig,
 }

@@ -67,6 +67,7 @@ def assert_no_leak(engine: LLMEngine) -> None:
     assert cache.num_sequences() == 0
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert engine.num_unfinished() == 0
+    assert cache.summaries.num_used == 0, f"{cache.summaries.num_used} page summaries leaked"
     if cache.store is not None:
         backend = cache.store.backend
         assert backend.num_free == backend.num_slots, "pool slots leaked"

@@ -21,17 +21,19 @@ from speckv.engine.sampler import Sampler
 from speckv.engine.sampling_params import SamplingParams
 from speckv.engine.scheduler import Scheduler
 from speckv.engine.sequence import FinishReason, Sequence
-from speckv.kv.attention import (DecodeAttention, ScheduledChunk, cpu_kernel_decode_attention,
-                                 torch_decode_attention)
+from speckv.kv.attention import (AttentionKernels, ScheduledChunk, cpu_kernel_decode_attention,
+                                 cpu_kernel_sparse_decode_attention)
 from speckv.kv.cpu_kernels import load_cpu_kernels
 from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.kv.eviction import make_eviction
 from speckv.kv.page_pool import DevicePagePool
+from speckv.kv.summaries import SummaryStore
 from speckv.kv.tiers import TieredStore, TierOptions
 from speckv.codecs.base import PageShape, make_codec
 from speckv.pool.base import POOLS, PoolUnavailable
 from speckv.models.loaded import LoadedModel, load_model, resolve_device
 from speckv.models.tokenizer import IncrementalDetokenizer
+from speckv.selection.step import Choice, PageSelection
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class LLMEngine:
         """Builds the engine; `loaded` reuses weights already loaded with `config.model`."""
         self.config = config
         cc = config.cache
-        decode_attention, self._kernels = self._decode_attention(config)  # fails fast
+        attention, self._kernels = self._attention_kernels(config)  # fails fast
         if loaded is None:
             loaded = load_model(config.model)
         elif not loaded.serves(config.model):
@@ -53,9 +55,10 @@ class LLMEngine:
         self.max_model_len = loaded.context_window(config.model)
         self.cache = self._build_cache(config)
         num_pages = self.cache.pool.num_pages
+        self.selection = self._build_selection(config)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.runner = ModelRunner(self.model, self.cache, Sampler(config.sampler.engine_seed),
-                                  decode_attention)
+                                  attention, self.selection)
         self._sequences: dict[RequestId, Sequence] = {}
         self._ids = itertools.count()
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d bytes",
@@ -87,7 +90,18 @@ class LLMEngine:
             store = TieredStore(pool, backend, codec, make_eviction(pc.eviction, num_pages),
                                 TierOptions(pc.residual_tokens, pc.keep_sink_page),
                                 kernels=self._kernels)
-        return KVCacheManager(pool, args.num_layers, self.max_model_len, store)
+        live_pages = num_pages + (0 if store is None else store.backend.num_slots)
+        summaries = SummaryStore(live_pages, args.num_kv_heads, args.head_dim,
+                                 dtype=self.dtype, device=self.device)
+        return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries)
+
+    def _build_selection(self, config: EngineConfig) -> PageSelection:
+        sc = config.selection
+        if isinstance(sc.token_budget, int) and sc.token_budget > self.max_model_len:
+            raise ValueError(f"token_budget={sc.token_budget} is above the context window of "
+                             f"{self.max_model_len} tokens")
+        return PageSelection(sc, self.args.num_layers, config.cache.page_size,
+                             self.args.num_kv_heads, self.page_bytes)
 
     def close(self) -> None:
         """Releases the pool (stopping a memory node this engine spawned)."""
@@ -97,8 +111,8 @@ class LLMEngine:
             self.cache.store.backend.close()
 
     @staticmethod
-    def _decode_attention(config: EngineConfig) -> tuple[DecodeAttention, ModuleType | None]:
-        """The decode attention, and the compiled CPU kernels when the backend uses them
+    def _attention_kernels(config: EngineConfig) -> tuple[AttentionKernels, ModuleType | None]:
+        """The attention functions, and the compiled CPU kernels when the backend uses them
         (the tiers then also fetch pages with them)."""
         backend, device = config.cache.attention_backend, resolve_device(config.model.device)
         kernel_fits = device.type == "cpu" and config.model.dtype == "float32"
@@ -107,9 +121,10 @@ class LLMEngine:
                 f"attention_backend='cpu_kernel' needs device cpu and dtype float32, not "
                 f"{device.type} and {config.model.dtype}: use 'torch' or 'auto'")
         if backend == "torch" or (backend == "auto" and not kernel_fits):
-            return torch_decode_attention, None
+            return AttentionKernels(), None
         kernels = load_cpu_kernels()
-        return cpu_kernel_decode_attention(kernels), kernels
+        return AttentionKernels(cpu_kernel_decode_attention(kernels),
+                                cpu_kernel_sparse_decode_attention(kernels)), kernels
 
     # ------------------------------------------------------------ requests
 
@@ -140,9 +155,11 @@ class LLMEngine:
         if rid in self._sequences:
             raise ValueError(f"request id {rid!r} is already in use")
         most_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        choice = self.selection.choice(params.selector, params.token_budget, most_tokens)
         self._ensure_pool()
         self._check_fits(most_tokens)
         seq = Sequence(rid, text, token_ids, params, IncrementalDetokenizer(self.tokenizer))
+        seq.choice = choice
         self._sequences[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -177,6 +194,15 @@ class LLMEngine:
         self.scheduler.remove(seq.request_id)
         seq.finish(FinishReason.ABORT)
         return self._output(seq)
+
+    def set_selection(self, request_id: str, selector: str | None = None,
+                      token_budget: int | float | str | None = None) -> None:
+        """Changes a running request's page selection from its next step on (None: the
+        engine's default), e.g. to compare selectors on the same prefilled sequences."""
+        seq = self._sequences.get(RequestId(request_id))
+        if seq is None:
+            raise ValueError(f"unknown request id {request_id!r}")
+        seq.choice = self.selection.choice(selector, token_budget)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -257,27 +283,71 @@ class LLMEngine:
 
     # ------------------------------------------------------------ evaluation
 
-    def score(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+    def score(self, token_ids: list[int], chunk_size: int | None = None,
+              selector: str | None = None, token_budget: int | float | str | None = None) -> torch.Tensor:
         """Logits [T, V] (float32) of every position of `token_ids`, prefilled in chunks
-        through the paged cache; used for reference checks and perplexity."""
-        chunk_size = chunk_size or self.config.scheduler.max_num_batched_tokens
+        through the paged cache; used for reference checks and perplexity.
+
+        With a selector (default: the engine's), every query attends only its own
+        selected pages, as it would when decoding (the first `dense_layers` stay dense).
+        """
+        choice = self.selection.choice(selector, token_budget, len(token_ids))
         rid = RequestId(f"score-{next(self._ids)}")
         self._ensure_pool()
         self._check_fits(len(token_ids))
         try:
-            parts = []
-            start = 0
-            while start < len(token_ids):  # chunks shrink to what DEVICE can take
-                fit = self.cache.fitting_tokens(rid, start, min(chunk_size, len(token_ids) - start))
-                if fit == 0 or not self.cache.allocate(rid, start + fit):
-                    raise ValueError(f"{len(token_ids)} tokens do not fit in the free KV pages")
-                ids = token_ids[start:start + fit]
-                parts.append(self.runner.forward([ScheduledChunk(rid, start, fit)], [ids],
-                                                 logits_for="all"))
-                start += fit
-            return torch.cat(parts)
+            return torch.cat(self._prefill(rid, token_ids, choice, chunk_size, select=True))
         finally:
             self.cache.free(rid)
+
+    def score_continuation(self, prefix: list[int], continuation: list[int],
+                           choices: list[tuple[str | None, int | float | str | None]],
+                           chunk_size: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Scores one continuation of a prefix under several page selections, prefilling
+        the prefix once (densely, as serving does).
+
+        Returns:
+            The logits [V] after the prefix (they predict continuation[0]), and for each
+            (selector, token_budget) choice the logits [len(continuation), V] of the
+            continuation's positions, each query reading its own selected pages:
+            exactly what greedy decoding of the continuation would compute.
+
+        Raises:
+            ValueError: with a pool (the continuation's pages are rewritten per choice,
+                which the pool's copies would not follow), or a bad choice.
+        """
+        if self.cache.store is not None:
+            raise ValueError("score_continuation needs pool='none'")
+        resolved = [self.selection.choice(s, b, len(prefix) + len(continuation))
+                    for s, b in choices]
+        dense = Choice("full", self.selection.default.token_budget)
+        rid = RequestId(f"score-{next(self._ids)}")
+        self._check_fits(len(prefix) + len(continuation))
+        try:
+            last = self._prefill(rid, prefix, dense, chunk_size, select=False)[-1][-1]
+            if not self.cache.allocate(rid, len(prefix) + len(continuation)):
+                raise ValueError("the continuation does not fit in the free KV pages")
+            chunk = [ScheduledChunk(rid, len(prefix), len(continuation))]
+            return last, [self.runner.forward(chunk, [continuation], [c], logits_for="all",
+                                              select_prefill=True) for c in resolved]
+        finally:
+            self.cache.free(rid)
+
+    def _prefill(self, rid: RequestId, token_ids: list[int], choice: Choice,
+                 chunk_size: int | None, select: bool) -> list[torch.Tensor]:
+        """Runs `token_ids` through the cache in chunks; logits of every position, per chunk."""
+        chunk_size = chunk_size or self.config.scheduler.max_num_batched_tokens
+        parts = []
+        start = 0
+        while start < len(token_ids):  # chunks shrink to what DEVICE can take
+            fit = self.cache.fitting_tokens(rid, start, min(chunk_size, len(token_ids) - start))
+            if fit == 0 or not self.cache.allocate(rid, start + fit):
+                raise ValueError(f"{len(token_ids)} tokens do not fit in the free KV pages")
+            ids = token_ids[start:start + fit]
+            parts.append(self.runner.forward([ScheduledChunk(rid, start, fit)], [ids], [choice],
+                                             logits_for="all", select_prefill=select))
+            start += fit
+        return parts
 
     def stats(self) -> dict[str, int | float | str]:
         """Counts of what happened: requests, and pages and bytes per tier."""
@@ -302,6 +372,8 @@ class LLMEngine:
             stats["device_pages_pooled_resident"] = int(store.evictable.sum())
             stats.update({f"pool_{k}": v for k, v in store.backend.stats().as_dict().items()})
             stats.update({f"tier_{k}": v for k, v in store.counters.as_dict().items()})
+        stats["summary_bytes"] = self.cache.summaries.bytes_used
+        stats.update(self.selection.stats())
         return stats
 
     def generate_all(self, prompts: Iterable[str | list[int]], params: list[SamplingParams],

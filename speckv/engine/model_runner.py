@@ -6,30 +6,36 @@ import torch
 
 from speckv.engine.sampler import Sampler
 from speckv.engine.scheduler import SchedulerOutput
-from speckv.kv.attention import DecodeAttention, ScheduledChunk, StepAttention
+from speckv.kv.attention import AttentionKernels, ScheduledChunk, StepAttention
 from speckv.kv.cache import KVCacheManager
 from speckv.models.llama import LlamaModel
+from speckv.selection.step import Choice, PageSelection
 
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, cache: KVCacheManager, sampler: Sampler,
-                 decode_attention: DecodeAttention) -> None:
+                 kernels: AttentionKernels, selection: PageSelection) -> None:
         self.model = model
-        self.decode_attention = decode_attention
+        self.kernels = kernels
+        self.selection = selection
         self.cache = cache
         self.sampler = sampler
         self.device = model.device
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk], token_ids: list[list[int]],
-                logits_for: str = "last") -> torch.Tensor:
-        """Runs one step over `chunks` (decodes first); `token_ids[i]` are chunk i's tokens.
+                choices: list[Choice], logits_for: str = "last",
+                select_prefill: bool = False) -> torch.Tensor:
+        """Runs one step over `chunks` (decodes first); `token_ids[i]` are chunk i's tokens
+        and `choices[i]` its page selection (applied to multi-token chunks only with
+        `select_prefill`, for scoring).
 
         Returns logits [len(chunks), V] of each chunk's last token, or
         [total tokens, V] of every token when `logits_for="all"`.
         """
         flat = torch.tensor([t for ids in token_ids for t in ids], device=self.device)
-        attention = StepAttention(self.cache, chunks, self.device, self.decode_attention)
+        attention = StepAttention(self.cache, chunks, self.device, self.kernels,
+                                  self.selection.plan(choices), select_prefill)
         hidden = self.model.forward(flat, attention.positions, attention)
         self.cache.store_sealed([(c.request_id, c.start + c.num_tokens) for c in chunks])
         if logits_for == "last":
@@ -42,7 +48,7 @@ class ModelRunner:
         for a sequence whose prompt is only partly prefilled."""
         token_ids = [seq.all_token_ids[c.start:c.start + c.num_tokens]
                      for seq, c in zip(sched.seqs, sched.chunks)]
-        logits = self.forward(sched.chunks, token_ids)
+        logits = self.forward(sched.chunks, token_ids, [seq.choice for seq in sched.seqs])
         completes = [c.start + c.num_tokens == seq.num_tokens
                      for seq, c in zip(sched.seqs, sched.chunks)]
         rows = [i for i, done in enumerate(completes) if done]

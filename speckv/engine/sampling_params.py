@@ -26,6 +26,12 @@ class SamplingParams:
         "help": "stop when the text contains this string (not included in the output)"})
     ignore_eos: bool = field(default=False, metadata={
         "help": "keep generating after the end-of-sequence token (for benchmarks)"})
+    selector: str | None = field(default=None, metadata={
+        "help": "page selector for this request (full, quest, sink_recent, oracle); "
+                "default: the engine's"})
+    token_budget: int | float | str | None = field(default=None, metadata={
+        "help": "selection budget for this request: tokens or a fraction of the context; "
+                "default: the engine's"})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -40,6 +46,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.token_budget is not None:
+            from speckv.config import parse_token_budget
+
+            object.__setattr__(self, "token_budget", parse_token_budget(self.token_budget))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 

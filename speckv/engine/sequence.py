@@ -51,6 +51,7 @@ class Sequence:
         self.emitted = 0  # characters of `text` already given out in outputs
         self.times = RequestTimes()
         self.generator: torch.Generator | None = None
+        self.choice = None  # its page selection (`speckv.selection.step.Choice`), set by the engine
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from speckv.kv.page_pool import DevicePagePool
+from speckv.kv.summaries import SummaryStore
 from speckv.kv.tiers import TieredStore
 
 RequestId = NewType("RequestId", str)
@@ -39,12 +40,15 @@ class PageTable:
         # DEVICE slot; -1 for a page only in the pool; 0 past num_pages (valid padding)
         self.slots = np.zeros((num_layers, max_pages), dtype=np.int64)
         self.pool_keys = np.full((num_layers, max_pages), -1, dtype=np.int64)
+        self.summary_ids = np.zeros((num_layers, max_pages), dtype=np.int64)  # 0 past num_pages
         self.num_pages = 0
         self.num_stored = 0  # pages per layer in the pool (counted after the sink page)
         self.requirement = 0  # DEVICE pages committed to this sequence
         # what block tables are stacked from; on the CPU it shares memory with `slots`
         self._shared = device.type == "cpu"
         self.tensor = torch.from_numpy(self.slots) if self._shared else \
+            torch.zeros(num_layers, max_pages, dtype=torch.long, device=device)
+        self.summary_tensor = torch.from_numpy(self.summary_ids) if self._shared else \
             torch.zeros(num_layers, max_pages, dtype=torch.long, device=device)
 
     @property
@@ -56,6 +60,11 @@ class PageTable:
         if not self._shared:
             self.tensor[:, :self.num_pages] = torch.from_numpy(self.slots[:, :self.num_pages])
 
+    def set_summary_ids(self, pages: slice, ids: np.ndarray) -> None:
+        self.summary_ids[:, pages] = ids
+        if not self._shared:
+            self.summary_tensor[:, pages] = torch.from_numpy(ids).to(self.summary_tensor.device)
+
     def resident_slots(self) -> np.ndarray:
         used = self.slots[:, :self.num_pages]
         return used[used >= 0]
@@ -65,9 +74,10 @@ class KVCacheManager:
     """Allocates pages for sequences as they grow, moves them between tiers, frees them."""
 
     def __init__(self, pool: DevicePagePool, num_layers: int, max_model_len: int,
-                 store: TieredStore | None = None) -> None:
+                 store: TieredStore | None = None, summaries: SummaryStore | None = None) -> None:
         self.pool = pool
         self.store = store
+        self.summaries = summaries
         self.num_layers = num_layers
         self.page_size = pool.page_size
         self.max_pages_per_seq = -(-max_model_len // self.page_size)
@@ -157,6 +167,9 @@ class KVCacheManager:
         first = table.num_pages
         table.num_pages += new
         table.set_slots(slice(None), slice(first, first + new), slots)
+        if self.summaries is not None:
+            ids = self.summaries.allocate(new * self.num_layers).reshape(self.num_layers, new)
+            table.set_summary_ids(slice(first, first + new), ids)
         if self.store is not None:
             width = self.max_pages_per_seq
             where = np.arange(self.num_layers)[:, None] * width + np.arange(first, first + new)
@@ -202,6 +215,8 @@ class KVCacheManager:
             return
         del self._by_uid[table.uid]
         resident = table.resident_slots()
+        if self.summaries is not None:
+            self.summaries.free(table.summary_ids[:, :table.num_pages].reshape(-1))
         if self.store is not None:
             self.num_evicted -= table.num_pages * self.num_layers - len(resident)
             self.store.release(resident)
@@ -245,29 +260,42 @@ class KVCacheManager:
         return 0 if self.store is None else self.store.counters.evictions
 
     def ensure_resident(self, layer: int, request_ids: list[RequestId],
-                        block_table: torch.Tensor, built_at: int) -> torch.Tensor:
-        """Makes every page of `layer` of the batch resident; returns its block table.
+                        block_table: torch.Tensor, built_at: int,
+                        needed: torch.Tensor | None = None) -> torch.Tensor:
+        """Makes the pages of `layer` that the batch reads resident; returns its block table.
 
         Args:
             block_table: [B, P] DEVICE slots of the batch's pages in this layer (-1
                 where a page is only in the pool; columns past a sequence's pages
                 are padding), built when `eviction_count` was `built_at`.
+            needed: [B, P] bool, the pages attention will read (a selection); default
+                every page. Pages left out are not fetched, and counted as skipped.
         """
         store = self.store
         store.clock += 1
         tables = [self._tables[r] for r in request_ids]
         if self.eviction_count != built_at:  # slots may have been reused since
             block_table = self.block_table(layer, tables, block_table.shape[1])
+        wanted = None if needed is None else needed.cpu().numpy()
         if self.num_evicted:
-            block_table = self._fetch_missing(layer, tables, block_table)
+            block_table = self._fetch_missing(layer, tables, block_table, wanted)
         used = block_table.cpu().numpy() if block_table.device.type != "cpu" else block_table.numpy()
+        used = used if wanted is None else used[wanted]
         store.eviction.on_use(used.reshape(-1), store.clock)
         return block_table
 
-    def _fetch_missing(self, layer: int, tables: list[PageTable],
-                       block_table: torch.Tensor) -> torch.Tensor:
-        missing = [(t, np.flatnonzero(t.slots[layer, :t.num_pages] < 0)) for t in tables]
-        missing = [(t, idx) for t, idx in missing if idx.size]
+    def _fetch_missing(self, layer: int, tables: list[PageTable], block_table: torch.Tensor,
+                       wanted: np.ndarray | None) -> torch.Tensor:
+        missing = []
+        for row, t in enumerate(tables):
+            absent = t.slots[layer, :t.num_pages] < 0
+            if wanted is not None:
+                skipped = absent & ~wanted[row, :t.num_pages]
+                if skipped.any():
+                    self._count_skipped(t.pool_keys[layer, :t.num_pages][skipped])
+                absent &= wanted[row, :t.num_pages]
+            if absent.any():
+                missing.append((t, np.flatnonzero(absent)))
         if not missing:
             return block_table
         n = sum(idx.size for _, idx in missing)
@@ -286,6 +314,11 @@ class KVCacheManager:
         self.store.fetch(keys.tolist(), slots)  # marks them evictable: they are in the pool
         return self.block_table(layer, tables, block_table.shape[1])
 
+    def _count_skipped(self, keys: np.ndarray) -> None:
+        counters = self.store.counters
+        counters.fetches_skipped += len(keys)
+        counters.fetch_bytes_skipped += self.store.backend.stored_bytes(keys)
+
     # ------------------------------------------------------------ lookups
 
     def table(self, request_id: RequestId) -> PageTable:
@@ -297,6 +330,11 @@ class KVCacheManager:
     def block_tables(self, request_ids: list[RequestId], num_pages: int) -> torch.Tensor:
         """Stacked page tables of a batch: [num_layers, B, num_pages]."""
         return torch.stack([self._tables[r].tensor[:, :num_pages] for r in request_ids], dim=1)
+
+    def summary_tables(self, request_ids: list[RequestId], num_pages: int) -> torch.Tensor:
+        """Stacked summary slots of a batch: [num_layers, B, num_pages]."""
+        return torch.stack([self._tables[r].summary_tensor[:, :num_pages] for r in request_ids],
+                           dim=1)
 
     def block_table(self, layer: int, tables: list[PageTable], num_pages: int) -> torch.Tensor:
         """One layer's stacked page table: [B, num_pages]."""

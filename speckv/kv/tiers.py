@@ -50,6 +50,8 @@ class TierCounters:
     fetches: int = 0  # batched demand fetches (one per layer that missed)
     stall_seconds: float = 0.0  # attention waiting for demand fetches (read + decode)
     evictions: int = 0
+    fetches_skipped: int = 0  # pooled pages not fetched because no selection read them
+    fetch_bytes_skipped: int = 0  # their encoded bytes
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)

@@ -88,6 +88,10 @@ class PoolBackend(ABC):
     def contains(self, key: PoolKey) -> bool:
         """True when a page has been stored under `key` and not freed."""
 
+    def stored_bytes(self, keys: np.ndarray) -> int:
+        """Exact encoded bytes stored under `keys` (what loading them would move)."""
+        return len(keys) * self.slot_bytes
+
     def store(self, key: PoolKey, row: torch.Tensor, nbytes: int) -> None:
         self.store_batch([key], row[None], torch.tensor([nbytes]))
 
@@ -131,6 +135,9 @@ class ArenaPool(PoolBackend):
         index = np.asarray(keys, dtype=np.int64)
         self.counters.encoded_bytes -= int(self._nbytes[index].sum())
         self._nbytes[index] = 0
+
+    def stored_bytes(self, keys: np.ndarray) -> int:
+        return int(self._nbytes[np.asarray(keys, dtype=np.int64)].sum())
 
     def contains(self, key: PoolKey) -> bool:
         return 0 <= key < self._nbytes.size and self._nbytes[key] > 0

@@ -152,6 +152,53 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pages,
   return out;
 }
 
+// Sparse decode attention: every KV head reads its own pages (a selection).
+// q: [B, H, D]; head_tables: [B, Hkv, K] (int64) page ids per sequence and KV head, in
+// token order; selected_lens: [B] (int64): row b, head h attends the first
+// selected_lens[b] tokens of the concatenation of head_tables[b, h] (only the last
+// listed page may be partial). One task per (sequence, KV head), through the same
+// `attend` as the dense kernel, so a selection of every page gives identical numbers.
+torch::Tensor sparse_decode_attention(torch::Tensor q, torch::Tensor k_pages,
+                                      torch::Tensor v_pages, torch::Tensor head_tables,
+                                      torch::Tensor selected_lens, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_pages.dtype() == torch::kFloat32 &&
+                  v_pages.dtype() == torch::kFloat32,
+              "sparse_decode_attention: float32 only");
+  TORCH_CHECK(head_tables.dtype() == torch::kInt64 && selected_lens.dtype() == torch::kInt64,
+              "sparse_decode_attention: int64 head_tables and selected_lens");
+  TORCH_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous(),
+              "sparse_decode_attention: page pools must be contiguous");
+  q = q.contiguous();
+  head_tables = head_tables.contiguous();
+  selected_lens = selected_lens.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t page_size = k_pages.size(1), Hkv = k_pages.size(2);
+  const int64_t G = H / Hkv, K = head_tables.size(2);
+  TORCH_CHECK(H % Hkv == 0 && k_pages.size(3) == D && head_tables.size(1) == Hkv,
+              "sparse_decode_attention: bad shapes");
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_pages.data_ptr<float>();
+  const float* vp = v_pages.data_ptr<float>();
+  const int64_t* ht = head_tables.data_ptr<int64_t>();
+  const int64_t* sl = selected_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t page_stride = page_size * Hkv * D, token_stride = Hkv * D;
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(G * D), running_max(G), running_sum(G), scores(G * page_size);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t ctx = std::min(sl[b], K * page_size);
+      const auto run = D == 64 ? attend<64> : D == 128 ? attend<128> : attend<0>;
+      run(qp + (b * H + h * G) * D, kp, vp, ht + task * K, ctx, h, h + 1, page_size,
+          page_stride, token_stride, G, D, fscale, op + (b * H + h * G) * D, acc.data(),
+          scores.data(), running_max.data(), running_sum.data());
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // page_fetch.cpp
@@ -163,6 +210,8 @@ void fetch_int8(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention read in place from KV pages (CPU, float32)");
+  m.def("sparse_decode_attention", &sparse_decode_attention,
+        "decode attention over per-KV-head page selections, read in place (CPU, float32)");
   m.def("fetch_raw", &fetch_raw, "pool rows (codec none) -> DEVICE page slots, one copy");
   m.def("fetch_int8", &fetch_int8, "pool rows (codec int8) -> float32 DEVICE page slots");
 }

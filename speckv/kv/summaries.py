@@ -1,0 +1,64 @@
+"""Page summaries: the per-channel key min and max of every sealed page, per KV head.
+
+A summary lives in fast memory for as long as its page lives, wherever the page's
+data is (DEVICE or only the pool): selectors score pages from summaries without
+touching the data. Each page gets a summary slot when it is allocated and gives it
+back when its sequence is freed; the slot is written when the page is sealed.
+
+Layout (one tensor, allocated once; pages that are never summarized are never
+touched, so on the CPU the untouched part costs address space only)::
+
+    data: [num_slots, 2, num_kv_heads, head_dim]    [:, 0] = key min, [:, 1] = key max
+
+Summaries take 2 / (2 * page_size) of the KV bytes they describe (1/16 at 16-token
+pages); they are reported in `stats()` as `summary_bytes` and are not part of the
+DEVICE budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from speckv.pool.slots import SlotAllocator
+
+
+class SummaryStore:
+    """Key bounding boxes of pages, addressed by summary slot."""
+
+    def __init__(self, num_slots: int, num_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.data = torch.empty(num_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self._slots = SlotAllocator(num_slots)
+        self.slot_bytes = 2 * num_kv_heads * head_dim * self.data.element_size()
+
+    @property
+    def num_used(self) -> int:
+        return self._slots.num_used
+
+    @property
+    def bytes_used(self) -> int:
+        return self.num_used * self.slot_bytes
+
+    def allocate(self, n: int) -> np.ndarray:
+        ids = self._slots.allocate(n)
+        if ids is None:
+            raise RuntimeError("bug: more live pages than summary slots")
+        return ids
+
+    def free(self, ids: np.ndarray) -> None:
+        self._slots.free(ids)
+
+    def summarize(self, ids: torch.Tensor, keys: torch.Tensor) -> None:
+        """Writes the summaries of sealed pages.
+
+        Args:
+            ids: [S] summary slots.
+            keys: [S, page_size, Hkv, D] the pages' keys.
+        """
+        lo, hi = torch.aminmax(keys, dim=1)  # [S, Hkv, D] each
+        self.data[ids] = torch.stack([lo, hi], dim=1)
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [B, P] -> [B, P, 2, Hkv, D]."""
+        return self.data.index_select(0, ids.reshape(-1)).view(*ids.shape, *self.data.shape[1:])

@@ -1,0 +1,128 @@
+"""The selector seam: page scores per (sequence, query, KV head), and the choice of pages.
+
+A selector only scores pages (`Selector.page_scores`); `choose_pages` turns scores
+into a selection under a token budget, the same way for every selector:
+
+    forced      the query's own page (the open page while decoding) and, with
+                `keep_sink`, page 0: always attended
+    candidates  the sealed pages before the query's page; pages after it are
+                causally invisible
+    budget      ceil(budget_tokens / page_size) pages in all (forced ones included),
+                at least the forced ones; the rest are the best-scored candidates
+
+Every (sequence, query, KV head) gets its own pages; with grouped-query attention a
+page's score for a KV head is the max over the query heads of its group (a page any
+of them needs is kept). Ties between candidates go to the older page (topk order).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from speckv.registry import Registry
+
+NEG = float("-inf")
+
+
+@dataclass(slots=True)
+class SelectionInputs:
+    """What a selector may look at for one layer of one step.
+
+    q: [B, Q, H, D] queries (rotary applied); positions: [B, Q] their token positions.
+    summaries(): [B, P, 2, Hkv, D] per-page key min (index 0) and max (index 1),
+        valid for sealed pages only.
+    keys(): [B, P * page_size, Hkv, D] every key of the listed pages (costs a full
+        read: only the oracle and evaluation call it).
+    """
+
+    q: torch.Tensor
+    positions: torch.Tensor
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    summaries: Callable[[], torch.Tensor]
+    keys: Callable[[], torch.Tensor]
+
+
+class Selector(ABC):
+    """Scores the pages of a layer for each query and KV head (higher: more needed)."""
+
+    name: str = ""
+    #: reads every key (true scores): all pages must be resident first
+    needs_keys: bool = False
+    #: attends every page: nothing to score
+    dense: bool = False
+
+    @abstractmethod
+    def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
+        """-> [B, Q, Hkv, P] float scores; only candidate pages' scores matter."""
+
+
+def _load_builtin() -> None:
+    from speckv.selection import selectors  # noqa: F401  (they register themselves)
+
+
+SELECTORS: Registry[type[Selector]] = Registry("selector", _load_builtin)
+register_selector = SELECTORS.register
+
+
+def budget_tokens(budget: int | float, context_lens: torch.Tensor) -> torch.Tensor:
+    """Tokens to keep for contexts of `context_lens` tokens: a fixed count, or a fraction
+    of each context (rounded up)."""
+    if isinstance(budget, int):
+        return torch.full_like(context_lens, budget)
+    return torch.ceil(context_lens.double() * budget).long()
+
+
+def choose_pages(scores: torch.Tensor, positions: torch.Tensor, page_budget: torch.Tensor,
+                 page_size: int, keep_sink: bool) -> torch.Tensor:
+    """The selection as a page mask.
+
+    Args:
+        scores: [B, Q, Hkv, P] page scores.
+        positions: [B, Q] position of each query (its page is forced, later pages are
+            invisible).
+        page_budget: [B, Q] pages to keep per query, forced pages included.
+        keep_sink: force page 0 too.
+
+    Returns:
+        [B, Q, Hkv, P] bool: the pages each query and KV head attends.
+    """
+    batch, num_q, num_kv, num_pages = scores.shape
+    page = torch.arange(num_pages, device=scores.device)
+    own = (positions // page_size)[..., None]  # [B, Q, 1]
+    forced = page == own
+    candidate = page < own  # [B, Q, P]
+    if keep_sink:
+        forced = forced | (page == 0)
+        candidate = candidate & (page > 0)
+    extra = (page_budget - forced.sum(-1)).clamp(min=0)  # [B, Q] best candidates to add
+    mask = forced[:, :, None, :].expand(batch, num_q, num_kv, num_pages).clone()
+    k = min(int(extra.max()) if extra.numel() else 0, num_pages)
+    if k == 0:
+        return mask
+    ranked = scores.masked_fill(~candidate[:, :, None, :], NEG)
+    top = ranked.topk(k, dim=-1)  # [B, Q, Hkv, k]
+    keep = (torch.arange(k, device=scores.device) < extra[:, :, None, None]) & (top.values > NEG)
+    mask.scatter_(-1, top.indices, keep | mask.gather(-1, top.indices))
+    return mask
+
+
+def page_budget(budget: int | float, positions: torch.Tensor, page_size: int,
+                min_context_tokens: int) -> torch.Tensor:
+    """[B, Q] pages each query may attend: its budget in pages, rounded up (a budget of
+    the whole context is every page, the open one partial), or every page when its
+    context is shorter than `min_context_tokens`."""
+    context = positions + 1
+    pages = _all_pages(budget_tokens(budget, context), page_size)
+    if min_context_tokens:
+        pages = torch.where(context < min_context_tokens, _all_pages(context, page_size), pages)
+    return pages
+
+
+def _all_pages(context: torch.Tensor, page_size: int) -> torch.Tensor:
+    return (context + page_size - 1) // page_size

@@ -1,0 +1,86 @@
+"""The built-in selectors: full, quest, sink_recent, oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from speckv.selection.base import SelectionInputs, Selector, register_selector
+
+
+def grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Q, H, D] -> [B, Hkv, Q*G, D]: the G query heads of a KV head as rows."""
+    batch, num_q, num_heads, dim = q.shape
+    group = num_heads // num_kv_heads
+    q = q.view(batch, num_q, num_kv_heads, group, dim).permute(0, 2, 1, 3, 4)
+    return q.reshape(batch, num_kv_heads, num_q * group, dim)
+
+
+def max_over_group(scores: torch.Tensor, num_q: int) -> torch.Tensor:
+    """[B, Hkv, Q*G, P] -> [B, Q, Hkv, P]: a page scores what its best query head gives it."""
+    batch, num_kv, rows, num_pages = scores.shape
+    return scores.view(batch, num_kv, num_q, rows // num_q, num_pages).amax(3).transpose(1, 2)
+
+
+@register_selector("full")
+class Full(Selector):
+    """Every page (dense attention)."""
+
+    dense = True
+
+    def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
+        raise RuntimeError("bug: the full selector scores nothing")
+
+
+@register_selector("quest")
+class Quest(Selector):
+    """Quest / TinyServe: the upper bound of q.k over a page from its key bounding box,
+
+        score(q, page) = sum_i max(q_i * min_i, q_i * max_i) = q+ . max + q- . min
+
+    with q+ = max(q, 0) and q- = min(q, 0): two batched matmuls, no [.., P, D] temporary.
+    """
+
+    def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
+        s = inputs.summaries()  # [B, P, 2, Hkv, D]
+        num_kv = s.shape[3]
+        q = grouped(inputs.q, num_kv).to(s.dtype)  # [B, Hkv, Q*G, D]
+        lo = s[:, :, 0].permute(0, 2, 3, 1)  # [B, Hkv, D, P]
+        hi = s[:, :, 1].permute(0, 2, 3, 1)
+        bound = q.clamp(min=0) @ hi + q.clamp(max=0) @ lo  # [B, Hkv, Q*G, P]
+        return max_over_group(bound, inputs.q.shape[1])
+
+
+@register_selector("sink_recent")
+class SinkRecent(Selector):
+    """StreamingLLM: the most recent pages (with `keep_sink`, the first page too)."""
+
+    def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
+        batch, num_q = inputs.positions.shape
+        page = torch.arange(inputs.num_pages, device=inputs.q.device, dtype=torch.float32)
+        return page.expand(batch, num_q, inputs.num_kv_heads, inputs.num_pages)
+
+
+@register_selector("oracle")
+class Oracle(Selector):
+    """The true best pages: each page's share of the full softmax attention mass, summed
+    over the query heads of the group. Reads every key; for evaluation only."""
+
+    needs_keys = True
+
+    def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
+        return page_attention_mass(inputs).sum(3).transpose(1, 2)
+
+
+def page_attention_mass(inputs: SelectionInputs) -> torch.Tensor:
+    """[B, Hkv, Q, G, P]: the full causal softmax attention of each query head, summed per page."""
+    keys = inputs.keys()  # [B, L, Hkv, D]
+    batch, length, num_kv, dim = keys.shape
+    num_q = inputs.q.shape[1]
+    q = grouped(inputs.q, num_kv).to(keys.dtype)  # [B, Hkv, Q*G, D]
+    logits = (q @ keys.permute(0, 2, 3, 1)) * dim ** -0.5  # [B, Hkv, Q*G, L]
+    group = q.shape[2] // num_q
+    visible = torch.arange(length, device=keys.device) <= inputs.positions[:, :, None]  # [B, Q, L]
+    visible = visible[:, None, :, None, :].expand(batch, 1, num_q, group, length)
+    logits = logits.view(batch, num_kv, num_q, group, length).masked_fill(~visible, float("-inf"))
+    probs = logits.softmax(-1)
+    return probs.view(batch, num_kv, num_q, group, inputs.num_pages, inputs.page_size).sum(-1)

@@ -1,0 +1,306 @@
+"""Page selection (F3): the Quest bound, the choice of pages, sparse attention, and the
+engine: identity with dense attention where the selection covers everything, fewer
+pool fetches where it does not, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_no_leak
+from speckv import SamplingParams
+from speckv.bench.common import bench_text
+from speckv.kv.attention import paged_attention, torch_sparse_decode_attention
+from speckv.kv.summaries import SummaryStore
+from speckv.selection.base import SELECTORS, SelectionInputs, choose_pages
+from speckv.selection.selectors import Oracle, Quest, grouped
+
+PS = 16
+
+
+def inputs_for(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> SelectionInputs:
+    """Selection inputs for dense keys [B, L, Hkv, D] (L a multiple of PS)."""
+    batch, length, num_kv, dim = keys.shape
+    pages = keys.view(batch, length // PS, PS, num_kv, dim)
+    lo, hi = pages.amin(2), pages.amax(2)
+    return SelectionInputs(q, positions, length // PS, PS, num_kv,
+                           lambda: torch.stack([lo, hi], dim=2), lambda: keys)
+
+
+def brute_page_max(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """max over a page's keys of q.k, max over the group: [B, Q, Hkv, P], by loops."""
+    batch, num_q, num_heads, _ = q.shape
+    _, length, num_kv, _ = keys.shape
+    group = num_heads // num_kv
+    out = torch.full((batch, num_q, num_kv, length // PS), float("-inf"), dtype=torch.float64)
+    for b in range(batch):
+        for i in range(num_q):
+            for h in range(num_heads):
+                for p in range(length // PS):
+                    page = keys[b, p * PS:(p + 1) * PS, h // group].double()
+                    best = (page @ q[b, i, h].double()).max()
+                    out[b, i, h // group, p] = max(out[b, i, h // group, p], best)
+    return out
+
+
+def real_qk(loaded, text: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary queries and keys of `layer` for a text, from the bundled model."""
+    model, args = loaded.model, loaded.args
+    ids = torch.tensor(loaded.tokenizer.encode(text))[:256]
+    captured = {}
+
+    def attention(i, q, k, v):
+        if i == layer:
+            captured["q"], captured["k"] = q.clone(), k.clone()
+        group = args.num_heads // args.num_kv_heads
+        kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), is_causal=True).transpose(0, 1)
+
+    with torch.inference_mode():
+        model.forward(ids, torch.arange(len(ids)), attention)
+    return captured["q"], captured["k"]
+
+
+# ---------------------------------------------------------------- the bound
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quest_bound_is_an_upper_bound_on_random_keys(seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 3, 6, 8, generator=g)  # B=2, Q=3, H=6 (G=3), D=8
+    keys = torch.randn(2, 5 * PS, 2, 8, generator=g) * torch.linspace(0.1, 3, 8)
+    positions = torch.full((2, 3), 5 * PS - 1)
+    bound = Quest().page_scores(inputs_for(q, keys, positions)).double()
+    exact = brute_page_max(q, keys)
+    assert (bound >= exact - 1e-5).all()
+    assert (bound - exact).abs().max() > 1e-3  # a bound, not the exact maximum
+
+
+def test_quest_bound_is_an_upper_bound_on_real_keys(loaded):
+    for layer in (2, 15, 29):
+        q, k = real_qk(loaded, bench_text(), layer)  # [T, H, D], [T, Hkv, D]
+        inputs = inputs_for(q[None, -4:], k[None], torch.full((1, 4), k.shape[0] - 1))
+        bound = Quest().page_scores(inputs).double()
+        exact = brute_page_max(q[None, -4:], k[None])
+        assert (bound >= exact - 1e-4).all(), f"layer {layer}"
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def test_choose_pages_forces_sink_and_own_page_and_respects_the_budget():
+    # one query at position 100 (page 6), 8 pages listed, budget 4 pages
+    scores = torch.tensor([[[[9., 1., 5., 3., 7., 2., 0., 8.]]]])
+    mask = choose_pages(scores, torch.tensor([[100]]), torch.tensor([[4]]), PS, keep_sink=True)
+    # forced: page 0 (sink) and page 6 (own); then the 2 best of pages 1..5: 4 (7.) and 2 (5.)
+    # page 7 scores 8. but lies after the query: invisible
+    assert mask[0, 0, 0].nonzero().flatten().tolist() == [0, 2, 4, 6]
+    mask = choose_pages(scores, torch.tensor([[100]]), torch.tensor([[4]]), PS, keep_sink=False)
+    assert mask[0, 0, 0].nonzero().flatten().tolist() == [0, 2, 4, 6]  # page 0 wins on score
+    mask = choose_pages(scores, torch.tensor([[100]]), torch.tensor([[1]]), PS, keep_sink=True)
+    assert mask[0, 0, 0].nonzero().flatten().tolist() == [0, 6]  # forced pages beyond budget
+
+
+def test_oracle_attends_exactly_the_k_best_pages_by_brute_force():
+    g = torch.Generator().manual_seed(3)
+    batch, num_pages, num_kv, group, dim = 2, 9, 2, 2, 8
+    q = torch.randn(batch, 1, num_kv * group, dim, generator=g) * 2
+    keys = torch.randn(batch, num_pages * PS, num_kv, dim, generator=g)
+    positions = torch.full((batch, 1), num_pages * PS - 1)
+    scores = Oracle().page_scores(inputs_for(q, keys, positions))
+    k = 4
+    mask = choose_pages(scores, positions, torch.full((batch, 1), k), PS, keep_sink=False)
+    for b in range(batch):
+        for h in range(num_kv):
+            mass = torch.zeros(num_pages, dtype=torch.float64)
+            for gi in range(group):
+                logits = keys[b, :, h].double() @ q[b, 0, h * group + gi].double() / dim ** 0.5
+                mass += logits.softmax(0).view(num_pages, PS).sum(1)
+            best = set(mass[:-1].topk(k - 1).indices.tolist()) | {num_pages - 1}  # + own page
+            assert set(mask[b, 0, h].nonzero().flatten().tolist()) == best
+
+
+# ---------------------------------------------------------------- attention
+
+
+def test_sparse_decode_attention_reads_only_selected_pages():
+    g = torch.Generator().manual_seed(4)
+    num_pages, num_kv, group, dim = 12, 2, 3, 16
+    k_pages = torch.randn(num_pages, PS, num_kv, dim, generator=g)
+    v_pages = torch.randn(num_pages, PS, num_kv, dim, generator=g)
+    q = torch.randn(1, num_kv * group, dim, generator=g)
+    head_tables = torch.tensor([[[3, 7, 9], [1, 7, 9]]])  # per KV head; page 9 holds 5 tokens
+    lens = torch.tensor([2 * PS + 5])
+    out = torch_sparse_decode_attention(q, k_pages, v_pages, head_tables, lens)
+    for h in range(num_kv):
+        keys = torch.cat([k_pages[p, :, h] for p in head_tables[0, h].tolist()])[:2 * PS + 5]
+        values = torch.cat([v_pages[p, :, h] for p in head_tables[0, h].tolist()])[:2 * PS + 5]
+        for gi in range(group):
+            row = h * group + gi
+            ref = (keys @ q[0, row] / dim ** 0.5).softmax(0) @ values
+            torch.testing.assert_close(out[0, row], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_kernel_matches_torch_and_dense_kernel_when_all_selected():
+    from speckv.kv.cpu_kernels import load_cpu_kernels
+
+    kernels = load_cpu_kernels()
+    g = torch.Generator().manual_seed(5)
+    k_pages = torch.randn(20, PS, 3, 64, generator=g)
+    v_pages = torch.randn(20, PS, 3, 64, generator=g)
+    q = torch.randn(2, 9, 64, generator=g)
+    tables = torch.tensor([[4, 2, 11, 7], [5, 6, 19, 0]])
+    lens = torch.tensor([3 * PS + 9, 4 * PS])
+    head_tables = tables[:, None, :].expand(2, 3, 4).contiguous()
+    sparse = kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, lens, 64 ** -0.5)
+    dense = kernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, 64 ** -0.5)
+    assert torch.equal(sparse, dense)  # the same per-head routine: bit-identical
+    head_tables = torch.tensor([[[4, 11, 7], [2, 11, 7], [4, 2, 7]],
+                                [[5, 6, 0], [6, 19, 0], [5, 19, 0]]])
+    lens = torch.tensor([2 * PS + 9, 3 * PS])
+    torch.testing.assert_close(
+        kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, lens, 64 ** -0.5),
+        torch_sparse_decode_attention(q, k_pages, v_pages, head_tables, lens), rtol=1e-5, atol=1e-5)
+
+
+def test_page_mask_restricts_the_softmax_to_selected_pages():
+    g = torch.Generator().manual_seed(6)
+    k_pages = torch.randn(6, PS, 1, 8, generator=g)
+    v_pages = torch.randn(6, PS, 1, 8, generator=g)
+    q = torch.randn(1, 1, 2, 8, generator=g)
+    table = torch.tensor([[0, 1, 2, 3]])
+    mask = torch.tensor([[[[True, False, True, True]]]])
+    out = paged_attention(q, k_pages, v_pages, table, torch.tensor([4 * PS]),
+                          torch.tensor([[4 * PS - 1]]), page_mask=mask)
+    keys = torch.cat([k_pages[p, :, 0] for p in (0, 2, 3)])
+    values = torch.cat([v_pages[p, :, 0] for p in (0, 2, 3)])
+    for h in range(2):
+        ref = (keys @ q[0, 0, h] / 8 ** 0.5).softmax(0) @ values
+        torch.testing.assert_close(out[0, 0, h], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_summaries_are_min_and_max_per_channel():
+    store = SummaryStore(4, 2, 3, dtype=torch.float32, device=torch.device("cpu"))
+    ids = store.allocate(2)
+    keys = torch.randn(2, PS, 2, 3)
+    store.summarize(torch.as_tensor(ids), keys)
+    got = store.gather(torch.as_tensor(ids)[None])[0]  # [2, 2, Hkv, D]
+    torch.testing.assert_close(got[:, 0], keys.amin(1))
+    torch.testing.assert_close(got[:, 1], keys.amax(1))
+    store.free(ids)
+    assert store.num_used == 0
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def prompts(loaded, lengths):
+    ids = loaded.tokenizer.encode(bench_text())
+    return [ids[i * 37:i * 37 + n] for i, n in enumerate(lengths)]
+
+
+def run(llm, token_lists, params):
+    outs = llm.engine.generate_all(token_lists, params)
+    return [o.token_ids for o in outs]
+
+
+def test_full_through_the_selector_path_and_whole_budget_quest_equal_dense(loaded, make_llm):
+    llm = make_llm(device_kv_bytes="96MiB")
+    batch = prompts(loaded, [300, 181, 420])
+    greedy = SamplingParams(max_tokens=40, ignore_eos=True)
+    reference = run(llm, batch, [greedy] * 3)
+    # a mixed batch runs the sparse path: the `full` rows get every page through it
+    mixed = [SamplingParams(max_tokens=40, ignore_eos=True, selector="quest", token_budget=64),
+             greedy, greedy]
+    got = run(llm, batch, mixed)
+    assert got[1:] == reference[1:]
+    assert got[0] != reference[0]  # 64 tokens of ~340: quest changes the text
+    whole = SamplingParams(max_tokens=40, ignore_eos=True, selector="quest", token_budget=1.0)
+    assert run(llm, batch, [whole] * 3) == reference
+    stats = llm.stats()
+    assert 0 < stats["selection_pages_selected"] < stats["selection_pages_visible"]
+    assert_no_leak(llm.engine)
+
+
+def test_sink_recent_reads_the_sink_and_the_latest_pages(loaded, make_llm):
+    llm = make_llm(device_kv_bytes="64MiB", selector="sink_recent", token_budget=64)
+    run(llm, prompts(loaded, [200]), [SamplingParams(max_tokens=8, ignore_eos=True)])
+    per_layer = llm.stats()["selection_fraction_per_layer"]
+    assert per_layer[0] == per_layer[1] == 1.0  # dense layers
+    assert all(f < 0.4 for f in per_layer[2:])  # 4 of ~13 pages
+    assert_no_leak(llm.engine)
+
+
+def test_evaluation_mode_measures_recall_and_oracle_overlap(loaded, make_llm):
+    llm = make_llm(device_kv_bytes="64MiB", selection_eval=True, selector="quest",
+                   token_budget=128)
+    run(llm, prompts(loaded, [400]), [SamplingParams(max_tokens=6, ignore_eos=True)])
+    stats = llm.stats()
+    assert 0.5 < stats["selection_recall"] < 1.0
+    assert 0.3 < stats["selection_oracle_overlap"] <= 1.0
+    oracle = make_llm(device_kv_bytes="64MiB", selection_eval=True, selector="oracle",
+                      token_budget=128)
+    run(oracle, prompts(loaded, [400]), [SamplingParams(max_tokens=6, ignore_eos=True)])
+    assert oracle.stats()["selection_oracle_overlap"] == pytest.approx(1.0)
+    assert oracle.stats()["selection_recall"] > stats["selection_recall"]
+
+
+def test_unselected_pages_are_not_fetched_from_the_pool(loaded, make_llm):
+    batch = prompts(loaded, [500, 470])
+    params = [SamplingParams(max_tokens=12, ignore_eos=True)] * 2
+    tight = dict(device_kv_bytes="12MiB", pool="local", pool_bytes="256MiB")
+    dense = make_llm(**tight)
+    sparse = make_llm(**tight, selector="quest", token_budget=96)
+    reference = make_llm(device_kv_bytes="96MiB", selector="quest", token_budget=96)
+    try:
+        want = run(reference, batch, params)
+        assert run(sparse, batch, params) == want  # codec none: the tiers change nothing
+        run(dense, batch, params)
+        d, s = dense.stats(), sparse.stats()
+        assert s["tier_fetches_skipped"] > 0 and s["tier_fetch_bytes_skipped"] > 0
+        assert d["tier_fetches_skipped"] == 0
+        assert s["tier_pages_fetched"] < d["tier_pages_fetched"] / 2
+        for llm in (dense, sparse, reference):
+            assert_no_leak(llm.engine)
+    finally:
+        dense.close()
+        sparse.close()
+
+
+def test_score_continuation_equals_greedy_decoding(loaded, make_llm):
+    llm = make_llm(device_kv_bytes="64MiB")
+    prefix = prompts(loaded, [333])[0]
+    params = SamplingParams(max_tokens=10, ignore_eos=True, selector="quest", token_budget=64)
+    decoded = run(llm, [prefix], [params])[0]
+    last, (logits,) = llm.engine.score_continuation(prefix, decoded, [("quest", 64)])
+    assert [int(last.argmax())] + logits[:-1].argmax(-1).tolist() == decoded
+    assert_no_leak(llm.engine)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_selection_options_name_the_problem(make_llm, llm):
+    with pytest.raises(ValueError, match="unknown selector 'topk'; known: full, oracle, quest"):
+        make_llm(selector="topk")
+    with pytest.raises(ValueError, match="token_budget must be >= 1 token"):
+        make_llm(token_budget=0)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        make_llm(token_budget=1.5)
+    with pytest.raises(ValueError, match="dense_layers=31 is more than the model's 30 layers"):
+        make_llm(dense_layers=31)
+    with pytest.raises(ValueError, match="above the context window"):
+        make_llm(token_budget=100_000)
+    engine = llm.engine
+    with pytest.raises(ValueError, match="above the request's context of 13 tokens"):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=10, token_budget=64))
+    with pytest.raises(ValueError, match="unknown selector"):
+        engine.add_request([1, 2, 3], SamplingParams(selector="nope"))
+    with pytest.raises(ValueError, match="token_budget must be >= 1"):
+        SamplingParams(token_budget=0)
+    # nothing was added: the engine still serves
+    assert run(llm, [[1, 2, 3]], [SamplingParams(max_tokens=2)])
+    assert_no_leak(engine)
+    assert set(SELECTORS.names()) == {"full", "quest", "sink_recent", "oracle"}
+    assert grouped(torch.zeros(1, 2, 6, 4), 2).shape == (1, 2, 6, 4)
