@@ -161,3 +161,24 @@ def test_bench_fidelity_reference_codec_is_exact(tmp_path):
     assert none["agreement_forced"] == 1.0 and none["attention_rel_error"] == 0.0
     assert none["bytes_per_page"] == 24576 and int8["bytes_per_page"] == 6624
     assert 0 < int8["kl"] < 0.01 and 0 < int8["attention_rel_error"] < 0.05
+
+
+def test_bench_selection_rejects_bad_arguments(capsys):
+    assert main(["bench", "selection", "--tasks", "passkey,typing"]) == 2
+    assert "unknown task(s) ['typing']; known: passkey, ppl, speed" in capsys.readouterr().err
+    assert main(["bench", "selection", "--selectors", "quest,psychic"]) == 2
+    assert "unknown selector 'psychic'" in capsys.readouterr().err
+    assert main(["bench", "selection", "--budgets", "64,-1"]) == 2
+    assert "expected positive numbers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_selection_passkey_runs_small(tmp_path):
+    out = tmp_path / "sel.json"
+    assert main(["bench", "selection", "--tasks", "passkey", "--contexts", "512", "--trials", "2",
+                 "--budgets", "64", "--selectors", "quest,oracle", "--json", str(out),
+                 "--device", "cpu"]) == 0
+    rows = {(r["selector"], r["budget"]): r for r in json.loads(out.read_text())["passkey"]}
+    assert set(rows) == {("full", None), ("quest", 64), ("oracle", 64)}
+    assert all(r["trials"] == 2 and r["context"] == 512 for r in rows.values())
+    assert rows[("full", None)]["accuracy"] == 1.0  # the model finds the key at 512 tokens

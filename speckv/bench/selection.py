@@ -165,7 +165,10 @@ def run_speed(llm, ns, bar) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(7)
     for context in _numbers(ns.speed_contexts, int):
         for batch in _numbers(ns.batch_sizes, int):
-            room = ns.rounds * len(configs) * (ns.steps + 1) + 2
+            # sequences prefilled first decode while the others prefill: leave them room
+            chunk = engine.config.scheduler.max_num_batched_tokens
+            prefill_steps = -(-batch * context // chunk) + batch
+            room = ns.rounds * len(configs) * (ns.steps + 1) + prefill_steps + 2
             params = SamplingParams(max_tokens=room, ignore_eos=True)
             ids = [engine.add_request(torch.randint(100, 49000, (context - room,),
                                                     generator=g).tolist(), params)
