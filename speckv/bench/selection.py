@@ -219,8 +219,8 @@ def compile_check(llm, context: int = 8192, batch: int = 8, budget: float = 0.12
     g = torch.Generator().manual_seed(0)
     k_pages = torch.randn(batch * pages, ps, a.num_kv_heads, a.head_dim, generator=g)
     v_pages = torch.randn_like(k_pages)
-    summaries = torch.stack([k_pages.amin(1), k_pages.amax(1)], 1).view(batch, pages, 2,
-                                                                           a.num_kv_heads, a.head_dim)
+    summaries = torch.stack([k_pages.amin(1), k_pages.amax(1)], 2).view(batch, pages,
+                                                                           a.num_kv_heads, 2, a.head_dim)
     tables = torch.arange(batch * pages).view(batch, pages)
     q = torch.randn(batch, a.num_heads, a.head_dim, generator=g)
     lens = torch.full((batch,), context)

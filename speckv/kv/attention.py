@@ -285,7 +285,8 @@ class StepAttention:
             rows = torch.arange(n, len(self.request_ids))
             prefill_mask = self._select(layer, sel, rows, q[g.query_index], g.query_positions,
                                         g.valid, tables)
-        tables = self._resident(layer, tables, self._needed(decode_mask, prefill_mask))
+        if self.cache.store is not None:
+            tables = self._resident(layer, tables, self._needed(decode_mask, prefill_mask))
         out = torch.empty_like(q)
         if n:
             out[:n] = self._sparse_decode(q[:n], tables[:n], self.context_lens[:n], decode_mask)

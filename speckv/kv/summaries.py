@@ -8,7 +8,10 @@ back when its sequence is freed; the slot is written when the page is sealed.
 Layout (one tensor, allocated once; pages that are never summarized are never
 touched, so on the CPU the untouched part costs address space only)::
 
-    data: [num_slots, 2, num_kv_heads, head_dim]    [:, 0] = key min, [:, 1] = key max
+    data: [num_slots, num_kv_heads, 2, head_dim]    [:, :, 0] = key min, [:, :, 1] = key max
+
+(min and max of a head side by side: a quest score is one matmul of [min | max] with
+[q- | q+] per KV head.)
 
 Summaries take 2 / (2 * page_size) of the KV bytes they describe (1/16 at 16-token
 pages); they are reported in `stats()` as `summary_bytes` and are not part of the
@@ -28,7 +31,7 @@ class SummaryStore:
 
     def __init__(self, num_slots: int, num_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.data = torch.empty(num_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.data = torch.empty(num_slots, num_kv_heads, 2, head_dim, dtype=dtype, device=device)
         self._slots = SlotAllocator(num_slots)
         self.slot_bytes = 2 * num_kv_heads * head_dim * self.data.element_size()
 
@@ -57,8 +60,9 @@ class SummaryStore:
             keys: [S, page_size, Hkv, D] the pages' keys.
         """
         lo, hi = torch.aminmax(keys, dim=1)  # [S, Hkv, D] each
-        self.data[ids] = torch.stack([lo, hi], dim=1)
+        self.data[ids] = torch.stack([lo, hi], dim=2)
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [B, P] -> [B, P, 2, Hkv, D]."""
-        return self.data.index_select(0, ids.reshape(-1)).view(*ids.shape, *self.data.shape[1:])
+        """ids: [B, P] -> [B, P, Hkv, 2, D]."""
+        rows = self.data.view(self.data.shape[0], -1).index_select(0, ids.reshape(-1))  # 2-D: fastest
+        return rows.view(*ids.shape, *self.data.shape[1:])

@@ -33,7 +33,7 @@ class SelectionInputs:
     """What a selector may look at for one layer of one step.
 
     q: [B, Q, H, D] queries (rotary applied); positions: [B, Q] their token positions.
-    summaries(): [B, P, 2, Hkv, D] per-page key min (index 0) and max (index 1),
+    summaries(): [B, P, Hkv, 2, D] per-page key min (index 0) and max (index 1),
         valid for sealed pages only.
     keys(): [B, P * page_size, Hkv, D] every key of the listed pages (costs a full
         read: only the oracle and evaluation call it).
