@@ -242,7 +242,9 @@ def format_stats(stats: dict) -> str:
     width = max(map(len, stats))
     lines = []
     for key, value in stats.items():
-        if isinstance(value, float):
+        if isinstance(value, list):  # per-layer figures
+            text = " ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in value)
+        elif isinstance(value, float):
             text = f"{value:.4f}"
         elif isinstance(value, int) and "bytes" in key and value >= 1024:
             text = f"{value:,} ({format_size(value)})"

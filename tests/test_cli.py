@@ -182,3 +182,16 @@ def test_bench_selection_passkey_runs_small(tmp_path):
     assert set(rows) == {("full", None), ("quest", 64), ("oracle", 64)}
     assert all(r["trials"] == 2 and r["context"] == 512 for r in rows.values())
     assert rows[("full", None)]["accuracy"] == 1.0  # the model finds the key at 512 tokens
+
+
+def test_generate_with_a_selector_reports_selection_stats(tmp_path):
+    stats = tmp_path / "stats.json"
+    prompt = "The sky is blue and the grass is green. " * 12  # ~120 tokens, 8 pages
+    proc = _speckv("generate", prompt, "--max-tokens", "4", "--selector", "sink_recent",
+                   "--token-budget", "32", "--min-context-tokens", "0", "--device", "cpu",
+                   "--device-kv-bytes", "64MiB", "--stats", "--stats-json", str(stats))
+    assert proc.returncode == 0, proc.stderr
+    assert "selection_fraction_per_layer  1.00 1.00 0." in proc.stderr  # 2 dense layers
+    report = json.loads(stats.read_text())
+    assert report["selection_selector"] == "sink_recent"
+    assert report["selection_bytes_read"] < report["selection_bytes_full"] / 2
