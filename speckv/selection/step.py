@@ -150,8 +150,7 @@ class StepSelection:
             [B, Q, Hkv, P] bool page mask.
         """
         o = self.owner
-        masks = torch.zeros(q.shape[0], q.shape[1], o.num_kv_heads, num_pages, dtype=torch.bool,
-                            device=q.device)
+        masks = None
         for choice, members in self.groups.items():
             local = torch.nonzero(torch.isin(rows, members)).flatten()
             if local.numel() == 0:
@@ -162,10 +161,13 @@ class StepSelection:
                                      o.num_kv_heads, lambda: summaries(local),
                                      lambda: keys(local))
             mask = self._choose(choice, inputs)
-            if every:
+            if every:  # one choice for the whole batch: the usual case
                 masks = mask
-            else:
-                masks[local.to(q.device)] = mask
+                break
+            if masks is None:
+                masks = torch.zeros(*q.shape[:2], o.num_kv_heads, num_pages, dtype=torch.bool,
+                                    device=q.device)
+            masks[local.to(q.device)] = mask
         self._count(layer, masks, positions, valid, q, summaries, keys, rows)
         return masks
 
