@@ -193,6 +193,14 @@ def _info(ns: argparse.Namespace) -> int:
             "pool pages": f"{store.backend.num_slots:,}",
             "link": str(getattr(store.backend, "link", None) or "none"),
         })
+    sc = llm.config.selection
+    budget = sc.token_budget
+    rows.update({
+        "selector": sc.selector,
+        "token budget": f"{budget} tokens" if isinstance(budget, int) else f"{budget:.1%} of the context",
+        "dense layers": sc.dense_layers,
+        "summary bytes (one page)": f"{engine.cache.summaries.slot_bytes:,}",
+    })
     llm.close()
     width = max(map(len, rows))
     for key, value in rows.items():
