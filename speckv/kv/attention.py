@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from speckv.kv.cache import KVCacheManager, RequestId
+from speckv.selection.selectors import grouped
 from speckv.selection.step import StepSelection
 
 DecodeAttention = Callable[..., torch.Tensor]
@@ -70,9 +71,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     key_pos = (page_indices[:, :, None] * page_size + offsets).view(batch, 1, length)
     mask = (key_pos <= query_positions[:, :, None]) & (key_pos < context_lens[:, None, None])
     # GQA without repeating K/V: the G query heads of a KV head become G query rows.
-    # q: [B, Q, Hkv, G, D] -> [B, Hkv, Q*G, D]; mask: [B, Q, L] -> [B, 1, Q*G, L]
-    q = q.view(batch, num_q, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
-    q = q.reshape(batch, num_kv_heads, num_q * group, head_dim)
+    # q: [B, Q, H, D] -> [B, Hkv, Q*G, D]; mask: [B, Q, L] -> [B, 1, Q*G, L]
+    q = grouped(q, num_kv_heads)
     heads = 1
     if page_mask is not None:  # [B, Q, Hkv, P] -> per-token, per-head mask [B, Hkv, Q, L]
         heads = num_kv_heads
