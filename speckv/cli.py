@@ -1,4 +1,4 @@
-"""The `speckv` command: generate, info, bench.
+"""The `speckv` command: generate, serve, info, memnode, bench.
 
 Engine options are generated from the config dataclasses, so every option here is
 also a keyword of `LLM(...)` with the same name in snake_case (`--page-size` is
@@ -110,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(gen, SamplingParams, "sampling (per request)", _ENGINE_DEFAULTED)
     _add_engine_options(gen)
 
+    serve = sub.add_parser(
+        "serve", help="run the OpenAI-compatible HTTP server",
+        description="Serve the engine over HTTP with the OpenAI API: POST /v1/completions, "
+                    "POST /v1/chat/completions (stream: server-sent events), GET /v1/models, "
+                    "GET /health, GET /metrics (Prometheus). Requests join the running batch "
+                    "between steps. SIGINT/SIGTERM drain and exit 0.",
+        epilog="Example: speckv serve --port 8000 --pool local --codec int8, then use any "
+               "OpenAI client with base_url=http://127.0.0.1:8000/v1. Requests also take "
+               "speckv's options top_k, ignore_eos, selector and token_budget.")
+    from speckv.server.config import ServerConfig
+
+    add_dataclass_options(serve, ServerConfig, "server")
+    _add_engine_options(serve)
+
     info = sub.add_parser("info", help="print the model's config, parameters and KV bytes per token")
     _add_engine_options(info)
 
@@ -143,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(ns, parser)
         if ns.command == "info":
             return _info(ns)
+        if ns.command == "serve":
+            return _serve(ns)
         if ns.command == "memnode":
             from speckv.pool import memnode_server
 
@@ -163,6 +179,15 @@ def _make_llm(ns: argparse.Namespace):
     from speckv.engine.llm import LLM
 
     return LLM(**engine_options(ns))
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from speckv.server import serve
+    from speckv.server.config import ServerConfig
+
+    config = ServerConfig(**_pick(ns, ServerConfig))  # bad options fail before the model loads
+    llm = _make_llm(ns)
+    return serve.run(llm.engine, config, log_level="info" if ns.verbose else "warning")
 
 
 def _info(ns: argparse.Namespace) -> int:

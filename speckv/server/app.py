@@ -1,0 +1,280 @@
+"""The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions, /v1/models, and
+/health and /metrics.
+
+Every error body is OpenAI's: `{"error": {"message", "type", "param", "code"}}`;
+400 names the field at fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from speckv.engine.outputs import RequestOutput
+from speckv.models.tokenizer import Tokenizer
+from speckv.server.async_engine import ACCEPTED, AsyncEngine, EngineError, Overloaded, ShuttingDown
+from speckv.server.config import ServerConfig
+from speckv.server.protocol import (ChatCompletionRequest, CompletionRequest, ResponseShape,
+                                    _Sampling, error_body)
+
+logger = logging.getLogger(__name__)
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind, self.headers = kind, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.kind, self.param, self.code),
+                            status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What the routes need to know of the engine, read once at start."""
+
+    name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+
+
+def build_app(engine: AsyncEngine, model: ServedModel, config: ServerConfig) -> FastAPI:
+    """The FastAPI application; the engine loop starts and stops with it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.shutdown, 0.0)  # uvicorn already waited the grace
+
+    app = FastAPI(title="speckv", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_exception_handler(APIError, lambda request, exc: exc.response())
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.accepting:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(_v1_router(engine, model, config))
+    return app
+
+
+def _v1_router(engine: AsyncEngine, model: ServedModel, config: ServerConfig) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_bearer(config.api_key))])
+    created = int(time.time())
+
+    @router.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": model.name, "object": "model", "created": created, "owned_by": "speckv",
+             "max_model_len": model.max_model_len}]}
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        prompt = body.prompt
+        token_ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return await _serve(engine, model, config, body, token_ids, "prompt", request, chat=False)
+
+    @router.post("/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        token_ids = model.tokenizer.encode(text)
+        return await _serve(engine, model, config, body, token_ids, "messages", request, chat=True)
+
+    return router
+
+
+def _bearer(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", kind="authentication_error")
+
+    return check
+
+
+async def _serve(engine: AsyncEngine, model: ServedModel, config: ServerConfig, body: _Sampling,
+                 token_ids: list[int], prompt_field: str, request: Request, chat: bool) -> Response:
+    if body.model != model.name:
+        raise APIError(400, f"model {body.model!r} is not served here; this server serves "
+                       f"{model.name!r}", param="model", code="model_not_found")
+    max_tokens = _max_tokens(body, len(token_ids), prompt_field, model.max_model_len, config)
+    try:
+        params = body.sampling_params(max_tokens)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=_param_of(str(exc))) from exc
+    try:
+        rid, outputs = engine.submit(token_ids, params, prefix="chatcmpl" if chat else "cmpl")
+    except Overloaded as exc:
+        raise APIError(429, str(exc), code="queue_full", kind="rate_limit_error",
+                       headers={"Retry-After": str(exc.retry_after)}) from exc
+    except ShuttingDown as exc:
+        raise APIError(503, str(exc), kind="server_error", headers={"Retry-After": "5"}) from exc
+    first = await _next(engine, rid, outputs, request)  # ACCEPTED, or why not
+    if isinstance(first, EngineError):
+        raise _engine_error(first)
+    shape = ResponseShape(chat, model.name)
+    if body.stream:
+        return StreamingResponse(_sse(engine, rid, outputs, shape, body.include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    while True:
+        item = await _next(engine, rid, outputs, request)
+        if isinstance(item, EngineError):
+            raise _engine_error(item)
+        if item.finished:
+            return JSONResponse(shape.full(item))
+
+
+def _max_tokens(body: _Sampling, prompt_tokens: int, prompt_field: str, context: int,
+                config: ServerConfig) -> int:
+    if prompt_tokens >= context:
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens; the context window is "
+                       f"{context} tokens and needs room for one generated token",
+                       param=prompt_field, code="context_length_exceeded")
+    asked = body.requested_max_tokens() if isinstance(body, ChatCompletionRequest) else body.max_tokens
+    if asked is None:
+        return min(config.default_max_tokens, context - prompt_tokens)
+    if prompt_tokens + asked > context:
+        raise APIError(400, f"max_tokens={asked} plus the prompt's {prompt_tokens} tokens is "
+                       f"more than the context window of {context} tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    return asked
+
+
+def _param_of(message: str) -> str | None:
+    for name in ("token_budget", "selector", "max_tokens", "temperature", "top_p", "top_k", "stop"):
+        if name in message:
+            return name
+    return None
+
+
+def _engine_error(error: EngineError) -> APIError:
+    if error.bad_request:
+        return APIError(400, error.message, param=_param_of(error.message))
+    return APIError(500, error.message, kind="server_error")
+
+
+async def _next(engine: AsyncEngine, rid: str, outputs: asyncio.Queue,
+                request: Request) -> RequestOutput | EngineError | object:
+    """The request's next output; aborts it if the client goes away while waiting."""
+    while True:
+        try:
+            item = await asyncio.wait_for(outputs.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                engine.abort(rid)
+                raise APIError(499, "client disconnected") from None
+            continue
+        return item
+
+
+async def _sse(engine: AsyncEngine, rid: str, outputs: asyncio.Queue, shape: ResponseShape,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events of one request; a client that goes away aborts it."""
+    finished = False
+    try:
+        first = True
+        while not finished:
+            item = await outputs.get()
+            if isinstance(item, EngineError):
+                finished = True
+                yield _event(error_body(item.message, "server_error"))
+                break
+            finished = item.finished
+            reason = item.finish_reason if finished else None
+            if item.delta or finished or (first and shape.chat):
+                yield _event(shape.chunk(item.delta, reason, first=first))
+                first = False
+            if finished and include_usage:
+                yield _event(shape.usage_chunk(item))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            engine.abort(rid)
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    error = exc.errors()[0]
+    if error.get("type") == "json_invalid":
+        return JSONResponse(error_body(f"malformed JSON body: {error.get('msg')}"),
+                            status_code=400)
+    loc = [p for p in error.get("loc", ())[1:]
+           if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or "-" in p))]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    message = error.get("msg", "invalid value")
+    if error.get("type") == "missing":
+        message = "field required"
+    return JSONResponse(error_body(f"{param}: {message}" if param else message, param=param),
+                        status_code=400)
+
+
+class BodyLimit:
+    """Answers 413 to a request body above `max_bytes` (by Content-Length, or as it arrives)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise APIError(413, "request body too large")
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except APIError:
+            await self._reject(send)
+
+    async def _reject(self, send) -> None:
+        response = APIError(413, f"request body is larger than {self.max_bytes} bytes",
+                            code="body_too_large").response()
+        await response({"type": "http"}, None, send)

@@ -1,0 +1,255 @@
+"""The engine loop: one thread owns the `LLMEngine`; HTTP handlers talk to it by messages.
+
+    handler ──submit──► commands ──► engine thread: add / abort, then engine.step()
+       ▲                                   │
+       └──── asyncio.Queue per request ◄───┘  (RequestOutput, or an EngineError)
+
+Requests join the running batch between steps (continuous batching). Only the engine
+thread touches the engine; handlers read `snapshot`, a stats dict replaced whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from speckv.engine.llm_engine import LLMEngine
+from speckv.engine.outputs import RequestOutput
+from speckv.engine.sampling_params import SamplingParams
+from speckv.pool.base import PoolUnavailable
+from speckv.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+_SNAPSHOT_EVERY = 0.2  # seconds between stats snapshots while stepping
+_RATE_WINDOW = 10.0  # seconds of history behind the tokens/s gauge
+
+
+ACCEPTED = object()  # the first item of a request's queue once the engine has added it
+
+
+class Overloaded(Exception):
+    """The queue is full (429): retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the server is busy: too many requests are waiting")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The server stopped admitting requests (503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineError:
+    """Delivered instead of an output: `bad_request` errors are the client's (400)."""
+
+    message: str
+    bad_request: bool = False
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+    num_tokens: int = 0
+
+    def put(self, item: RequestOutput | EngineError) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+class AsyncEngine:
+    """Runs an `LLMEngine` on a thread of its own and streams outputs to asyncio callers."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted, not yet added by the engine thread
+        self._num_waiting = 0  # the scheduler's queue after the last step
+        self._accepting = True
+        self._stop = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._ids = itertools.count()
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens/s
+        self.snapshot: dict = self._stats()
+        self._thread = threading.Thread(target=self._run, name="speckv-engine", daemon=True)
+
+    # ------------------------------------------------------------ handler side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return self._pending + self._num_waiting
+
+    def submit(self, token_ids: list[int], params: SamplingParams, prefix: str = "req",
+               ) -> tuple[str, asyncio.Queue]:
+        """Queues a request; its outputs arrive on the returned queue.
+
+        Raises:
+            Overloaded: `max_waiting` requests are already waiting.
+            ShuttingDown: the server is draining.
+        """
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if self._pending + self._num_waiting >= self.max_waiting:
+                self.metrics.rejected.inc()
+                raise Overloaded(self._retry_after())
+            self._pending += 1
+        rid = f"{prefix}-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._commands.put(("add", rid, token_ids, params, stream))
+        self._wake.set()
+        return rid, stream.outputs
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request (client gone); its pages are freed by the engine thread."""
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def _retry_after(self) -> int:
+        """Seconds until a queue place is likely free: one mean request time, at least 1."""
+        mean = self.metrics.mean_request_seconds()
+        return max(1, round(mean)) if mean else 1
+
+    def drain(self) -> None:
+        """Stops admitting: new requests get 503; running ones go on."""
+        with self._lock:
+            self._accepting = False
+
+    def shutdown(self, grace: float) -> None:
+        """Drains, lets in-flight requests finish for up to `grace` seconds, aborts the rest,
+        stops the thread and closes the engine (freeing every tier)."""
+        self.drain()
+        deadline = time.monotonic() + grace
+        while self.snapshot.get("requests_in_flight", 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.engine.close()
+
+    # ------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        last_snapshot = 0.0
+        while True:
+            self._handle_commands()
+            if self._stop.is_set():
+                self._abort_all("the server shut down before the request finished")
+                break
+            if not self.engine.has_unfinished():
+                self.snapshot = self._stats()
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            self._step()
+            now = time.monotonic()
+            if now - last_snapshot >= _SNAPSHOT_EVERY:
+                self.snapshot, last_snapshot = self._stats(), now
+        self.snapshot = self._stats()
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                self._add(*command[1:])
+            else:
+                self._abort(command[1])
+
+    def _add(self, rid: str, token_ids: list[int], params: SamplingParams, stream: _Stream) -> None:
+        try:
+            self.engine.add_request(token_ids, params, request_id=rid)
+        except PoolUnavailable as exc:
+            stream.put(EngineError(f"the KV pool is unavailable: {exc}"))
+        except ValueError as exc:
+            stream.put(EngineError(str(exc), bad_request=True))
+        else:
+            self._streams[rid] = stream
+            stream.put(ACCEPTED)
+        finally:
+            with self._lock:
+                self._pending -= 1
+                self._num_waiting = len(self.engine.scheduler.waiting)
+
+    def _abort(self, rid: str) -> None:
+        if self._streams.pop(rid, None) is not None:
+            self.engine.abort(rid)
+            self.metrics.aborted.inc()
+
+    def _abort_all(self, why: str) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort(rid)
+            stream.put(EngineError(why))
+        self._streams.clear()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except PoolUnavailable as exc:  # the engine aborted every request already
+            logger.error("KV pool lost: %s", exc)
+            self._abort_all(f"the KV pool became unavailable: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 — fail the batch, keep serving the rest
+            logger.exception("engine step failed; aborting its requests")
+            self._abort_all(f"engine error: {type(exc).__name__}: {exc}")
+            return
+        now = time.perf_counter()
+        for out in outputs:
+            self._deliver(out, now)
+        with self._lock:
+            self._num_waiting = len(self.engine.scheduler.waiting)
+
+    def _deliver(self, out: RequestOutput, now: float) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        new_tokens = out.num_generated_tokens - stream.num_tokens
+        if new_tokens > 0:
+            if stream.last_token is None:
+                self.metrics.time_to_first_token.observe(now - stream.arrival)
+            else:
+                self.metrics.inter_token_latency.observe((now - stream.last_token) / new_tokens)
+            stream.last_token, stream.num_tokens = now, out.num_generated_tokens
+            self.metrics.generation_tokens.inc(new_tokens)
+            self._recent.append((now, new_tokens))
+        if out.finished:
+            del self._streams[out.request_id]
+            self.metrics.request_finished(out.finish_reason, now - stream.arrival,
+                                          out.num_prompt_tokens)
+        stream.put(out)
+
+    def _tokens_per_second(self) -> float:
+        now = time.perf_counter()
+        while self._recent and self._recent[0][0] < now - _RATE_WINDOW:
+            self._recent.popleft()
+        return sum(n for _, n in self._recent) / _RATE_WINDOW
+
+    def _stats(self) -> dict:
+        stats = self.engine.stats()
+        stats["requests_in_flight"] = len(self._streams) + self._pending
+        stats["generation_tokens_per_second"] = self._tokens_per_second()
+        return stats

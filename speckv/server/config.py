@@ -1,0 +1,46 @@
+"""Options of the HTTP server (the engine's own options are `speckv.config`'s)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where the server listens, who may use it and how much it queues."""
+
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to bind; the loopback by default, another host only when asked "
+                "(e.g. 0.0.0.0, then also set --api-key)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port)"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require 'Authorization: Bearer KEY' on every /v1 route (default: the "
+                "SPECKV_API_KEY environment variable if set, else no key)"})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "the model name clients must send (default: the model file's name, e.g. "
+                "SmolLM2-135M-Instruct)"})
+    max_waiting: int = field(default=128, metadata={
+        "help": "most requests queued behind the running batch; beyond it the server "
+                "answers 429 with Retry-After"})
+    max_body_bytes: int = field(default=1 << 20, metadata={
+        "help": "largest request body accepted, in bytes; larger ones get 413"})
+    default_max_tokens: int = field(default=256, metadata={
+        "help": "max_tokens of a request that does not set it"})
+    shutdown_grace_seconds: float = field(default=30.0, metadata={
+        "help": "on SIGINT/SIGTERM, how long in-flight requests may finish before they are "
+                "aborted"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError(
+                f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key is empty: give a key, or leave the option out")

@@ -1,0 +1,101 @@
+"""Prometheus metrics of the server, in a registry of its own (no process-wide state).
+
+Latencies are histograms observed as tokens are produced; the engine's counters
+(pages and bytes per tier, fetches, stall seconds, selection, and whatever later
+subsystems add to `LLMEngine.stats()`) are read from the engine loop's latest
+snapshot at scrape time, each numeric one as `speckv_engine_<name>`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                    2.0, 5.0, 10.0, 30.0, 60.0)
+
+# engine stats shown under a name of their own (the issue's list), besides speckv_engine_*
+_NAMED = {
+    "requests_running": ("speckv_requests_running", "requests in the running batch"),
+    "requests_waiting": ("speckv_requests_waiting", "requests queued for memory or a batch place"),
+    "generation_tokens_per_second": ("speckv_generation_tokens_per_second",
+                                     "generated tokens per second over the last 10 s"),
+    "device_pages_free": ("speckv_device_pages_free", "free pages in the DEVICE tier"),
+    "device_pages_total": ("speckv_device_pages_total", "pages in the DEVICE tier"),
+    "tier_stall_seconds": ("speckv_stall_seconds_total",
+                           "seconds attention waited for pages to be fetched"),
+}
+
+
+class _EngineCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._snapshot()
+        for key, (name, text) in _NAMED.items():
+            if key in stats:
+                yield GaugeMetricFamily(name, text, value=float(stats[key]))
+        tiers = GaugeMetricFamily("speckv_tier_bytes", "bytes held per tier", labels=["tier"])
+        tiers.add_metric(["device"], float(stats.get("device_kv_bytes_used", 0)))
+        if "pool_encoded_bytes" in stats:
+            tiers.add_metric(["pool"], float(stats["pool_encoded_bytes"]))
+        yield tiers
+        hits = stats.get("prefetch_hit_rate")
+        if hits is not None:
+            yield GaugeMetricFamily("speckv_prefetch_hit_rate",
+                                    "prefetched pages used / prefetched pages", value=float(hits))
+        for key, value in stats.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            yield GaugeMetricFamily(f"speckv_engine_{key}", f"LLMEngine.stats()['{key}']",
+                                    value=float(value))
+
+
+class ServerMetrics:
+    """Counters and histograms the engine loop updates (prometheus_client is thread-safe)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "speckv_time_to_first_token_seconds", "arrival to first generated token",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "speckv_inter_token_latency_seconds", "time between generated tokens",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_latency = Histogram(
+            "speckv_request_latency_seconds", "arrival to finish",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("speckv_requests", "finished requests", ["finish_reason"],
+                                registry=r)
+        self.generation_tokens = Counter("speckv_generation_tokens", "generated tokens",
+                                         registry=r)
+        self.prompt_tokens = Counter("speckv_prompt_tokens", "prompt tokens of finished requests",
+                                     registry=r)
+        self.rejected = Counter("speckv_requests_rejected", "requests answered 429 (queue full)",
+                                registry=r)
+        self.aborted = Counter("speckv_requests_aborted", "requests aborted (client gone)",
+                               registry=r)
+        self._latency_sum = 0.0
+        self._latency_count = 0
+
+    def watch(self, snapshot: Callable[[], dict]) -> None:
+        """Exports the engine stats that `snapshot()` returns at each scrape."""
+        self.registry.register(_EngineCollector(snapshot))
+
+    def request_finished(self, finish_reason: str | None, seconds: float, prompt_tokens: int) -> None:
+        self.requests.labels(finish_reason or "unknown").inc()
+        self.request_latency.observe(seconds)
+        self.prompt_tokens.inc(prompt_tokens)
+        self._latency_sum += seconds
+        self._latency_count += 1
+
+    def mean_request_seconds(self) -> float | None:
+        return self._latency_sum / self._latency_count if self._latency_count else None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,185 @@
+"""Request bodies of the OpenAI API (the part speckv serves) and the response shapes.
+
+Unknown fields are ignored, as OpenAI's clients send some that do not apply. Beside
+the OpenAI fields, requests take speckv's per-request options: `top_k`,
+`ignore_eos`, `selector`, `token_budget`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+from speckv.engine.outputs import RequestOutput
+from speckv.engine.sampling_params import SamplingParams
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # speckv's own
+    top_k: int = Field(default=0, ge=0)
+    ignore_eos: StrictBool = False
+    selector: str | None = None
+    token_budget: int | float | str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """Raises ValueError (from SamplingParams) for a bad selector budget."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop,
+                              ignore_eos=self.ignore_eos, selector=self.selector,
+                              token_budget=self.token_budget)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str]
+    echo: StrictBool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ValueError("only one prompt per request is supported")
+            prompt = prompt[0]
+        if not prompt:
+            raise ValueError("prompt is empty")
+        return prompt
+
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, value: Any, info) -> Any:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported")
+        return value
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ---------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(out: RequestOutput) -> dict:
+    return {"prompt_tokens": out.num_prompt_tokens,
+            "completion_tokens": out.num_generated_tokens,
+            "total_tokens": out.num_prompt_tokens + out.num_generated_tokens}
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    return out.finish_reason if out.finished else None
+
+
+class ResponseShape:
+    """Builds the response objects of one request (completion or chat)."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def full(self, out: RequestOutput) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                      "finish_reason": out.finish_reason, "logprobs": None}
+            body = self._envelope("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason,
+                      "logprobs": None}
+            body = self._envelope("text_completion", [choice])
+        body["usage"] = usage(out)
+        return body
+
+    def chunk(self, text: str, reason: str | None, first: bool = False) -> dict:
+        if self.chat:
+            delta: dict = {"role": "assistant", "content": text} if first else {"content": text}
+            if reason is not None and not text:
+                delta = {}
+            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, out: RequestOutput) -> dict:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        body["usage"] = usage(out)
+        return body

@@ -1,0 +1,415 @@
+"""`speckv serve` as a real process, driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from speckv import SamplingParams
+
+openai = pytest.importorskip("openai")
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The harbour at dawn was quiet, and the fishing boats"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`speckv serve` started the way a user starts it; stopped with a signal."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "speckv.cli", "serve", "--port", str(self.port),
+               "--device-kv-bytes", "64MiB", *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise RuntimeError("server did not become healthy in 180 s")
+
+    def client(self, key: str = "none", **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+
+    def get(self, path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return r.status, r.read().decode()
+
+    def post(self, path: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read()), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
+
+    def metrics(self) -> dict[str, float]:
+        values = {}
+        for line in self.get("/metrics")[1].splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
+        """Metrics once nothing runs or waits and every DEVICE page is free."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if (m["speckv_device_pages_free"] == m["speckv_device_pages_total"]
+                    and m["speckv_requests_running"] == 0 and m["speckv_requests_waiting"] == 0
+                    and m["speckv_engine_requests_in_flight"] == 0):
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not idle after {timeout} s: {m}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def reference(make_llm):
+    """The in-process engine on the same options: what the server must answer."""
+    llm = make_llm(device_kv_bytes="64MiB")
+    yield llm
+    llm.close()
+
+
+# ---------------------------------------------------------------- the OpenAI API
+
+
+def test_completion_is_the_engines_greedy_output_with_usage(server, reference):
+    out = server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=24,
+                                             temperature=0)
+    ref = reference.generate(PROMPT, SamplingParams(max_tokens=24, temperature=0))[0]
+    assert out.object == "text_completion" and out.model == MODEL
+    assert out.choices[0].text == ref.text
+    assert out.choices[0].finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == ref.num_prompt_tokens
+    assert out.usage.completion_tokens == ref.num_generated_tokens
+    assert out.usage.total_tokens == ref.num_prompt_tokens + ref.num_generated_tokens
+
+
+def test_chat_uses_the_chat_template(server, reference):
+    messages = [{"role": "system", "content": "You answer in one sentence."},
+                {"role": "user", "content": "What is the sea?"}]
+    out = server.client().chat.completions.create(model=MODEL, messages=messages,
+                                                  max_tokens=20, temperature=0)
+    ref = reference.chat(messages, SamplingParams(max_tokens=20, temperature=0))[0]
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ref.text
+    assert out.usage.prompt_tokens == ref.num_prompt_tokens
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streaming_gives_the_same_text_then_usage_then_done(server, chat):
+    client = server.client()
+    args = dict(model=MODEL, max_tokens=20, temperature=0)
+    if chat:
+        args["messages"] = [{"role": "user", "content": PROMPT}]
+        whole = client.chat.completions.create(**args).choices[0].message.content
+        chunks = list(client.chat.completions.create(
+            **args, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[0].choices[0].delta.role == "assistant"
+    else:
+        args["prompt"] = PROMPT
+        whole = client.completions.create(**args).choices[0].text
+        chunks = list(client.completions.create(
+            **args, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert len(chunks) > 3 and text == whole
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[-1] == "length" and set(reasons[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_raw_stream_ends_with_done(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "stream": True}),
+        {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
+    events = [e for e in resp.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]" and len(events) >= 2
+
+
+def test_stop_string_cuts_the_text(server):
+    client = server.client()
+    free = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0)
+    text = free.choices[0].text
+    words = text.split()
+    stop = words[len(words) // 2]
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0,
+                                    stop=[stop])
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == text[:text.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=stop, stream=True))
+    assert streamed == out.choices[0].text
+
+
+def test_seed_makes_sampling_reproducible(server):
+    client = server.client()
+
+    def sample(seed):
+        return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16,
+                                         temperature=1.0, seed=seed).choices[0].text
+
+    first = sample(7)
+    assert sample(7) == first
+    assert any(sample(s) != first for s in (8, 9, 10))
+
+
+def test_models_health_and_metrics(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert server.get("/health") == (200, '{"status":"ok"}')
+    m = server.wait_idle()
+    assert m["speckv_device_pages_total"] > 0
+    for name in ("speckv_time_to_first_token_seconds_count", "speckv_inter_token_latency_seconds_count",
+                 "speckv_generation_tokens_per_second", 'speckv_tier_bytes{tier="device"}',
+                 "speckv_generation_tokens_total"):
+        assert name in m, name
+
+
+# ---------------------------------------------------------------- bad input
+
+
+BAD = [
+    ({"model": MODEL, "prompt": PROMPT, "max_tokens": "many"}, "max_tokens"),
+    ({"model": MODEL, "prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "prompt": PROMPT, "max_tokens": 9000}, "max_tokens"),
+    ({"model": MODEL, "prompt": PROMPT, "temperature": -1}, "temperature"),
+    ({"model": MODEL, "prompt": PROMPT, "top_p": 0}, "top_p"),
+    ({"model": MODEL, "prompt": PROMPT, "n": 2}, "n"),
+    ({"model": MODEL, "prompt": PROMPT, "stop": [""]}, "stop"),
+    ({"model": MODEL, "prompt": PROMPT, "stream": "yes"}, "stream"),
+    ({"model": MODEL, "prompt": PROMPT, "seed": "x"}, "seed"),
+    ({"model": MODEL, "prompt": PROMPT, "token_budget": 0}, "token_budget"),
+    ({"model": MODEL, "prompt": PROMPT, "selector": "nope"}, "selector"),
+    ({"model": MODEL, "prompt": ""}, "prompt"),
+    ({"model": MODEL, "prompt": [1] * 8192}, "prompt"),
+    ({"model": MODEL}, "prompt"),
+    ({"model": "gpt-4", "prompt": PROMPT}, "model"),
+    ({"prompt": PROMPT}, "model"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD)])
+def test_bad_completion_requests_are_400_naming_the_field(server, body, param):
+    status, err, _ = server.post("/v1/completions", body)
+    assert status == 400, err
+    assert err["error"]["param"] == param, err
+    assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 9000}]}, "messages"),
+])
+def test_bad_chat_requests_are_400_naming_the_field(server, body, param):
+    status, err, _ = server.post("/v1/chat/completions", body)
+    assert status == 400 and err["error"]["param"] == param, err
+
+
+def test_malformed_json_oversized_body_and_the_server_goes_on(server):
+    status, err, _ = server.post("/v1/completions", b'{"model": "x", "prompt": ')
+    assert status == 400 and "malformed JSON" in err["error"]["message"]
+    status, err, _ = server.post("/v1/completions", b"x" * (2 << 20))
+    assert status == 413 and err["error"]["code"] == "body_too_large"
+    with pytest.raises(openai.BadRequestError) as exc:
+        server.client().completions.create(model="gpt-4", prompt=PROMPT)
+    assert exc.value.body["code"] == "model_not_found"
+    out = server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
+    assert out.usage.completion_tokens == 3
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def test_disconnect_mid_stream_aborts_and_frees_the_pages(server):
+    before = server.metrics()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": PROMPT * 20, "max_tokens": 1000, "ignore_eos": True,
+         "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    for _ in range(5):  # a few tokens arrive: the request holds pages now
+        assert resp.readline().startswith(b"data: ")
+        resp.readline()
+    busy = server.metrics()
+    assert busy["speckv_device_pages_free"] < busy["speckv_device_pages_total"]
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    after = server.wait_idle()
+    assert after["speckv_requests_aborted_total"] == before["speckv_requests_aborted_total"] + 1
+    assert after["speckv_generation_tokens_total"] - before["speckv_generation_tokens_total"] < 1000
+
+
+def test_concurrent_streams_each_complete_once_and_leave_nothing(server):
+    client = server.client()
+    prompts = [PROMPT * k for k in (1, 2, 4, 8, 1, 3, 6, 12, 2, 5, 9, 1)]
+    results: dict[int, list] = {}
+    errors = []
+
+    def run(i):
+        try:
+            chunks = list(client.completions.create(
+                model=MODEL, prompt=prompts[i], max_tokens=8 + i, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+            results.setdefault(i, []).append(chunks)
+        except Exception as exc:  # noqa: BLE001 — reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert sorted(results) == list(range(len(prompts)))
+    for i, runs in results.items():
+        assert len(runs) == 1
+        chunks = runs[0]
+        assert chunks[-1].usage.completion_tokens == 8 + i
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    server.wait_idle()
+
+
+def test_api_key_is_required_on_v1_when_set():
+    s = Server(env={"SPECKV_API_KEY": "sesame"})
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        status, err, _ = s.post("/v1/completions", {"model": MODEL, "prompt": PROMPT})
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+        assert s.get("/health")[0] == 200  # not an API route
+        out = s.client("sesame").completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        assert out.usage.completion_tokens == 2
+    finally:
+        assert s.stop() == 0
+
+
+def test_full_queue_answers_429_with_retry_after():
+    s = Server("--max-num-seqs", "1", "--max-waiting", "1")
+    try:
+        client = s.client()
+        running = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1000,
+                                            stream=True, extra_body={"ignore_eos": True})
+        next(iter(running))  # it runs: the one batch place is taken
+        waiting = threading.Thread(target=lambda: client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2))
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while s.metrics()["speckv_requests_waiting"] < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.05)
+        status, err, headers = s.post("/v1/completions", {"model": MODEL, "prompt": PROMPT})
+        assert status == 429 and err["error"]["code"] == "queue_full"
+        assert int(headers["retry-after"]) >= 1
+        running.close()  # the client goes away: the queued request runs and finishes
+        waiting.join(timeout=60)
+        assert not waiting.is_alive()
+        assert s.wait_idle()["speckv_requests_rejected_total"] == 1
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.slow
+def test_pool_failure_fails_the_request_with_500_and_the_server_goes_on(tmp_path):
+    from test_memnode import Node
+
+    node = Node(str(tmp_path / "memnode.sock"))
+    node.start()
+    s = Server("--pool", "memnode", "--memnode-socket", node.socket, "--device-kv-bytes",
+               str(3 * 30 * 24_576 * 2), "--pool-bytes", "32MiB")
+    try:
+        client = s.client()
+        stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        node.kill()
+        with pytest.raises(openai.APIError) as exc:
+            list(stream)
+        assert "pool" in str(exc.value)
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40)
+        assert "pool" in exc.value.body["message"]
+        node.start()
+        out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40)
+        assert out.usage.completion_tokens == 40
+        s.wait_idle()
+    finally:
+        assert s.stop() == 0
+        node.stop()
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0():
+    s = Server("--shutdown-grace-seconds", "60")
+    client = s.client()
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=60, stream=True,
+                                       extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    s.proc.send_signal(signal.SIGTERM)
+    rest = list(stream)  # the in-flight request still finishes
+    assert [c.choices[0].finish_reason for c in rest][-1] == "length"
+    assert len([first, *rest]) >= 30
+    assert s.proc.wait(timeout=60) == 0
+    with pytest.raises(OSError):
+        s.get("/health")
+
+
+def test_serve_rejects_bad_options():
+    run = [sys.executable, "-m", "speckv.cli", "serve"]
+    for args, word in ((["--port", "70000"], "port"), (["--max-waiting", "-1"], "max_waiting"),
+                       (["--api-key", ""], "api_key"), (["--selector", "nope"], "selector")):
+        p = subprocess.run(run + args, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and word in p.stderr, (args, p.stderr)
