@@ -239,6 +239,44 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """The prefetcher: which predictors guess the pages of coming layers and steps, and
+    the PREFETCH tier's byte budget (separate from DEVICE's)."""
+
+    predictor: str = field(default="none", metadata={
+        "help": "prefetch predictors, comma-separated: none, layer_ahead, step_ahead, "
+                "speculative_query (e.g. layer_ahead,step_ahead); needs a pool"})
+    prefetch_bytes: int | str = field(default="64MiB", metadata={
+        "help": "byte budget of the PREFETCH tier (decoded pages fetched ahead); a wrong "
+                "guess never evicts a DEVICE page"})
+    prefetch_depth: int = field(default=1, metadata={
+        "help": "how many layers ahead a prediction is issued"})
+    trace: str | None = field(default=None, metadata={
+        "help": "write one JSON line per engine step (time, stall, prefetch counts, bytes) "
+                "to this file"})
+
+    def __post_init__(self) -> None:
+        names = tuple(n.strip() for n in self.predictor.split(","))
+        if not all(names):
+            raise ValueError(f"predictor={self.predictor!r} has an empty name; write e.g. "
+                             "'layer_ahead' or 'layer_ahead,step_ahead'")
+        if "none" in names and len(names) > 1:
+            raise ValueError(f"predictor={self.predictor!r}: 'none' cannot be combined")
+        size = parse_size(self.prefetch_bytes)
+        if size < 0:
+            raise ValueError(f"prefetch_bytes must be >= 0, got {self.prefetch_bytes!r}")
+        object.__setattr__(self, "prefetch_bytes", size)
+        if self.prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be >= 1, got {self.prefetch_depth}")
+
+    @property
+    def predictors(self) -> tuple[str, ...]:
+        """The predictor names; empty for none."""
+        names = tuple(n.strip() for n in self.predictor.split(","))
+        return () if names == ("none",) else names
+
+
+@dataclass(frozen=True, slots=True)
 class SamplerConfig:
     """The engine's own randomness."""
 
@@ -255,6 +293,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
@@ -280,6 +319,7 @@ SUBSYSTEMS: dict[str, type] = {
     "cache": CacheConfig,
     "pool": PoolConfig,
     "selection": SelectionConfig,
+    "prefetch": PrefetchConfig,
     "scheduler": SchedulerConfig,
     "sampler": SamplerConfig,
 }

@@ -75,6 +75,11 @@ def assert_no_leak(engine: LLMEngine) -> None:
         assert cache.committed_pages == 0 and cache.num_evicted == 0
         assert cache.reserved_pool_pages == 0
         assert not cache.store.evictable.any() and (cache.store.owner == -1).all()
+    prefetcher = cache.prefetcher
+    if prefetcher is not None and prefetcher.buffer is not None:
+        prefetcher.drain()  # transfers in flight complete (or release) first
+        assert prefetcher.buffer.num_used == 0, f"{prefetcher.buffer.num_used} PREFETCH pages leaked"
+        assert not prefetcher.buffer.keys()
 
 
 def check_tier_invariants(engine: LLMEngine) -> None:
@@ -101,6 +106,9 @@ def check_tier_invariants(engine: LLMEngine) -> None:
     assert backend.num_slots - backend.num_free <= backend.num_slots
     assert (engine.cache.pool.num_used_pages * engine.page_bytes
             <= engine.config.cache.device_kv_bytes)
+    prefetcher = cache.prefetcher
+    if prefetcher is not None and prefetcher.buffer is not None:  # its own budget
+        assert prefetcher.buffer.num_used * engine.page_bytes <= engine.config.prefetch.prefetch_bytes
 
 
 def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, object]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import urllib.request
 import pytest
 
 from speckv import SamplingParams
+from speckv.server.process import ServerProcess
 
 openai = pytest.importorskip("openai")
 
@@ -24,82 +24,24 @@ MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The harbour at dawn was quiet, and the fishing boats"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`speckv serve` started the way a user starts it; stopped with a signal."""
+class Server(ServerProcess):
+    """`speckv serve` on a small DEVICE tier, with the client helpers the tests use."""
 
     def __init__(self, *args: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "speckv.cli", "serve", "--port", str(self.port),
-               "--device-kv-bytes", "64MiB", *args]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if self.get("/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.25)
-        self.stop()
-        raise RuntimeError("server did not become healthy in 180 s")
+        super().__init__("--device-kv-bytes", "64MiB", *args, env=env)
 
-    def client(self, key: str = "none", **kw) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+    def client(self, key: str = "none") -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
 
-    def get(self, path: str) -> tuple[int, str]:
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return r.status, r.read().decode()
-
-    def post(self, path: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict, dict]:
+    def post(self, path: str, body: bytes | dict) -> tuple[int, dict, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, json.loads(r.read()), dict(r.headers)
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
-
-    def metrics(self) -> dict[str, float]:
-        values = {}
-        for line in self.get("/metrics")[1].splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
-
-    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
-        """Metrics once nothing runs or waits and every DEVICE page is free."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.metrics()
-            if (m["speckv_device_pages_free"] == m["speckv_device_pages_total"]
-                    and m["speckv_requests_running"] == 0 and m["speckv_requests_waiting"] == 0
-                    and m["speckv_engine_requests_in_flight"] == 0):
-                return m
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not idle after {timeout} s: {m}")
-            time.sleep(0.1)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")

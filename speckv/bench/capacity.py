@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from speckv.bench.common import publish
+from speckv.bench.common import parse_options, publish
 
 DEFAULT_CONFIGS = ("none@local,int8@local,kivi4@local,kivi2@local,int8+zstd@local,"
                    "none@memnode,int8@memnode,none@memnode:cxl2-x16,int8@memnode:cxl2-x16,"
@@ -46,7 +46,9 @@ def add_parser(sub, add_engine_options) -> None:
     p.add_argument("--factor", type=int, default=8,
                    help="tiered runs serve this many times --base-seqs (default: 8)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help=f"tiered configurations CODEC@BACKEND[:LINK] (default: {DEFAULT_CONFIGS})")
+                   help="tiered configurations CODEC@BACKEND[:LINK][/OPTION=VALUE;...], e.g. "
+                        "int8@memnode:cxl2-x16/selector=quest;token_budget=256;predictor=layer_ahead "
+                        f"(default: {DEFAULT_CONFIGS})")
     p.add_argument("--plot", help="sweep the budget and save throughput/concurrency vs budget (PNG)")
     p.add_argument("--budgets", default="1,2,4", help="budgets for --plot, in sequences' worth (default: 1,2,4)")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -54,7 +56,9 @@ def add_parser(sub, add_engine_options) -> None:
 
 
 def parse_config(text: str) -> dict[str, str]:
-    """`int8@memnode:cxl2-x16` -> {"codec": "int8", "pool": "memnode", "link": "cxl2-x16"}."""
+    """`int8@memnode:cxl2-x16` -> {"codec": "int8", "pool": "memnode", "link": "cxl2-x16"};
+    engine options may follow a `/`, `;`-separated: `int8@memnode/selector=quest;token_budget=256`."""
+    text, _, extra = text.partition("/")
     codec, sep, rest = text.partition("@")
     backend, _, link = rest.partition(":")
     if not sep or not codec or backend not in ("local", "memnode") or (link and backend != "memnode"):
@@ -63,6 +67,8 @@ def parse_config(text: str) -> dict[str, str]:
     options = {"codec": codec, "pool": backend}
     if link:
         options["link"] = link
+    if extra:
+        options.update(parse_options(extra.replace(";", ","), "--configs"))
     return options
 
 

@@ -14,7 +14,8 @@ from typing import Iterable
 
 import torch
 
-from speckv.config import EngineConfig, format_size
+from speckv.config import EngineConfig, PrefetchConfig, format_size
+from speckv.engine.trace import StepTrace
 from speckv.engine.model_runner import ModelRunner
 from speckv.engine.outputs import RequestOutput
 from speckv.engine.sampler import Sampler
@@ -33,6 +34,7 @@ from speckv.codecs.base import PageShape, make_codec
 from speckv.pool.base import POOLS, PoolUnavailable
 from speckv.models.loaded import LoadedModel, load_model, resolve_device
 from speckv.models.tokenizer import IncrementalDetokenizer
+from speckv.prefetch.prefetcher import Prefetcher
 from speckv.selection.step import Choice, PageSelection
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class LLMEngine:
         self.device, self.dtype = loaded.model.device, loaded.model.dtype
         self.max_model_len = loaded.context_window(config.model)
         self.cache = self._build_cache(config)
+        self.prefetcher = self._build_prefetcher(config)
         num_pages = self.cache.pool.num_pages
         self.selection = self._build_selection(config)
         self.scheduler = Scheduler(config.scheduler, self.cache)
@@ -61,6 +64,7 @@ class LLMEngine:
                                   attention, self.selection)
         self._sequences: dict[RequestId, Sequence] = {}
         self._ids = itertools.count()
+        self._trace = None if config.prefetch.trace is None else StepTrace(config.prefetch.trace)
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d bytes",
                     self.args.name, self.device, config.model.dtype, num_pages, self.page_bytes)
 
@@ -95,6 +99,37 @@ class LLMEngine:
                                  dtype=self.dtype, device=self.device)
         return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries)
 
+    def _build_prefetcher(self, config: EngineConfig) -> Prefetcher | None:
+        """The prefetcher, with a pool (it moves pages out of it); else None.
+
+        Raises:
+            ValueError: predictors without a pool, an unknown predictor, a bad depth.
+        """
+        pc = config.prefetch
+        if self.cache.store is None:
+            if pc.predictors:
+                raise ValueError(f"predictor={pc.predictor!r} prefetches pages from a pool, but "
+                                 "pool='none': choose pool='local' or pool='memnode'")
+            return None
+        prefetcher = Prefetcher(self.cache.store, pc, self.args.num_layers)
+        self.cache.prefetcher = prefetcher
+        return prefetcher
+
+    def set_prefetch(self, predictor: str) -> None:
+        """Switches the prefetch predictors (e.g. "layer_ahead,step_ahead", or "none") from
+        the next step on, e.g. to compare predictors on the same running sequences.
+
+        Raises:
+            ValueError: no pool, or an unknown predictor.
+        """
+        names = PrefetchConfig(predictor=predictor).predictors
+        if self.prefetcher is None:
+            if names:
+                raise ValueError("prefetching needs a pool: build the engine with pool='local' "
+                                 "or pool='memnode'")
+            return
+        self.prefetcher.set_predictors(names)
+
     def _build_selection(self, config: EngineConfig) -> PageSelection:
         sc = config.selection
         if isinstance(sc.token_budget, int) and sc.token_budget > self.max_model_len:
@@ -107,6 +142,11 @@ class LLMEngine:
         """Releases the pool (stopping a memory node this engine spawned)."""
         for rid in list(self._sequences):
             self.abort(rid)
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
         if self.cache.store is not None:
             self.cache.store.backend.close()
 
@@ -219,7 +259,10 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 return []
+            started = time.perf_counter()
             tokens = self.runner.execute(sched)
+            if self._trace is not None:
+                self._trace.write(sched, time.perf_counter() - started, self.stats())
         except PoolUnavailable:
             self._fail_all("the KV pool became unavailable")
             raise
@@ -374,6 +417,8 @@ class LLMEngine:
             stats.update({f"tier_{k}": v for k, v in store.counters.as_dict().items()})
         stats["summary_bytes"] = self.cache.summaries.bytes_used
         stats.update(self.selection.stats())
+        if self.prefetcher is not None:
+            stats.update(self.prefetcher.stats())
         return stats
 
     def generate_all(self, prompts: Iterable[str | list[int]], params: list[SamplingParams],

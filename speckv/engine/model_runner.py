@@ -35,8 +35,12 @@ class ModelRunner:
         """
         flat = torch.tensor([t for ids in token_ids for t in ids], device=self.device)
         attention = StepAttention(self.cache, chunks, self.device, self.kernels,
-                                  self.selection.plan(choices), select_prefill)
-        hidden = self.model.forward(flat, attention.positions, attention)
+                                  self.selection.plan(choices), select_prefill,
+                                  query_for=self.model.project_query)
+        reads_inputs = attention.prefetch is not None and self.cache.prefetcher.reads_inputs
+        hidden = self.model.forward(flat, attention.positions, attention,
+                                    attention.layer_input if reads_inputs else None)
+        attention.finish()
         self.cache.store_sealed([(c.request_id, c.start + c.num_tokens) for c in chunks])
         if logits_for == "last":
             ends = torch.cumsum(torch.tensor([c.num_tokens for c in chunks]), 0) - 1

@@ -165,13 +165,15 @@ class StepAttention:
 
     def __init__(self, cache: KVCacheManager, chunks: list[ScheduledChunk],
                  device: torch.device, kernels: AttentionKernels | None = None,
-                 selection: StepSelection | None = None, select_prefill: bool = False) -> None:
+                 selection: StepSelection | None = None, select_prefill: bool = False,
+                 query_for: Callable | None = None) -> None:
         """`chunks` must list single-token (decode) chunks first, in flat token order.
 
         Args:
             selection: which pages decode queries read (None: all).
             select_prefill: apply the selection to multi-token chunks too, each query
                 to its own pages (scoring and evaluation; serving prefills densely).
+            query_for: the model's `project_query`, for the speculative-query predictor.
         """
         self.cache = cache
         self.kernels = kernels or AttentionKernels()
@@ -197,6 +199,22 @@ class StepAttention:
         if cache.summaries is not None:
             self.summary_tables = cache.summary_tables(self.request_ids, self.num_pages).to(device)
             self.sealed = self._sealed_pages(chunks, ps, device)
+        self.prefetch = None  # the prefetcher's view of this step, when one runs
+        if cache.prefetcher is not None and cache.prefetcher.active:
+            from speckv.prefetch.step import StepPrefetch
+
+            self.prefetch = StepPrefetch(cache, self.request_ids, context, self.num_pages,
+                                         self.num_decode, selection, self.positions,
+                                         self.summary_tables, query_for)
+
+    def layer_input(self, layer: int, x: torch.Tensor) -> None:
+        """The model's hook before each layer (set when a predictor reads layer inputs)."""
+        self.prefetch.layer_input(layer, x)
+
+    def finish(self) -> None:
+        """The step's forward pass is over."""
+        if self.prefetch is not None:
+            self.prefetch.finish()
 
     @staticmethod
     def _sealed_pages(chunks: list[ScheduledChunk], ps: int,
@@ -253,6 +271,8 @@ class StepAttention:
         n, tables, lens = self.num_decode, self.block_tables[layer], self.context_lens
         if self.cache.store is not None:  # attention reads DEVICE only: fetch what is missing
             tables = self.cache.ensure_resident(layer, self.request_ids, tables, self._built_at)
+            if self.prefetch is not None:
+                self.prefetch.after_read(layer, None)
         if self.prefill is None:
             return self.kernels.decode(q, pool.k_pages, pool.v_pages, tables, lens)
         out = torch.empty_like(q)
@@ -286,7 +306,10 @@ class StepAttention:
             prefill_mask = self._select(layer, sel, rows, q[g.query_index], g.query_positions,
                                         g.valid, tables)
         if self.cache.store is not None:
-            tables = self._resident(layer, tables, self._needed(decode_mask, prefill_mask))
+            needed = self._needed(decode_mask, prefill_mask)
+            tables = self._resident(layer, tables, needed)
+            if self.prefetch is not None:
+                self.prefetch.after_read(layer, needed)
         out = torch.empty_like(q)
         if n:
             out[:n] = self._sparse_decode(q[:n], tables[:n], self.context_lens[:n], decode_mask)

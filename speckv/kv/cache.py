@@ -87,6 +87,7 @@ class KVCacheManager:
         self._committed = 0  # DEVICE pages committed to all tables (with a pool)
         self._pool_reserved = 0  # pool slots promised to all tables' future stores
         self.num_evicted = 0  # pages of live tables currently not resident
+        self.prefetcher = None  # `speckv.prefetch.Prefetcher`, set by the engine with a pool
 
     # ------------------------------------------------------------ accounting
 
@@ -221,7 +222,10 @@ class KVCacheManager:
             self.num_evicted -= table.num_pages * self.num_layers - len(resident)
             self.store.release(resident)
             keys = table.pool_keys[:, :table.num_pages]
-            self.store.backend.free(keys[keys >= 0].tolist())
+            keys = keys[keys >= 0].tolist()
+            if self.prefetcher is not None:  # before the keys can be reused
+                self.prefetcher.forget(keys)
+            self.store.backend.free(keys)
             self._committed -= table.requirement
             self._pool_reserved -= self._pool_pages(table.num_pages)
         self.pool.free(resident)
@@ -311,8 +315,21 @@ class KVCacheManager:
             table.set_slots(layer, idx, mine)
             self.store.claim(mine, table.uid, layer * width + idx)
         self.num_evicted -= n
-        self.store.fetch(keys.tolist(), slots)  # marks them evictable: they are in the pool
+        self._load(keys, slots)
         return self.block_table(layer, tables, block_table.shape[1])
+
+    def _load(self, keys: np.ndarray, slots: np.ndarray) -> None:
+        """Brings pooled pages `keys` into DEVICE `slots`: promoted from the PREFETCH tier
+        where prefetched, else fetched on demand. Either way they are evictable after:
+        they are in the pool."""
+        entries = [None] * len(keys) if self.prefetcher is None else \
+            self.prefetcher.claim(keys.tolist())
+        hit = np.array([e is not None for e in entries], dtype=bool)
+        if hit.any():
+            self.prefetcher.promote([e for e in entries if e is not None], slots[hit])
+            self.store.arrived(slots[hit])
+        if not hit.all():
+            self.store.fetch(keys[~hit].tolist(), slots[~hit])
 
     def _count_skipped(self, keys: np.ndarray) -> None:
         counters = self.store.counters

@@ -127,32 +127,47 @@ class TieredStore:
     # ------------------------------------------------------------ fetch
 
     def fetch(self, keys: list[PoolKey], slots: np.ndarray) -> None:
-        """Reads pages `keys` from the pool and decodes them into DEVICE `slots`."""
+        """Reads pages `keys` from the pool and decodes them into DEVICE `slots` (a demand
+        fetch: the step waits for it, so its time is stall)."""
         started = time.perf_counter()
         pool = self.device_pool
-        device = pool.kv.device
-        n = len(keys)
-        read_before = self.backend.counters.bytes_read
-        index = torch.from_numpy(slots).to(device)
-        if self._fused is not None:  # one pass: pool rows -> decoded DEVICE pages
-            self.backend.load_into(keys, lambda arena, key_index: self._fused(
-                arena, key_index, pool.k_pages, pool.v_pages, index))
-        else:  # gather rows, decode into reused buffers, scatter into the slots
-            rows = self.backend.load_batch(keys, device, out=self._buffer("rows", n, cpu=True))
-            k, v = self.codec.decode(rows, out=(self._buffer("k", n), self._buffer("v", n)))
-            pool.k_pages.index_copy_(0, index, k)
-            pool.v_pages.index_copy_(0, index, v)
-        self.evictable[slots] = True
-        self.eviction.on_arrival(slots, self.clock)
+        nbytes = self.read_into(keys, pool, slots, self._staging)
+        self.arrived(slots)
         c = self.counters
         c.fetches += 1
         c.pages_fetched += len(keys)
-        c.bytes_fetched += self.backend.counters.bytes_read - read_before
+        c.bytes_fetched += nbytes
         c.stall_seconds += time.perf_counter() - started
 
-    def _buffer(self, name: str, n: int, cpu: bool = False) -> torch.Tensor:
+    def arrived(self, slots: np.ndarray) -> None:
+        """Pages brought back into DEVICE `slots` (fetched or promoted): evictable again."""
+        self.evictable[slots] = True
+        self.eviction.on_arrival(slots, self.clock)
+
+    def read_into(self, keys: list[PoolKey], dst: DevicePagePool, slots: np.ndarray,
+                  staging: dict[str, torch.Tensor]) -> int:
+        """Reads pages `keys` from the pool and decodes them into `dst`'s `slots` (DEVICE,
+        or the PREFETCH tier from the prefetch worker's thread, with its own `staging`
+        buffers). Returns the encoded bytes read."""
+        nbytes = self.backend.stored_bytes(np.asarray(keys, dtype=np.int64))
+        index = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(dst.kv.device)
+        n = len(keys)
+        if self._fused is not None:  # one pass: pool rows -> decoded pages
+            self.backend.load_into(keys, lambda arena, key_index: self._fused(
+                arena, key_index, dst.k_pages, dst.v_pages, index))
+        else:  # gather rows, decode into reused buffers, scatter into the slots
+            rows = self.backend.load_batch(keys, dst.kv.device,
+                                           out=self._buffer(staging, "rows", n, cpu=True))
+            k, v = self.codec.decode(rows, out=(self._buffer(staging, "k", n),
+                                                self._buffer(staging, "v", n)))
+            dst.k_pages.index_copy_(0, index, k)
+            dst.v_pages.index_copy_(0, index, v)
+        return nbytes
+
+    def _buffer(self, staging: dict[str, torch.Tensor], name: str, n: int,
+                cpu: bool = False) -> torch.Tensor:
         """A reusable buffer of `n` encoded rows (`cpu`, pinned for CUDA) or decoded K/V pages."""
-        buf = self._staging.get(name)
+        buf = staging.get(name)
         if buf is None or buf.shape[0] < n:
             n_alloc = max(n, 0 if buf is None else 2 * buf.shape[0])
             kv = self.device_pool.kv
@@ -161,7 +176,7 @@ class TieredStore:
                                   pin_memory=kv.device.type == "cuda")
             else:
                 buf = torch.empty(n_alloc, *kv.shape[2:], dtype=kv.dtype, device=kv.device)
-            self._staging[name] = buf
+            staging[name] = buf
         return buf[:n]
 
     # ------------------------------------------------------------ DEVICE slots

@@ -13,7 +13,7 @@ Weights are kept fused and transposed for `x @ W` ([in, out], measured faster th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -101,15 +101,20 @@ class LlamaModel:
         self.cos, self.sin = rope_tables(args, max_len, device, dtype)
         self._q_dim = args.num_heads * args.head_dim
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attention: LayerAttention) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden] (normed)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: LayerAttention,
+                layer_input: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (normed).
+
+        `layer_input(i, x)`, if given, sees each layer's input x: [T, hidden] first (the
+        prefetcher's speculative query reads it)."""
         a = self.args
         x = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         num_tokens = input_ids.shape[0]
         for i, w in enumerate(self.layers):
+            if layer_input is not None:
+                layer_input(i, x)
             h = rms_norm(x, w.attn_norm, a.rms_norm_eps)
             qkv = (h @ w.wqkv).view(num_tokens, -1, a.head_dim)  # [T, H + 2*Hkv, D]
             qk = apply_rope(qkv[:, :a.num_heads + a.num_kv_heads], cos, sin)  # q and k at once
@@ -121,6 +126,14 @@ class LlamaModel:
             gate, up = (h @ w.w_gate_up).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ w.w_down
         return rms_norm(x, self.norm, a.rms_norm_eps)
+
+    def project_query(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s queries for the residual stream x: [T, hidden] -> [T, H, D] (with
+        RoPE at `positions`). Fed another layer's input, an estimate (InfiniGen)."""
+        a, w = self.args, self.layers[layer]
+        h = rms_norm(x, w.attn_norm, a.rms_norm_eps)
+        q = (h @ w.wqkv[:, :self._q_dim]).view(x.shape[0], a.num_heads, a.head_dim)
+        return apply_rope(q, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, V] in float32."""

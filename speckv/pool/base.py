@@ -13,6 +13,7 @@ A new backend is one subclass plus `@register_pool("name")`.
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -122,6 +123,7 @@ class ArenaPool(PoolBackend):
         self.link = link
         self.arena: torch.Tensor | None = None
         self._nbytes: np.ndarray = np.zeros(0, dtype=np.int64)  # per slot; 0 = not stored
+        self._count_lock = threading.Lock()  # loads also run on the prefetch worker
 
     def _attach_arena(self, arena: torch.Tensor) -> None:
         self.arena = arena
@@ -177,8 +179,9 @@ class ArenaPool(PoolBackend):
         result = consume(self.arena, index)
         total = int(sizes.sum())
         self._charge(started, total)
-        self.counters.pages_loaded += len(keys)
-        self.counters.bytes_read += total
+        with self._count_lock:
+            self.counters.pages_loaded += len(keys)
+            self.counters.bytes_read += total
         return result
 
     def _charge(self, started: float, nbytes: int) -> None:
@@ -186,7 +189,8 @@ class ArenaPool(PoolBackend):
             return
         before = time.perf_counter()
         wait_until(started + self.link.seconds(nbytes))
-        self.counters.link_wait_seconds += time.perf_counter() - before
+        with self._count_lock:
+            self.counters.link_wait_seconds += time.perf_counter() - before
 
 
 def _load_builtin() -> None:

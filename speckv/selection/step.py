@@ -149,6 +149,22 @@ class StepSelection:
         Returns:
             [B, Q, Hkv, P] bool page mask.
         """
+        masks = self._masks(rows, q, positions, summaries, keys, num_pages)
+        self._count(layer, masks, positions, valid, q, summaries, keys, rows)
+        return masks
+
+    def predict(self, rows: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
+                summaries: Callable[[torch.Tensor], torch.Tensor], num_pages: int) -> torch.Tensor:
+        """What `select` would choose for the queries `q` (e.g. estimated ones), uncounted.
+        Selectors that read true keys (the oracle) predict every page."""
+        if any(self.owner.selectors[c.selector].needs_keys for c in self.groups):
+            return torch.ones(*q.shape[:2], self.owner.num_kv_heads, num_pages, dtype=torch.bool,
+                              device=q.device)
+        return self._masks(rows, q, positions, summaries, None, num_pages)
+
+    def _masks(self, rows: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
+               summaries: Callable[[torch.Tensor], torch.Tensor],
+               keys: Callable[[torch.Tensor], torch.Tensor] | None, num_pages: int) -> torch.Tensor:
         o = self.owner
         masks = None
         for choice, members in self.groups.items():
@@ -162,14 +178,20 @@ class StepSelection:
                                      lambda: keys(local))
             mask = self._choose(choice, inputs)
             if every:  # one choice for the whole batch: the usual case
-                masks = mask
-                break
+                return mask
             if masks is None:
                 masks = torch.zeros(*q.shape[:2], o.num_kv_heads, num_pages, dtype=torch.bool,
                                     device=q.device)
             masks[local.to(q.device)] = mask
-        self._count(layer, masks, positions, valid, q, summaries, keys, rows)
         return masks
+
+    def dense_rows(self, num_rows: int) -> torch.Tensor:
+        """[B] bool: rows whose selector reads every page (in sparse layers too)."""
+        dense = torch.zeros(num_rows, dtype=torch.bool)
+        for choice, members in self.groups.items():
+            if self.owner.selectors[choice.selector].dense:
+                dense[members] = True
+        return dense
 
     def _choose(self, choice: Choice, inputs: SelectionInputs) -> torch.Tensor:
         o = self.owner

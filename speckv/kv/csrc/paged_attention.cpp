@@ -207,11 +207,17 @@ void fetch_raw(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
 void fetch_int8(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
                 torch::Tensor v_pages, torch::Tensor slots);
 
+// The GIL is released inside every kernel: the prefetch worker's fetches and the
+// server's HTTP thread run while the model's thread computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release = py::call_guard<py::gil_scoped_release>;
   m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention read in place from KV pages (CPU, float32)");
+        "decode attention read in place from KV pages (CPU, float32)", release());
   m.def("sparse_decode_attention", &sparse_decode_attention,
-        "decode attention over per-KV-head page selections, read in place (CPU, float32)");
-  m.def("fetch_raw", &fetch_raw, "pool rows (codec none) -> DEVICE page slots, one copy");
-  m.def("fetch_int8", &fetch_int8, "pool rows (codec int8) -> float32 DEVICE page slots");
+        "decode attention over per-KV-head page selections, read in place (CPU, float32)",
+        release());
+  m.def("fetch_raw", &fetch_raw, "pool rows (codec none) -> DEVICE page slots, one copy",
+        release());
+  m.def("fetch_int8", &fetch_int8, "pool rows (codec int8) -> float32 DEVICE page slots",
+        release());
 }

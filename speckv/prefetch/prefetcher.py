@@ -1,0 +1,334 @@
+"""The prefetcher: asks the predictors, issues transfers to the worker, hands prefetched
+pages to the steps that demand them, and counts everything.
+
+    StepAttention ── begin_step / layer_input / after_read ──► Prefetcher ──► predictors
+                                                                   │  hints: pool keys of
+                                                                   ▼  pages not resident
+    KVCacheManager._fetch_missing ── claim(keys) ◄── PREFETCH tier ◄── TransferWorker
+
+Counted per predictor (the one whose hint issued a page), and overall with
+`demand_misses` (pool pages a step fetched itself) and `hit_rate` = used / (used +
+demand misses):
+    issued   pages sent to the worker
+    used     prefetched pages a step demanded (then promoted into DEVICE)
+    late     used pages the step had to wait for (demanded while in flight)
+    wasted   prefetched pages dropped unused (room needed, or their page was freed)
+    no_room  hinted pages not issued: the tier was full of pages in flight
+    predicted / predicted_read / read: the hinted page sets against the pages the
+             target layer really read (precision = predicted_read / predicted,
+             recall = predicted_read / read), over layers that select pages (a dense
+             layer reads every page: predicting it is trivial, so it is not scored)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from speckv.config import PrefetchConfig
+from speckv.kv.page_pool import DevicePagePool
+from speckv.kv.tiers import TieredStore
+from speckv.prefetch.buffer import Entry, EntryState, PrefetchBuffer
+from speckv.prefetch.predictors import Hint, Predictor, StepView, make_predictors
+from speckv.prefetch.worker import TransferWorker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PrefetchCounters:
+    """One predictor's prefetches, cumulative."""
+
+    issued: int = 0
+    used: int = 0
+    late: int = 0
+    wasted: int = 0
+    no_room: int = 0
+    failed: int = 0
+    bytes_read: int = 0  # encoded bytes moved POOL -> PREFETCH
+    predicted: int = 0
+    predicted_read: int = 0
+    read: int = 0
+
+    def add(self, other: "PrefetchCounters") -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+class Prefetcher:
+    """Speculative, asynchronous page movement POOL -> PREFETCH -> DEVICE for one engine."""
+
+    def __init__(self, store: TieredStore, config: PrefetchConfig, num_layers: int) -> None:
+        self.store = store
+        self.config = config
+        self.num_layers = num_layers
+        device_pool = store.device_pool
+        self.page_bytes = device_pool.kv[:, 0].numel() * device_pool.kv.element_size()
+        self.num_slots = config.prefetch_bytes // self.page_bytes
+        self.predictors: list[Predictor] = []
+        self.counters: dict[str, PrefetchCounters] = {}
+        self.late_wait_seconds = 0.0
+        self.pages_promoted = 0
+        self.demand_misses = 0  # demanded pool pages not prefetched (once prefetching began)
+        self._lock = threading.Lock()  # counters the worker updates
+        self._buffer: PrefetchBuffer | None = None
+        self.worker: TransferWorker | None = None  # made with the PREFETCH tier
+        self._view: StepView | None = None
+        self._tables: list = []
+        self._pending: dict[tuple[int, int], list[tuple[str, list[str], np.ndarray]]] = {}
+        self._step = 0
+        self.set_predictors(config.predictors, config.prefetch_depth)
+
+    # ------------------------------------------------------------ set-up
+
+    @property
+    def active(self) -> bool:
+        return bool(self.predictors)
+
+    @property
+    def reads_inputs(self) -> bool:
+        """Whether a predictor wants each layer's input (`layer_input`)."""
+        return any(p.uses_layer_input for p in self.predictors)
+
+    def set_predictors(self, names: tuple[str, ...], depth: int | None = None) -> None:
+        """Switches predictors (none: `()`); pages prefetched so far are dropped (wasted).
+
+        Raises:
+            ValueError: an unknown predictor or a depth not below the layer count.
+        """
+        depth = self.config.prefetch_depth if depth is None else depth
+        predictors = make_predictors(names, depth, self.num_layers)
+        if predictors and self.num_slots == 0:
+            logger.warning("prefetch_bytes=%d holds no page (%d bytes): prefetch disabled",
+                           self.config.prefetch_bytes, self.page_bytes)
+            predictors = []
+        self._drop_all()
+        self.predictors = predictors
+        for p in predictors:
+            self.counters.setdefault(p.name, PrefetchCounters())
+        if predictors:
+            self.start()
+
+    def start(self) -> None:
+        """Makes the PREFETCH tier and its worker (once; done by the first prefetch)."""
+        if self._buffer is not None:
+            return
+        if self.num_slots == 0:
+            raise ValueError("prefetch_bytes holds no page: nothing can be prefetched")
+        pool = self.store.device_pool
+        pages = DevicePagePool(self.num_slots, pool.page_size, *pool.kv.shape[3:],
+                               dtype=pool.kv.dtype, device=pool.kv.device)
+        self._buffer = PrefetchBuffer(pages)
+        self.worker = TransferWorker(self.store, self._buffer, self._transferred)
+
+    def close(self) -> None:
+        self._drop_all()
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+    def _drop_all(self) -> None:
+        if self._buffer is not None:
+            self.worker.drain()
+            self.forget(self._buffer.keys())
+        self._pending.clear()
+
+    def drain(self) -> None:
+        """Waits for every transfer in flight (tests, and before checking the tiers)."""
+        if self.worker is not None:
+            self.worker.drain()
+
+    # ------------------------------------------------------------ the step's hooks
+
+    def begin_step(self, view: StepView, tables: list) -> None:
+        self._step += 1
+        view.step = self._step
+        self._view, self._tables = view, tables
+        for p in self.predictors:
+            p.begin_step(view)
+
+    def layer_input(self, layer: int, x: torch.Tensor) -> None:
+        """Layer `layer` is about to run on `x`: predictors that read inputs hint now."""
+        for p in self.predictors:
+            if p.uses_layer_input:
+                self._issue(p.name, p.at_layer_input(self._view, layer, x))
+
+    def after_read(self, layer: int, read: np.ndarray | None) -> None:
+        """Layer `layer` has its pages ([B, P] mask; None: all): score the hints made for
+        it, then ask for the next ones (issued while this layer computes)."""
+        view = self._view
+        read = view.all_pages if read is None else read & view.all_pages
+        self._evaluate(layer, read)
+        for p in self.predictors:
+            self._issue(p.name, p.after_read(view, layer, read))
+
+    def end_step(self) -> None:
+        self._view, self._tables = None, []
+        stale = [k for k in self._pending if k[0] < self._step + 1]
+        for k in stale:  # hints whose target layer never ran (e.g. the batch changed)
+            del self._pending[k]
+
+    # ------------------------------------------------------------ issue
+
+    def _issue(self, source: str, hints: list[Hint]) -> None:
+        view = self._view
+        for hint in hints:
+            if not view.dense(hint.layer).all():  # dense layers are predicted trivially
+                step = view.step + int(hint.next_step)
+                self._pending.setdefault((step, hint.layer), []).append(
+                    (source, view.request_ids, hint.pages))
+            self.prefetch(self._absent_keys(hint).tolist(), source)
+
+    def prefetch(self, keys: list[int], source: str) -> int:
+        """Starts moving pooled pages `keys` into the PREFETCH tier on the worker (keys
+        there already are skipped; when the tier is full of pages in flight, the rest
+        are not issued: `no_room`). Returns how many were issued."""
+        if not keys:
+            return 0
+        self.start()
+        keys = list(dict.fromkeys(keys))
+        there = sum(1 for k in keys if k in self._buffer)
+        entries, dropped = self._buffer.prepare(keys, source)
+        with self._lock:
+            c = self.counters.setdefault(source, PrefetchCounters())
+            c.issued += len(entries)
+            c.no_room += len(keys) - there - len(entries)
+            for e in dropped:
+                self.counters[e.source].wasted += 1
+        self.worker.submit(entries)
+        return len(entries)
+
+    def _absent_keys(self, hint: Hint) -> np.ndarray:
+        """Pool keys of the hinted pages that are in the pool and not in DEVICE."""
+        P = hint.pages.shape[1]
+        slots = np.stack([t.slots[hint.layer, :P] for t in self._tables])
+        keys = np.stack([t.pool_keys[hint.layer, :P] for t in self._tables])
+        return keys[hint.pages & (slots < 0) & (keys >= 0)]
+
+    def _transferred(self, entries: list[Entry], nbytes: int, ok: bool) -> None:
+        if not entries:
+            return
+        with self._lock:
+            c = self.counters[entries[0].source]
+            c.bytes_read += nbytes
+            if not ok:
+                c.failed += len(entries)
+
+    # ------------------------------------------------------------ demand side
+
+    def claim(self, keys: list[int]) -> list[Entry | None]:
+        """The prefetched entries of demanded `keys` (None: not prefetched, a demand miss),
+        waiting for ones still in flight (late). The caller promotes and `release`s them."""
+        if self._buffer is None:
+            return [None] * len(keys)
+        entries = self._buffer.take(keys)
+        missed = sum(e is None for e in entries)
+        started = None
+        for i, e in enumerate(entries):
+            if e is None:
+                continue
+            late = not e.done.is_set()
+            if late:
+                started = started or time.perf_counter()
+                e.done.wait()
+            with self._lock:
+                c = self.counters[e.source]
+                if e.state != EntryState.READY:  # the transfer failed: a miss after all
+                    entries[i] = None
+                    missed += 1
+                    continue
+                c.used += 1
+                c.late += late
+        self.demand_misses += missed
+        if started is not None:
+            waited = time.perf_counter() - started
+            self.late_wait_seconds += waited
+            self.store.counters.stall_seconds += waited
+        return entries
+
+    def promote(self, entries: list[Entry], slots: np.ndarray) -> None:
+        """Copies claimed pages into DEVICE `slots` and frees their PREFETCH slots."""
+        pool, buf = self.store.device_pool, self._buffer.pages
+        device = pool.kv.device
+        src = torch.tensor([e.slot for e in entries], device=device)
+        dst = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(device)
+        pool.k_pages.index_copy_(0, dst, buf.k_pages.index_select(0, src))
+        pool.v_pages.index_copy_(0, dst, buf.v_pages.index_select(0, src))
+        self._buffer.release(entries)
+        self.pages_promoted += len(entries)
+
+    def forget(self, keys: list[int]) -> None:
+        """Pool keys being freed: their prefetched pages are dropped (wasted)."""
+        if self._buffer is None or not keys:
+            return
+        for e in self._buffer.forget(keys):
+            with self._lock:
+                self.counters[e.source].wasted += 1
+
+    # ------------------------------------------------------------ accounting
+
+    def _evaluate(self, layer: int, read: np.ndarray) -> None:
+        hints = self._pending.pop((self._step, layer), None)
+        if not hints:
+            return
+        view = self._view
+        rows = {rid: i for i, rid in enumerate(view.request_ids)}
+        for source, rids, pages in hints:
+            if rids is view.request_ids:
+                predicted = pages
+            else:  # made last step: match rows by request
+                predicted = np.zeros_like(read)
+                width = min(pages.shape[1], read.shape[1])
+                for i, rid in enumerate(rids):
+                    if rid in rows:
+                        predicted[rows[rid], :width] = pages[i, :width]
+            predicted = predicted & view.all_pages
+            c = self.counters[source]
+            c.predicted += int(predicted.sum())
+            c.predicted_read += int((predicted & read).sum())
+            c.read += int(read.sum())
+
+    @property
+    def buffer(self) -> PrefetchBuffer | None:
+        """The PREFETCH tier (None until something was prefetched)."""
+        return self._buffer
+
+    @property
+    def buffer_used(self) -> int:
+        return 0 if self._buffer is None else self._buffer.num_used
+
+    def stats(self) -> dict[str, int | float | str]:
+        total = PrefetchCounters()
+        for c in self.counters.values():
+            total.add(c)
+        out: dict[str, int | float | str] = {
+            "prefetch_predictor": ",".join(p.name for p in self.predictors) or "none",
+            "prefetch_pages_total": self.num_slots,
+            "prefetch_pages_used_now": self.buffer_used,
+            "prefetch_bytes_used": self.buffer_used * self.page_bytes,
+            "prefetch_pages_promoted": self.pages_promoted,
+            "prefetch_bytes_promoted": self.pages_promoted * self.page_bytes,
+            "prefetch_late_wait_seconds": self.late_wait_seconds,
+            "prefetch_demand_misses": self.demand_misses,
+        }
+        out.update(_rates("prefetch", total))
+        demanded = total.used + self.demand_misses
+        out["prefetch_hit_rate"] = total.used / demanded if demanded else 0.0
+        if len(self.counters) > 1:
+            for name, c in self.counters.items():
+                out.update(_rates(f"prefetch_{name}", c))
+        return out
+
+
+def _rates(prefix: str, c: PrefetchCounters) -> dict[str, int | float]:
+    out: dict[str, int | float] = {f"{prefix}_{k}": v for k, v in asdict(c).items()}
+    out[f"{prefix}_waste"] = c.wasted / c.issued if c.issued else 0.0
+    if c.read:  # only where page sets were scored
+        out[f"{prefix}_precision"] = c.predicted_read / c.predicted if c.predicted else 0.0
+        out[f"{prefix}_recall"] = c.predicted_read / c.read
+    return out

@@ -1,0 +1,86 @@
+"""The transfer worker: a background thread that reads prefetched pages from the pool
+and decodes them into the PREFETCH tier while the model computes.
+
+On CPU it is a thread (the pool read, the link model's wait and the decode kernels
+release the GIL). On CUDA the same interface would hold a copy stream and pinned
+staging buffers; `TieredStore.read_into` already stages through pinned memory there.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+import torch
+
+from speckv.kv.tiers import TieredStore
+from speckv.prefetch.buffer import Entry, PrefetchBuffer
+
+logger = logging.getLogger(__name__)
+
+
+class TransferWorker:
+    """Runs prefetch transfers in submission order on one thread."""
+
+    def __init__(self, store: TieredStore, buffer: PrefetchBuffer,
+                 on_done: Callable[[list[Entry], int, bool], None]) -> None:
+        """`on_done(entries, bytes_read, ok)` is called on the worker after each transfer."""
+        self.store = store
+        self.buffer = buffer
+        self.on_done = on_done
+        self._jobs: queue.Queue[list[Entry] | None] = queue.Queue()
+        self._staging: dict[str, torch.Tensor] = {}  # the worker's own buffers
+        self._running = threading.Event()
+        self._running.set()
+        self._thread = threading.Thread(target=self._run, name="speckv-prefetch", daemon=True)
+        self._thread.start()
+
+    def submit(self, entries: list[Entry]) -> None:
+        if entries:
+            self._jobs.put(entries)
+
+    def drain(self) -> None:
+        """Waits until every submitted transfer has completed."""
+        self._jobs.join()
+
+    def pause(self) -> None:
+        """Holds transfers not yet started (they stay in flight) until `resume`: for
+        scripted scenarios (late prefetches, cancels in flight)."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def close(self) -> None:
+        self.resume()
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        torch.set_num_threads(1)  # the model's threads keep the cores; this one moves bytes
+        while True:
+            entries = self._jobs.get()
+            self._running.wait()
+            try:
+                if entries is None:
+                    return
+                self._transfer(entries)
+            finally:
+                self._jobs.task_done()
+
+    def _transfer(self, entries: list[Entry]) -> None:
+        live = [e for e in entries if not e.cancelled]
+        ok, nbytes = True, 0
+        if live:
+            try:
+                nbytes = self.store.read_into([e.key for e in live], self.buffer.pages,
+                                              [e.slot for e in live], self._staging)
+            except Exception:  # noqa: BLE001 — a failed prefetch is a miss, never an error
+                if not any(e.cancelled for e in live):  # a freed key is expected to fail
+                    logger.warning("prefetch of %d pages failed", len(live), exc_info=True)
+                ok = False
+        for e in entries:
+            self.buffer.complete(e, ok)
+        self.on_done(live, nbytes, ok)

@@ -1,0 +1,252 @@
+"""The prefetcher: predictors, the PREFETCH tier and its worker, and their accounting.
+
+Invariant 4 (prefetch changes timing, never results) on the real model for every
+predictor, an accounting scenario whose counts are worked out by hand, cancels with
+transfers in flight, and every bad option.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_no_leak, check_tier_invariants
+from speckv import SamplingParams
+from speckv.codecs.base import PageShape, make_codec
+from speckv.config import PrefetchConfig
+from speckv.kv.eviction import make_eviction
+from speckv.kv.page_pool import DevicePagePool
+from speckv.kv.tiers import TieredStore, TierOptions
+from speckv.pool.local import LocalPool
+from speckv.prefetch.prefetcher import Prefetcher
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+PAGE, LAYERS = 24_576, 30
+PROMPTS = [
+    "Once upon a time, in a small village by the mountains, " * 16,
+    "Write a short poem about the sea and the wind. " * 10,
+    "The capital of France is",
+]
+# DEVICE holds 8 pages a layer; the three sequences have ~26 a layer: most come back
+TIGHT = dict(pool="local", pool_bytes="64MiB", device_kv_bytes=8 * LAYERS * PAGE)
+# quest on these short contexts: 4 pages of ~14, from the first token on
+QUEST = dict(selector="quest", token_budget=64, min_context_tokens=0)
+PREDICTORS = ["layer_ahead", "step_ahead", "speculative_query", "layer_ahead,step_ahead"]
+
+
+@pytest.fixture(scope="module")
+def references(make_llm):
+    """Tokens without prefetching, per selector, on the same small DEVICE budget."""
+    refs = {}
+    for selector in ("full", "quest"):
+        llm = make_llm(**(QUEST if selector == "quest" else {}), **TIGHT)
+        refs[selector] = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        stats = llm.stats()
+        assert stats["tier_pages_fetched"] > 0  # the budget is really short
+        if selector == "quest":  # and quest really selects
+            assert stats["selection_fraction"] < 0.7 and stats["tier_fetches_skipped"] > 0
+        llm.close()
+    return refs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selector", ["full", "quest"])
+@pytest.mark.parametrize("predictor", PREDICTORS)
+def test_prefetching_never_changes_tokens(make_llm, references, predictor, selector):
+    llm = make_llm(**(QUEST if selector == "quest" else {}), predictor=predictor, **TIGHT)
+    try:
+        outs = llm.generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in outs] == references[selector]
+        stats = llm.stats()
+        assert stats["prefetch_issued"] > 0 and stats["prefetch_used"] > 0, stats
+        assert stats["prefetch_used"] <= stats["prefetch_issued"]
+        assert stats["prefetch_pages_promoted"] == stats["prefetch_used"]
+        assert_no_leak(llm.engine)
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_layer_ahead_under_full_serves_most_pool_reads(make_llm):
+    """Under `full` every layer reads every page, which layer_ahead asks for one layer
+    early: most pages a step needs from the pool come from the PREFETCH tier. Dense
+    layers are not scored for precision (predicting them is trivial)."""
+    llm = make_llm(predictor="layer_ahead", **TIGHT)
+    try:
+        llm.generate(PROMPTS, GREEDY)
+        s = llm.stats()
+        assert s["prefetch_hit_rate"] > 0.9, s
+        # every page brought back was promoted or fetched on demand, counted once
+        assert s["prefetch_demand_misses"] == s["tier_pages_fetched"]
+        assert s["prefetch_pages_promoted"] == s["prefetch_used"]
+        assert "prefetch_precision" not in s and s["prefetch_read"] == 0
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_speculative_query_predicts_most_of_quests_selection(make_llm):
+    llm = make_llm(**QUEST, predictor="speculative_query", **TIGHT)
+    try:
+        llm.generate(PROMPTS, GREEDY)
+        s = llm.stats()
+        assert 0.5 < s["prefetch_precision"] < 1.0 and 0.5 < s["prefetch_recall"] < 1.0, s
+    finally:
+        llm.close()
+
+
+# ---------------------------------------------------------------- exact accounting
+
+
+@pytest.fixture
+def scripted():
+    """A store of 8 pooled pages (codec none) and a prefetcher with a 4-page PREFETCH tier."""
+    shape = PageShape(16, 3, 64, torch.float32)
+    codec = make_codec("none", shape)
+    device = DevicePagePool(16, 16, 3, 64, dtype=torch.float32, device=torch.device("cpu"))
+    store = TieredStore(device, LocalPool(codec.slot_bytes, 1 << 20, device=torch.device("cpu")),
+                        codec, make_eviction("lru", 16), TierOptions())
+    slots = device.allocate(8)
+    device.k_pages[slots] = torch.randn(8, 16, 3, 64)
+    device.v_pages[slots] = torch.randn(8, 16, 3, 64)
+    keys = store.store(slots)
+    truth = (device.k_pages[slots].clone(), device.v_pages[slots].clone())
+    device.free(slots)
+    store.release(slots)
+    prefetcher = Prefetcher(store, PrefetchConfig(prefetch_bytes=4 * PAGE), LAYERS)
+    yield prefetcher, keys, truth
+    prefetcher.close()
+
+
+def test_accounting_is_exact_on_a_scripted_scenario(scripted):
+    prefetcher, keys, (k_truth, v_truth) = scripted
+    store, device = prefetcher.store, prefetcher.store.device_pool
+    k = [int(x) for x in keys]
+
+    def demand(wanted):  # what KVCacheManager._load does for a step's missing pages
+        dst = device.allocate(len(wanted))
+        entries = prefetcher.claim(wanted)
+        hit = np.array([e is not None for e in entries])
+        if hit.any():
+            prefetcher.promote([e for e in entries if e is not None], dst[hit])
+        return entries, dst
+
+    assert prefetcher.prefetch([k[0], k[1], k[2]], "script") == 3  # issued 3
+    prefetcher.drain()
+    entries, dst = demand([k[0], k[5]])  # k0 prefetched and ready: used; k5 a demand miss
+    assert entries[0] is not None and entries[1] is None
+    assert torch.equal(device.k_pages[dst[0]], k_truth[0])  # promoted bit-exact
+    assert torch.equal(device.v_pages[dst[0]], v_truth[0])
+    # 3 more into a 4-page tier holding k1, k2: the oldest ready page (k1) is dropped
+    assert prefetcher.prefetch([k[3], k[4], k[6]], "script") == 3
+    prefetcher.forget([k[2]])  # k2's page is freed unused: wasted
+    prefetcher.drain()
+    prefetcher.worker.pause()  # k7's transfer is held in flight ...
+    assert prefetcher.prefetch([k[7]], "script") == 1
+    threading.Timer(0.2, prefetcher.worker.resume).start()
+    started = time.perf_counter()
+    entries, dst = demand([k[7]])  # ... so the step that demands it waits: late, then used
+    assert entries[0] is not None and time.perf_counter() - started >= 0.15
+    assert torch.equal(device.k_pages[dst[0]], k_truth[7])
+    assert prefetcher.prefetch([k[3], k[4]], "script") == 0  # already there: not reissued
+    prefetcher.forget([k[3], k[4], k[6]])  # the rest are freed unused
+    stats = prefetcher.stats()
+    assert {name: stats[f"prefetch_{name}"] for name in
+            ("issued", "used", "late", "wasted", "no_room", "failed", "demand_misses",
+             "pages_promoted")} == {"issued": 7, "used": 2, "late": 1, "wasted": 5, "no_room": 0,
+                                    "failed": 0, "demand_misses": 1, "pages_promoted": 2}
+    assert stats["prefetch_hit_rate"] == pytest.approx(2 / 3)
+    assert stats["prefetch_bytes_read"] == 7 * PAGE  # codec none: a page's bytes each
+    assert stats["prefetch_late_wait_seconds"] >= 0.15
+    prefetcher.drain()
+    assert prefetcher.buffer.num_used == 0 and not prefetcher.buffer.keys()
+
+
+def test_a_full_tier_of_pages_in_flight_issues_no_more(scripted):
+    prefetcher, keys, _ = scripted
+    k = [int(x) for x in keys]
+    prefetcher.start()
+    prefetcher.worker.pause()
+    assert prefetcher.prefetch(k[:6], "script") == 4  # 4 slots, none ready to drop
+    assert prefetcher.stats()["prefetch_no_room"] == 2
+    prefetcher.forget(k[:4])  # cancelled in flight: released when their transfer ends
+    prefetcher.worker.resume()
+    prefetcher.drain()
+    assert prefetcher.buffer.num_used == 0
+    assert prefetcher.stats()["prefetch_wasted"] == 4
+
+
+# ---------------------------------------------------------------- cancels, trace
+
+
+@pytest.mark.slow
+def test_abort_with_prefetches_in_flight_leaks_nothing(make_llm):
+    llm = make_llm(predictor="layer_ahead", **TIGHT)
+    engine = llm.engine
+    try:
+        for p in PROMPTS:
+            engine.add_request(p, SamplingParams(max_tokens=200, ignore_eos=True))
+        for _ in range(6):
+            engine.step()
+            check_tier_invariants(engine)
+        engine.prefetcher.worker.pause()
+        engine.step()  # this step's last layer hints the next step's first: held in flight
+        in_flight = engine.prefetcher.buffer.num_in_flight()
+        assert in_flight > 0
+        for rid in list(engine._sequences):
+            engine.abort(rid)
+        engine.prefetcher.worker.resume()
+        assert_no_leak(engine)
+        assert engine.stats()["prefetch_wasted"] >= in_flight
+        out = llm.generate(PROMPTS[2], GREEDY)[0]  # and the engine goes on
+        assert out.num_generated_tokens == GREEDY.max_tokens
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_trace_has_one_line_per_step_and_sums_to_the_stats(make_llm, tmp_path):
+    path = tmp_path / "trace.jsonl"
+    llm = make_llm(predictor="layer_ahead", trace=str(path), **TIGHT)
+    llm.generate(PROMPTS, GREEDY)
+    stats = llm.stats()
+    llm.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
+    assert len(lines) >= GREEDY.max_tokens
+    for key in ("prefetch_issued", "prefetch_used", "tier_pages_fetched", "tier_stall_seconds"):
+        assert sum(r[key] for r in lines) == pytest.approx(stats[key]), key
+    assert all(r["seconds"] > 0 and r["batch"] >= 1 for r in lines)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_prefetch_options_are_refused(make_llm, caplog):
+    with pytest.raises(ValueError, match="unknown predictor 'psychic'; known: none, layer_ahead"):
+        make_llm(predictor="psychic", **TIGHT)
+    with pytest.raises(ValueError, match="prefetch_depth=30 must be below the model's 30 layers"):
+        make_llm(predictor="layer_ahead", prefetch_depth=30, **TIGHT)
+    with pytest.raises(ValueError, match="pool='none'"):
+        make_llm(predictor="layer_ahead", device_kv_bytes="64MiB")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        make_llm(predictor="none,layer_ahead", **TIGHT)
+    with pytest.raises(ValueError, match="prefetch_depth must be >= 1"):
+        make_llm(prefetch_depth=0, **TIGHT)
+    with pytest.raises(ValueError, match="cannot write the trace file"):
+        make_llm(trace="/nonexistent/dir/trace.jsonl", **TIGHT)
+    with caplog.at_level(logging.WARNING):
+        llm = make_llm(predictor="layer_ahead", prefetch_bytes=0, **TIGHT)
+    assert "prefetch disabled" in caplog.text
+    assert llm.stats()["prefetch_predictor"] == "none"
+    with pytest.raises(ValueError, match="unknown predictor"):
+        llm.engine.set_prefetch("psychic")
+    out = llm.generate(PROMPTS[2], GREEDY)[0]  # still serving
+    assert out.num_generated_tokens == GREEDY.max_tokens
+    llm.close()
