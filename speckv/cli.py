@@ -229,6 +229,13 @@ def _info(ns: argparse.Namespace) -> int:
         "dense layers": sc.dense_layers,
         "summary bytes (one page)": f"{engine.cache.summaries.slot_bytes:,}",
     })
+    if engine.prefetcher is not None:
+        pc = llm.config.prefetch
+        rows.update({
+            "predictor": pc.predictor,
+            "prefetch budget": f"{format_size(pc.prefetch_bytes)} ({engine.prefetcher.num_slots:,} pages)",
+            "prefetch depth": pc.prefetch_depth,
+        })
     llm.close()
     width = max(map(len, rows))
     for key, value in rows.items():

@@ -73,6 +73,21 @@ def test_prefetching_never_changes_tokens(make_llm, references, predictor, selec
 
 
 @pytest.mark.slow
+def test_prefetching_from_a_memory_node_never_changes_tokens(make_llm, references):
+    """The worker reads the node's shared memory while the engine thread talks to the
+    node over its socket: neither may take the other's reply for a hang-up."""
+    options = {**TIGHT, "pool": "memnode", "pool_bytes": "64MiB", "link": "pcie4-x16"}
+    llm = make_llm(predictor="layer_ahead,step_ahead", **options)
+    try:
+        outs = llm.generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in outs] == references["full"]
+        assert llm.stats()["prefetch_used"] > 0
+        assert_no_leak(llm.engine)
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
 def test_layer_ahead_under_full_serves_most_pool_reads(make_llm):
     """Under `full` every layer reads every page, which layer_ahead asks for one layer
     early: most pages a step needs from the pool come from the PREFETCH tier. Dense

@@ -108,7 +108,7 @@ def _prefill(llm, batch: int, context: int, decode_steps: int) -> None:
 
     engine = llm.engine
     g = torch.Generator().manual_seed(7)
-    params = SamplingParams(max_tokens=decode_steps + 2, ignore_eos=True)
+    params = SamplingParams(max_tokens=decode_steps + 16, ignore_eos=True)
     for _ in range(batch):
         engine.add_request(torch.randint(100, 49000, (context,), generator=g).tolist(), params)
     while True:
@@ -122,10 +122,10 @@ def _time_steps(llm, steps: int) -> dict[str, Any]:
     engine = llm.engine
     engine.step()
     before = llm.stats()
-    times = []
+    times, tokens = [], 0
     for _ in range(steps):
         t0 = time.perf_counter()
-        engine.step()
+        tokens += len(engine.step())
         times.append(time.perf_counter() - t0)
     after = llm.stats()
 
@@ -135,7 +135,7 @@ def _time_steps(llm, steps: int) -> dict[str, Any]:
     used, missed, issued = delta("prefetch_used"), delta("prefetch_demand_misses"), delta("prefetch_issued")
     total = sum(times)
     return {"step_ms": 1000 * statistics.median(times), "seconds": total,
-            "tok_s": len(engine.scheduler.running) * steps / total,
+            "tok_s": tokens / total,
             "stall_fraction": delta("tier_stall_seconds") / total,
             "pages_from_pool_per_step": (delta("tier_pages_fetched") + used) / steps,
             "hit_rate": used / (used + missed) if used + missed else 0.0,

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import weakref
 from multiprocessing.connection import Client
 
@@ -73,6 +74,7 @@ class MemNodePool(ArenaPool):
         self._proc: subprocess.Popen | None = None
         self._capacity = capacity_bytes
         self._conn = None
+        self._socket_lock = threading.Lock()
         self._num_free = 0
         self._held: set[int] = set()
         if socket is None:
@@ -110,6 +112,10 @@ class MemNodePool(ArenaPool):
                     self.socket_path, num, self.slot_bytes, self.link)
 
     def _call(self, *message):
+        with self._socket_lock:  # one request at a time: a reply is never taken for a hangup
+            return self._call_locked(*message)
+
+    def _call_locked(self, *message):
         if self._conn is None:
             raise PoolUnavailable(f"the memory node at {self.socket_path} is unavailable")
         try:
@@ -140,9 +146,12 @@ class MemNodePool(ArenaPool):
         return self._conn is not None
 
     def ensure_available(self) -> None:
-        if self._conn is not None and (self._conn.poll(0) or
-                                       (self._proc is not None and self._proc.poll() is not None)):
-            self._lost()  # the node never speaks unasked: a readable socket means it closed
+        """Raises PoolUnavailable if the node is gone. Thread-safe: the prefetch worker's
+        loads check too, so the socket is polled only between requests."""
+        with self._socket_lock:
+            if self._conn is not None and (self._conn.poll(0) or
+                                           (self._proc is not None and self._proc.poll() is not None)):
+                self._lost()  # the node never speaks unasked: a readable socket means it closed
         if self._conn is None:
             raise PoolUnavailable(f"the memory node at {self.socket_path} is gone")
 
