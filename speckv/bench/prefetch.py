@@ -21,6 +21,7 @@ Tasks (`--tasks`):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -84,9 +85,9 @@ def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
     loaded = load_model(EngineConfig.from_kwargs(**options).model)
     fields: dict[str, Any] = {"options": options, "steps": ns.steps}
     if "stall" in tasks:
-        fields["stall"] = stall(loaded, options, batches, contexts, links, predictor_sets,
-                                ns.device_fraction, ns.steps)
         fields["device_fraction"] = ns.device_fraction
+        fields["stall"] = stall(loaded, options, batches, contexts, links, predictor_sets,
+                                ns.device_fraction, ns.steps, _saver(ns.json, fields))
     if "quality" in tasks:
         fields["quality"] = quality(loaded, options, budgets, ns.steps * 4)
     publish(fields, format_table, ns.json)
@@ -94,6 +95,15 @@ def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
 
 
 # ---------------------------------------------------------------- stall
+
+
+def _saver(path: str | None, fields: dict):
+    """Writes the rows so far to `path` (a long run cut short keeps what it measured)."""
+    def save(rows: list[dict]) -> None:
+        if path:
+            with open(path + ".partial", "w") as fh:
+                json.dump({**fields, "stall": rows}, fh, indent=2)
+    return save
 
 
 def _engine(loaded, options: dict, **extra):
@@ -150,7 +160,8 @@ def _working_set_bytes(loaded, batch: int, context: int, steps: int) -> int:
     return batch * pages * 16 * loaded.args.kv_bytes_per_token(4)
 
 
-def stall(loaded, options, batches, contexts, links, predictor_sets, fraction, steps) -> list[dict]:
+def stall(loaded, options, batches, contexts, links, predictor_sets, fraction, steps,
+          save) -> list[dict]:
     from tqdm.auto import tqdm
 
     rows = []
@@ -172,6 +183,7 @@ def stall(loaded, options, batches, contexts, links, predictor_sets, fraction, s
             for link in links:
                 rows.extend(_pooled(loaded, options, batch, context, link, predictor_sets,
                                     working, fraction, steps, n_steps, base))
+                save(rows)
                 bar.update(1)
     return rows
 
