@@ -49,6 +49,17 @@ def parse_options(text: str, flag: str = "--variant") -> dict[str, Any]:
     return changed
 
 
+def parse_ints(text: str, flag: str) -> list[int]:
+    """`"1,8,32"` -> [1, 8, 32]; every value an integer >= 1, else a ValueError naming `flag`."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} wants comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} wants integers >= 1, got {text!r}")
+    return values
+
+
 def bench_text() -> str:
     """The public-domain natural-language text of the fidelity benchmarks (~2.8k tokens)."""
     data = resources.files("speckv.bench") / "data"

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from speckv.bench.common import bench_text, publish
+from speckv.bench.common import bench_text, parse_ints, publish
 
 
 def add_parser(sub, add_engine_options) -> None:
@@ -51,16 +51,6 @@ def add_parser(sub, add_engine_options) -> None:
     add_engine_options(p)
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} wants comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} wants integers >= 1, got {text!r}")
-    return values
-
-
 def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
     from speckv.config import EngineConfig, PrefetchConfig
     from speckv.models.loaded import load_model
@@ -80,8 +70,8 @@ def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
         raise ValueError(f"--device-fraction must be in (0, 1), got {ns.device_fraction}")
     if ns.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {ns.steps}")
-    batches, contexts = _ints(ns.batches, "--batches"), _ints(ns.contexts, "--contexts")
-    budgets = _ints(ns.budgets, "--budgets")
+    batches, contexts = parse_ints(ns.batches, "--batches"), parse_ints(ns.contexts, "--contexts")
+    budgets = parse_ints(ns.budgets, "--budgets")
     loaded = load_model(EngineConfig.from_kwargs(**options).model)
     fields: dict[str, Any] = {"options": options, "steps": ns.steps}
     if "stall" in tasks:

@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import Any
 
-from speckv.bench.common import bench_text, publish
+from speckv.bench.common import bench_text, parse_ints, publish
 
 
 def add_parser(sub, add_engine_options) -> None:
@@ -42,16 +42,6 @@ def add_parser(sub, add_engine_options) -> None:
     p.add_argument("--plot", help="save tokens/s and latency against clients (PNG)")
     p.add_argument("--json", help="also write the results to this JSON file")
     add_engine_options(p)
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} wants comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} wants integers >= 1, got {text!r}")
-    return values
 
 
 def request_set(n: int, prompt_tokens: list[int], max_tokens: list[int]) -> list[dict[str, Any]]:
@@ -164,11 +154,11 @@ def _summarize(requests, results, errors, wall, clients, stream) -> dict:
 def run(ns: argparse.Namespace, engine_options: dict[str, Any]) -> int:
     from speckv.server.process import ServerProcess
 
-    clients = _ints(ns.clients, "--clients")
+    clients = parse_ints(ns.clients, "--clients")
     if ns.requests < 1:
         raise ValueError(f"--requests must be >= 1, got {ns.requests}")
-    requests = request_set(ns.requests, _ints(ns.prompt_tokens, "--prompt-tokens"),
-                           _ints(ns.max_tokens, "--max-tokens"))
+    requests = request_set(ns.requests, parse_ints(ns.prompt_tokens, "--prompt-tokens"),
+                           parse_ints(ns.max_tokens, "--max-tokens"))
     server = ServerProcess("--max-waiting", str(max(clients) + ns.requests),
                            *_cli_flags(engine_options))
     try:
