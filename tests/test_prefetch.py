@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ from speckv.config import PrefetchConfig
 from speckv.kv.eviction import make_eviction
 from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.tiers import TieredStore, TierOptions
+from speckv.pool.link import parse_link
 from speckv.pool.local import LocalPool
 from speckv.prefetch.prefetcher import Prefetcher
 
@@ -119,6 +119,13 @@ def test_speculative_query_predicts_most_of_quests_selection(make_llm):
 # ---------------------------------------------------------------- exact accounting
 
 
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def scripted():
     """A store of 8 pooled pages (codec none) and a prefetcher with a 4-page PREFETCH tier."""
@@ -162,23 +169,29 @@ def test_accounting_is_exact_on_a_scripted_scenario(scripted):
     assert prefetcher.prefetch([k[3], k[4], k[6]], "script") == 3
     prefetcher.forget([k[2]])  # k2's page is freed unused: wasted
     prefetcher.drain()
-    prefetcher.worker.pause()  # k7's transfer is held in flight ...
+    store.backend.link = parse_link("custom:100,400000000")  # 0.4 s a transfer ...
     assert prefetcher.prefetch([k[7]], "script") == 1
-    threading.Timer(0.2, prefetcher.worker.resume).start()
-    started = time.perf_counter()
-    entries, dst = demand([k[7]])  # ... so the step that demands it waits: late, then used
-    assert entries[0] is not None and time.perf_counter() - started >= 0.15
+    wait_for(lambda: prefetcher.buffer._entries[k[7]].started)
+    entries, dst = demand([k[7]])  # ... so a step that demands k7 mid-transfer waits: late, used
+    assert entries[0] is not None
     assert torch.equal(device.k_pages[dst[0]], k_truth[7])
+    store.backend.link = None
+    prefetcher.worker.pause()  # k5's transfer is queued, not begun ...
+    assert prefetcher.prefetch([k[5]], "script") == 1
+    entries, _ = demand([k[5]])  # ... so the step fetches it itself: overtaken, a demand miss
+    assert entries[0] is None
+    prefetcher.worker.resume()
     assert prefetcher.prefetch([k[3], k[4]], "script") == 0  # already there: not reissued
     prefetcher.forget([k[3], k[4], k[6]])  # the rest are freed unused
     stats = prefetcher.stats()
     assert {name: stats[f"prefetch_{name}"] for name in
-            ("issued", "used", "late", "wasted", "no_room", "failed", "demand_misses",
-             "pages_promoted")} == {"issued": 7, "used": 2, "late": 1, "wasted": 5, "no_room": 0,
-                                    "failed": 0, "demand_misses": 1, "pages_promoted": 2}
-    assert stats["prefetch_hit_rate"] == pytest.approx(2 / 3)
-    assert stats["prefetch_bytes_read"] == 7 * PAGE  # codec none: a page's bytes each
-    assert stats["prefetch_late_wait_seconds"] >= 0.15
+            ("issued", "used", "late", "overtaken", "wasted", "no_room", "failed",
+             "demand_misses", "pages_promoted")} == {
+        "issued": 8, "used": 2, "late": 1, "overtaken": 1, "wasted": 5, "no_room": 0,
+        "failed": 0, "demand_misses": 2, "pages_promoted": 2}
+    assert stats["prefetch_hit_rate"] == pytest.approx(2 / 4)
+    assert stats["prefetch_bytes_read"] == 7 * PAGE  # codec none: a page's bytes each, not k5's
+    assert stats["prefetch_late_wait_seconds"] > 0.1
     prefetcher.drain()
     assert prefetcher.buffer.num_used == 0 and not prefetcher.buffer.keys()
 

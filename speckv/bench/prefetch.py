@@ -140,7 +140,8 @@ def _time_steps(llm, steps: int) -> dict[str, Any]:
             "pages_from_pool_per_step": (delta("tier_pages_fetched") + used) / steps,
             "hit_rate": used / (used + missed) if used + missed else 0.0,
             "waste": delta("prefetch_wasted") / issued if issued else 0.0,
-            "late": delta("prefetch_late"), "issued": issued,
+            "late": delta("prefetch_late"), "overtaken": delta("prefetch_overtaken"),
+            "issued": issued,
             "link_wait_s": delta("pool_link_wait_seconds")}
 
 
@@ -231,14 +232,14 @@ def format_table(report: dict) -> str:
         lines += [f"stall: DEVICE = {report['device_fraction']:.3f} of the working set, "
                   f"median of {report['steps']} decode steps per row",
                   "| batch | context | link | predictor | step ms | tok/s | vs all-resident | "
-                  "stall | hit rate | waste | late | pool pages/step |",
-                  "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "stall | hit rate | waste | late | overtaken | pool pages/step |",
+                  "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["stall"]:
             lines.append(
                 f"| {r['batch']} | {r['context']} | {r['link']} | {r['config']} | {r['step_ms']:.0f} | "
                 f"{r['tok_s']:.1f} | {r['vs_resident']:.2f}x | {100 * r['stall_fraction']:.1f}% | "
                 f"{100 * r['hit_rate']:.0f}% | {100 * r['waste']:.0f}% | {r['late']:.0f} | "
-                f"{r['pages_from_pool_per_step']:,.0f} |")
+                f"{r.get('overtaken', 0):.0f} | {r['pages_from_pool_per_step']:,.0f} |")
     if "quality" in report:
         lines += ["quality: predicted page sets vs pages read (quest, layers that select)",
                   "| budget | predictor | precision | recall |", "|---:|---|---:|---:|"]

@@ -19,10 +19,10 @@ _CUMULATIVE = (
     "tier_pages_fetched", "tier_bytes_fetched", "tier_stall_seconds", "tier_pages_stored",
     "tier_encoded_bytes_stored", "tier_evictions", "tier_fetches_skipped",
     "pool_link_wait_seconds", "prefetch_issued", "prefetch_used", "prefetch_late",
-    "prefetch_wasted", "prefetch_no_room", "prefetch_demand_misses", "prefetch_bytes_read",
-    "prefetch_pages_promoted", "prefetch_late_wait_seconds", "prefetch_predicted",
-    "prefetch_predicted_read", "prefetch_read", "selection_pages_selected",
-    "selection_pages_visible",
+    "prefetch_overtaken", "prefetch_wasted", "prefetch_no_room", "prefetch_demand_misses",
+    "prefetch_bytes_read", "prefetch_pages_promoted", "prefetch_late_wait_seconds",
+    "prefetch_predicted", "prefetch_predicted_read", "prefetch_read",
+    "selection_pages_selected", "selection_pages_visible",
 )
 _LEVELS = ("device_pages_used", "prefetch_pages_used_now", "pool_encoded_bytes",
            "requests_running", "requests_waiting")

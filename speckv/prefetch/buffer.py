@@ -36,7 +36,8 @@ class Entry:
     slot: int  # its PREFETCH slot
     source: str  # the predictor that asked for it
     state: EntryState = EntryState.IN_FLIGHT
-    cancelled: bool = False  # its page was freed while in flight: release on completion
+    started: bool = False  # the worker has begun its transfer
+    cancelled: bool = False  # freed, or overtaken, while in flight: release on completion
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -99,11 +100,36 @@ class PrefetchBuffer:
                 entry.state = EntryState.READY
         entry.done.set()
 
-    def take(self, keys: list[int]) -> list[Entry | None]:
-        """Removes and returns the entries of `keys` (None where a key is not here); the
-        caller waits for IN_FLIGHT ones (`entry.done`), copies, then `release`s them."""
+    def begin(self, entries: list[Entry]) -> list[Entry]:
+        """The worker starts a transfer: returns the entries still wanted, now `started`
+        (a step that demands one of them waits for it instead of overtaking it)."""
         with self._lock:
-            return [self._entries.pop(k, None) for k in keys]
+            live = [e for e in entries if not e.cancelled]
+            for e in live:
+                e.started = True
+            return live
+
+    def take(self, keys: list[int]) -> tuple[list[Entry | None], list[Entry]]:
+        """Removes and returns the entries of `keys` (None where a key is not here); the
+        caller waits for IN_FLIGHT ones (`entry.done`), copies, then `release`s them.
+
+        An entry whose transfer has not begun is overtaken instead: cancelled (its slot
+        is released when the worker reaches it) and returned as None, so a demanding
+        step fetches the page itself rather than wait behind the worker's queue.
+
+        Returns:
+            (the entries, the overtaken ones).
+        """
+        with self._lock:
+            out, overtaken = [], []
+            for k in keys:
+                entry = self._entries.pop(k, None)
+                if entry is not None and not entry.started:
+                    entry.cancelled = True
+                    overtaken.append(entry)
+                    entry = None
+                out.append(entry)
+            return out, overtaken
 
     def release(self, entries: list[Entry]) -> None:
         """Frees the slots of taken entries."""

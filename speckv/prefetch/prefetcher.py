@@ -11,7 +11,10 @@ Counted per predictor (the one whose hint issued a page), and overall with
 demand misses):
     issued   pages sent to the worker
     used     prefetched pages a step demanded (then promoted into DEVICE)
-    late     used pages the step had to wait for (demanded while in flight)
+    late     used pages the step had to wait for (demanded while being transferred)
+    overtaken  prefetched pages demanded before the worker began their transfer: the
+             step fetched them itself (so they are demand misses too), never waiting
+             behind the worker's queue
     wasted   prefetched pages dropped unused (room needed, or their page was freed)
     no_room  hinted pages not issued: the tier was full of pages in flight
     predicted / predicted_read / read: the hinted page sets against the pages the
@@ -47,6 +50,7 @@ class PrefetchCounters:
     issued: int = 0
     used: int = 0
     late: int = 0
+    overtaken: int = 0
     wasted: int = 0
     no_room: int = 0
     failed: int = 0
@@ -222,12 +226,17 @@ class Prefetcher:
     # ------------------------------------------------------------ demand side
 
     def claim(self, keys: list[int]) -> list[Entry | None]:
-        """The prefetched entries of demanded `keys` (None: not prefetched, a demand miss),
-        waiting for ones still in flight (late). The caller promotes and `release`s them."""
+        """The prefetched entries of demanded `keys` (None: a demand miss — not prefetched,
+        or its transfer not begun), waiting for ones being transferred (late). The
+        caller promotes and `release`s them."""
         if self._buffer is None:
             return [None] * len(keys)
-        entries = self._buffer.take(keys)
+        entries, overtaken = self._buffer.take(keys)
         missed = sum(e is None for e in entries)
+        if overtaken:
+            with self._lock:
+                for e in overtaken:
+                    self.counters[e.source].overtaken += 1
         started = None
         for i, e in enumerate(entries):
             if e is None:

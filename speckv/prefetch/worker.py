@@ -46,8 +46,8 @@ class TransferWorker:
         self._jobs.join()
 
     def pause(self) -> None:
-        """Holds transfers not yet started (they stay in flight) until `resume`: for
-        scripted scenarios (late prefetches, cancels in flight)."""
+        """Holds transfers not yet started (they stay in flight; a step that demands one
+        overtakes it) until `resume`: for scripted scenarios (cancels in flight)."""
         self._running.clear()
 
     def resume(self) -> None:
@@ -71,7 +71,7 @@ class TransferWorker:
                 self._jobs.task_done()
 
     def _transfer(self, entries: list[Entry]) -> None:
-        live = [e for e in entries if not e.cancelled]
+        live = self.buffer.begin(entries)
         ok, nbytes = True, 0
         if live:
             try:
