@@ -82,6 +82,7 @@ class TieredStore:
         n = device_pool.num_pages
         self._staging: dict[str, torch.Tensor] = {}  # reused fetch buffers, grown on demand
         self._fused = None
+        self.kernels = kernels if device_pool.kv.device.type == "cpu" else None
         if (kernels is not None and codec.fused_fetch is not None
                 and device_pool.kv.device.type == "cpu" and isinstance(backend, ArenaPool)):
             self._fused = getattr(kernels, codec.fused_fetch)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class Entry:
     state: EntryState = EntryState.IN_FLIGHT
     started: bool = False  # the worker has begun its transfer
     cancelled: bool = False  # freed, or overtaken, while in flight: release on completion
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None  # set when its transfer (shared by a batch) ends
 
 
 class PrefetchBuffer:
@@ -64,13 +64,14 @@ class PrefetchBuffer:
     def __contains__(self, key: int) -> bool:
         return key in self._entries
 
-    def prepare(self, keys: list[int], source: str) -> tuple[list[Entry], list[Entry]]:
+    def prepare(self, keys: list[int], source: str) -> tuple[list[Entry], list[Entry], int]:
         """Reserves slots for `keys` not already here, dropping the oldest READY pages to
         make room (never an IN_FLIGHT one).
 
         Returns:
             (the new IN_FLIGHT entries — fewer than asked when the tier is full of
-            pages in flight, the dropped READY entries: wasted).
+            pages in flight, the dropped READY entries: wasted, how many keys found no
+            room).
         """
         with self._lock:
             keys = [k for k in dict.fromkeys(keys) if k not in self._entries]
@@ -82,23 +83,31 @@ class PrefetchBuffer:
                         break
                     if entry.state == EntryState.READY:
                         dropped.append(self._pop(entry))
+            no_room = max(0, len(keys) - self.pages.num_free_pages)
             keys = keys[:self.pages.num_free_pages]
             slots = self.pages.allocate(len(keys))
-            entries = [Entry(k, int(s), source) for k, s in zip(keys, slots)]
+            done = threading.Event()  # one per transfer: cheaper than one per page
+            entries = [Entry(k, s, source, done=done) for k, s in zip(keys, slots.tolist())]
             for e in entries:
                 self._entries[e.key] = e
-            return entries, dropped
+            return entries, dropped, no_room
 
-    def complete(self, entry: Entry, ok: bool) -> None:
-        """Commits a transfer (READY) or releases its slot (failed, or cancelled)."""
+    def complete(self, entries: list[Entry], ok: bool) -> None:
+        """Commits a transfer's pages (READY), or releases their slots (failed, or
+        cancelled), then wakes the steps waiting for them."""
         with self._lock:
-            if entry.cancelled or not ok:
-                if self._entries.get(entry.key) is entry:
-                    del self._entries[entry.key]
-                self.pages.free(np.array([entry.slot]))
-            else:
-                entry.state = EntryState.READY
-        entry.done.set()
+            released = []
+            for entry in entries:
+                if entry.cancelled or not ok:
+                    if self._entries.get(entry.key) is entry:
+                        del self._entries[entry.key]
+                    released.append(entry.slot)
+                else:
+                    entry.state = EntryState.READY
+            if released:
+                self.pages.free(np.array(released))
+        for done in {id(e.done): e.done for e in entries}.values():
+            done.set()
 
     def begin(self, entries: list[Entry]) -> list[Entry]:
         """The worker starts a transfer: returns the entries still wanted, now `started`

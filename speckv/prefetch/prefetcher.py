@@ -195,13 +195,11 @@ class Prefetcher:
         if not keys:
             return 0
         self.start()
-        keys = list(dict.fromkeys(keys))
-        there = sum(1 for k in keys if k in self._buffer)
-        entries, dropped = self._buffer.prepare(keys, source)
+        entries, dropped, no_room = self._buffer.prepare(keys, source)
         with self._lock:
             c = self.counters.setdefault(source, PrefetchCounters())
             c.issued += len(entries)
-            c.no_room += len(keys) - there - len(entries)
+            c.no_room += no_room
             for e in dropped:
                 self.counters[e.source].wasted += 1
         self.worker.submit(entries)
@@ -232,27 +230,26 @@ class Prefetcher:
         if self._buffer is None:
             return [None] * len(keys)
         entries, overtaken = self._buffer.take(keys)
-        missed = sum(e is None for e in entries)
-        if overtaken:
-            with self._lock:
-                for e in overtaken:
-                    self.counters[e.source].overtaken += 1
-        started = None
-        for i, e in enumerate(entries):
-            if e is None:
-                continue
-            late = not e.done.is_set()
-            if late:
-                started = started or time.perf_counter()
-                e.done.wait()
-            with self._lock:
-                c = self.counters[e.source]
+        present = [e for e in entries if e is not None]
+        in_flight = [e for e in present if not e.done.is_set()]
+        started = time.perf_counter() if in_flight else None
+        for e in in_flight:
+            e.done.wait()
+        late = set(map(id, in_flight))
+        missed = len(entries) - len(present)
+        with self._lock:
+            for e in overtaken:
+                self.counters[e.source].overtaken += 1
+            for i, e in enumerate(entries):
+                if e is None:
+                    continue
                 if e.state != EntryState.READY:  # the transfer failed: a miss after all
                     entries[i] = None
                     missed += 1
                     continue
+                c = self.counters[e.source]
                 c.used += 1
-                c.late += late
+                c.late += id(e) in late
         self.demand_misses += missed
         if started is not None:
             waited = time.perf_counter() - started
@@ -263,11 +260,15 @@ class Prefetcher:
     def promote(self, entries: list[Entry], slots: np.ndarray) -> None:
         """Copies claimed pages into DEVICE `slots` and frees their PREFETCH slots."""
         pool, buf = self.store.device_pool, self._buffer.pages
-        device = pool.kv.device
-        src = torch.tensor([e.slot for e in entries], device=device)
-        dst = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(device)
-        pool.k_pages.index_copy_(0, dst, buf.k_pages.index_select(0, src))
-        pool.v_pages.index_copy_(0, dst, buf.v_pages.index_select(0, src))
+        src = np.array([e.slot for e in entries], dtype=np.int64)
+        dst = np.ascontiguousarray(slots, dtype=np.int64)
+        if self.store.kernels is not None:  # CPU: one copy per page, no temporary
+            self.store.kernels.copy_pages(buf.k_pages, buf.v_pages, torch.from_numpy(src),
+                                          pool.k_pages, pool.v_pages, torch.from_numpy(dst))
+        else:
+            device = pool.kv.device
+            src_t, dst_t = torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)
+            pool.kv[:, dst_t] = buf.kv[:, src_t]
         self._buffer.release(entries)
         self.pages_promoted += len(entries)
 

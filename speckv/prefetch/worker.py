@@ -81,6 +81,5 @@ class TransferWorker:
                 if not any(e.cancelled for e in live):  # a freed key is expected to fail
                     logger.warning("prefetch of %d pages failed", len(live), exc_info=True)
                 ok = False
-        for e in entries:
-            self.buffer.complete(e, ok)
+        self.buffer.complete(entries, ok)
         self.on_done(live, nbytes, ok)
