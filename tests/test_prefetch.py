@@ -24,6 +24,7 @@ from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.tiers import TieredStore, TierOptions
 from speckv.pool.link import parse_link
 from speckv.pool.local import LocalPool
+from speckv.prefetch.buffer import PageState
 from speckv.prefetch.prefetcher import Prefetcher
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
@@ -153,16 +154,15 @@ def test_accounting_is_exact_on_a_scripted_scenario(scripted):
 
     def demand(wanted):  # what KVCacheManager._load does for a step's missing pages
         dst = device.allocate(len(wanted))
-        entries = prefetcher.claim(wanted)
-        hit = np.array([e is not None for e in entries])
+        hit, prefetched = prefetcher.claim(np.array(wanted))
         if hit.any():
-            prefetcher.promote([e for e in entries if e is not None], dst[hit])
-        return entries, dst
+            prefetcher.promote(prefetched, dst[hit])
+        return hit.tolist(), dst
 
     assert prefetcher.prefetch([k[0], k[1], k[2]], "script") == 3  # issued 3
     prefetcher.drain()
-    entries, dst = demand([k[0], k[5]])  # k0 prefetched and ready: used; k5 a demand miss
-    assert entries[0] is not None and entries[1] is None
+    hit, dst = demand([k[0], k[5]])  # k0 prefetched and ready: used; k5 a demand miss
+    assert hit == [True, False]
     assert torch.equal(device.k_pages[dst[0]], k_truth[0])  # promoted bit-exact
     assert torch.equal(device.v_pages[dst[0]], v_truth[0])
     # 3 more into a 4-page tier holding k1, k2: the oldest ready page (k1) is dropped
@@ -171,15 +171,16 @@ def test_accounting_is_exact_on_a_scripted_scenario(scripted):
     prefetcher.drain()
     store.backend.link = parse_link("custom:100,400000000")  # 0.4 s a transfer ...
     assert prefetcher.prefetch([k[7]], "script") == 1
-    wait_for(lambda: prefetcher.buffer._entries[k[7]].started)
-    entries, dst = demand([k[7]])  # ... so a step that demands k7 mid-transfer waits: late, used
-    assert entries[0] is not None
+    wait_for(lambda: prefetcher.buffer.state(k[7]) == PageState.MOVING)
+    hit, dst = demand([k[7]])  # ... so a step that demands k7 mid-transfer waits: late, used
+    assert hit == [True]
     assert torch.equal(device.k_pages[dst[0]], k_truth[7])
     store.backend.link = None
     prefetcher.worker.pause()  # k5's transfer is queued, not begun ...
     assert prefetcher.prefetch([k[5]], "script") == 1
-    entries, _ = demand([k[5]])  # ... so the step fetches it itself: overtaken, a demand miss
-    assert entries[0] is None
+    assert prefetcher.buffer.state(k[5]) == PageState.QUEUED
+    hit, _ = demand([k[5]])  # ... so the step fetches it itself: overtaken, a demand miss
+    assert hit == [False] and prefetcher.buffer.state(k[5]) == PageState.ABSENT
     prefetcher.worker.resume()
     assert prefetcher.prefetch([k[3], k[4]], "script") == 0  # already there: not reissued
     prefetcher.forget([k[3], k[4], k[6]])  # the rest are freed unused

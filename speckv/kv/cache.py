@@ -322,11 +322,12 @@ class KVCacheManager:
         """Brings pooled pages `keys` into DEVICE `slots`: promoted from the PREFETCH tier
         where prefetched, else fetched on demand. Either way they are evictable after:
         they are in the pool."""
-        entries = [None] * len(keys) if self.prefetcher is None else \
-            self.prefetcher.claim(keys.tolist())
-        hit = np.array([e is not None for e in entries], dtype=bool)
+        if self.prefetcher is None:
+            self.store.fetch(keys.tolist(), slots)
+            return
+        hit, prefetched = self.prefetcher.claim(keys)
         if hit.any():
-            self.prefetcher.promote([e for e in entries if e is not None], slots[hit])
+            self.prefetcher.promote(prefetched, slots[hit])
             self.store.arrived(slots[hit])
         if not hit.all():
             self.store.fetch(keys[~hit].tolist(), slots[~hit])

@@ -2,52 +2,70 @@
 
 Pages here are keyed by their pool key. A transfer is two-step:
 
-    prepare(keys)  -> reserves slots (IN_FLIGHT); the worker reads and decodes into them
-    complete(e)    -> READY, or the slot is released (cancelled or failed)
+    prepare(keys)  -> reserves slots (in flight); the worker reads and decodes into them
+    complete(t)    -> READY, or the slots are released (cancelled or failed)
 
 so a cancelled or failed prefetch never leaves a page half-present. A READY page is
 taken by the step that demands it (then copied into a DEVICE slot: promoted) or
-dropped unused — first, when room is needed — and counted as wasted. DEVICE pages are
-never evicted for a prefetch: the two budgets are separate.
+dropped unused — oldest first, when room is needed — and counted as wasted. DEVICE
+pages are never evicted for a prefetch: the two budgets are separate.
+
+A page's state is kept in arrays indexed by pool key (a decode step moves thousands
+of pages; one Python object each would cost more than the copies):
+
+    slot[key]      its PREFETCH slot, -1: not here
+    transfer[key]  the transfer bringing it, -1: READY (or not here)
+
+A page removed while in flight (its pool page freed, or overtaken by a step that
+fetched it itself) is forgotten at once; its slot is released when its transfer ends.
 """
 
 from __future__ import annotations
 
 import enum
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from speckv.kv.page_pool import DevicePagePool
 
 
-class EntryState(enum.IntEnum):
-    IN_FLIGHT = 0
-    READY = 1
+class PageState(enum.IntEnum):
+    """Where a page is in the PREFETCH tier, ordered by how far it has come."""
+
+    ABSENT = 0
+    QUEUED = 1  # reserved; the worker has not begun its transfer
+    MOVING = 2  # the worker is reading and decoding it
+    READY = 3
 
 
-@dataclass(slots=True, eq=False)
-class Entry:
-    """One page on its way into (or in) the PREFETCH tier."""
+@dataclass(eq=False)
+class Transfer:
+    """Pages the worker moves together (one prepare)."""
 
-    key: int  # its pool key
-    slot: int  # its PREFETCH slot
-    source: str  # the predictor that asked for it
-    state: EntryState = EntryState.IN_FLIGHT
-    started: bool = False  # the worker has begun its transfer
-    cancelled: bool = False  # freed, or overtaken, while in flight: release on completion
-    done: threading.Event | None = None  # set when its transfer (shared by a batch) ends
+    id: int
+    keys: np.ndarray  # [n] int64 pool keys
+    slots: np.ndarray  # [n] int64 PREFETCH slots
+    source: int  # the predictor that asked (an index into PrefetchBuffer.sources)
+    started: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class PrefetchBuffer:
     """PREFETCH slots (the DEVICE page layout) and the pages in them; thread-safe."""
 
-    def __init__(self, pages: DevicePagePool) -> None:
+    def __init__(self, pages: DevicePagePool, num_keys: int) -> None:
+        """`num_keys`: the pool's slot count (pool keys are below it)."""
         self.pages = pages
+        self.sources: list[str] = []  # predictor names, by index
         self._lock = threading.Lock()
-        self._entries: OrderedDict[int, Entry] = OrderedDict()  # by key, oldest first
+        self._slot = np.full(num_keys, -1, dtype=np.int64)
+        self._transfer = np.full(num_keys, -1, dtype=np.int64)
+        self._source = np.zeros(num_keys, dtype=np.int64)
+        self._age = np.zeros(num_keys, dtype=np.int64)  # prepare order: oldest dropped first
+        self._transfers: dict[int, Transfer] = {}  # in flight, by id
+        self._next_id = 0
 
     @property
     def num_slots(self) -> int:
@@ -57,114 +75,145 @@ class PrefetchBuffer:
     def num_used(self) -> int:
         return self.pages.num_used_pages
 
+    def source_id(self, name: str) -> int:
+        if name not in self.sources:
+            self.sources.append(name)
+        return self.sources.index(name)
+
     def keys(self) -> list[int]:
         with self._lock:
-            return list(self._entries)
+            return np.flatnonzero(self._slot >= 0).tolist()
 
-    def __contains__(self, key: int) -> bool:
-        return key in self._entries
-
-    def prepare(self, keys: list[int], source: str) -> tuple[list[Entry], list[Entry], int]:
-        """Reserves slots for `keys` not already here, dropping the oldest READY pages to
-        make room (never an IN_FLIGHT one).
-
-        Returns:
-            (the new IN_FLIGHT entries — fewer than asked when the tier is full of
-            pages in flight, the dropped READY entries: wasted, how many keys found no
-            room).
-        """
+    def state(self, key: int) -> PageState:
         with self._lock:
-            keys = [k for k in dict.fromkeys(keys) if k not in self._entries]
-            dropped = []
-            short = len(keys) - self.pages.num_free_pages
-            if short > 0:
-                for entry in list(self._entries.values()):
-                    if len(dropped) == short:
-                        break
-                    if entry.state == EntryState.READY:
-                        dropped.append(self._pop(entry))
-            no_room = max(0, len(keys) - self.pages.num_free_pages)
-            keys = keys[:self.pages.num_free_pages]
-            slots = self.pages.allocate(len(keys))
-            done = threading.Event()  # one per transfer: cheaper than one per page
-            entries = [Entry(k, s, source, done=done) for k, s in zip(keys, slots.tolist())]
-            for e in entries:
-                self._entries[e.key] = e
-            return entries, dropped, no_room
-
-    def complete(self, entries: list[Entry], ok: bool) -> None:
-        """Commits a transfer's pages (READY), or releases their slots (failed, or
-        cancelled), then wakes the steps waiting for them."""
-        with self._lock:
-            released = []
-            for entry in entries:
-                if entry.cancelled or not ok:
-                    if self._entries.get(entry.key) is entry:
-                        del self._entries[entry.key]
-                    released.append(entry.slot)
-                else:
-                    entry.state = EntryState.READY
-            if released:
-                self.pages.free(np.array(released))
-        for done in {id(e.done): e.done for e in entries}.values():
-            done.set()
-
-    def begin(self, entries: list[Entry]) -> list[Entry]:
-        """The worker starts a transfer: returns the entries still wanted, now `started`
-        (a step that demands one of them waits for it instead of overtaking it)."""
-        with self._lock:
-            live = [e for e in entries if not e.cancelled]
-            for e in live:
-                e.started = True
-            return live
-
-    def take(self, keys: list[int]) -> tuple[list[Entry | None], list[Entry]]:
-        """Removes and returns the entries of `keys` (None where a key is not here); the
-        caller waits for IN_FLIGHT ones (`entry.done`), copies, then `release`s them.
-
-        An entry whose transfer has not begun is overtaken instead: cancelled (its slot
-        is released when the worker reaches it) and returned as None, so a demanding
-        step fetches the page itself rather than wait behind the worker's queue.
-
-        Returns:
-            (the entries, the overtaken ones).
-        """
-        with self._lock:
-            out, overtaken = [], []
-            for k in keys:
-                entry = self._entries.pop(k, None)
-                if entry is not None and not entry.started:
-                    entry.cancelled = True
-                    overtaken.append(entry)
-                    entry = None
-                out.append(entry)
-            return out, overtaken
-
-    def release(self, entries: list[Entry]) -> None:
-        """Frees the slots of taken entries."""
-        if entries:
-            with self._lock:
-                self.pages.free(np.array([e.slot for e in entries]))
-
-    def forget(self, keys: list[int]) -> list[Entry]:
-        """Drops `keys` (their pages were freed): READY slots are released now, IN_FLIGHT
-        ones when their transfer completes. Returns the dropped entries (wasted)."""
-        with self._lock:
-            dropped = []
-            for k in keys:
-                entry = self._entries.get(k)
-                if entry is not None:
-                    dropped.append(self._pop(entry))
-            return dropped
-
-    def _pop(self, entry: Entry) -> Entry:
-        del self._entries[entry.key]
-        if entry.state == EntryState.READY:
-            self.pages.free(np.array([entry.slot]))
-        else:
-            entry.cancelled = True
-        return entry
+            if self._slot[key] < 0:
+                return PageState.ABSENT
+            t = self._transfers.get(int(self._transfer[key]))
+            if t is None:
+                return PageState.READY
+            return PageState.MOVING if t.started else PageState.QUEUED
 
     def num_in_flight(self) -> int:
         with self._lock:
-            return sum(e.state == EntryState.IN_FLIGHT for e in self._entries.values())
+            return int(((self._slot >= 0) & (self._transfer >= 0)).sum())
+
+    # ------------------------------------------------------------ engine thread
+
+    def prepare(self, keys: np.ndarray, source: int) -> tuple[Transfer | None, np.ndarray, int]:
+        """Reserves slots for `keys` not already here, dropping the oldest READY pages to
+        make room (never one in flight).
+
+        Returns:
+            (the transfer of the new pages — fewer than asked when the tier is full of
+            pages in flight; None when there are none, the sources of the dropped READY
+            pages: wasted, how many keys found no room).
+        """
+        with self._lock:
+            keys = np.unique(keys)
+            keys = keys[self._slot[keys] < 0]
+            short = keys.size - self.pages.num_free_pages
+            dropped = np.zeros(0, dtype=np.int64)
+            if short > 0:
+                ready = np.flatnonzero((self._slot >= 0) & (self._transfer < 0))
+                oldest = ready[np.argsort(self._age[ready], kind="stable")[:short]]
+                dropped = self._remove(oldest)
+            n = min(keys.size, self.pages.num_free_pages)
+            no_room, keys = keys.size - n, keys[:n]
+            if n == 0:
+                return None, dropped, no_room
+            t = Transfer(self._next_id, keys, self.pages.allocate(n), source)
+            self._next_id += 1
+            self._slot[keys] = t.slots
+            self._transfer[keys] = t.id
+            self._source[keys] = source
+            self._age[keys] = t.id
+            self._transfers[t.id] = t
+            return t, dropped, no_room
+
+    def claim(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Transfer]]:
+        """Overtakes the demanded pages whose transfer has not begun (forgotten here: the
+        step fetches them itself) and finds the transfers under way that it must wait for.
+
+        Returns:
+            (the overtaken pages' sources, the moving pages' keys, their transfers).
+        """
+        with self._lock:
+            here = keys[self._slot[keys] >= 0]
+            tids = self._transfer[here]
+            flying = here[tids >= 0]
+            started = np.array([self._transfers[int(t)].started for t in tids[tids >= 0]],
+                               dtype=bool)
+            overtaken = self._remove(flying[~started])
+            moving = flying[started]
+            waits = {int(t): self._transfers[int(t)] for t in self._transfer[moving]}
+            return overtaken, moving, list(waits.values())
+
+    def take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Removes the READY pages of `keys` (none may be in flight: `claim` and wait
+        first); the caller copies them, then `release`s their slots.
+
+        Returns:
+            ([n] bool: READY here, the PREFETCH slots of those, their sources).
+        """
+        with self._lock:
+            slots = self._slot[keys]
+            hit = slots >= 0
+            if (self._transfer[keys[hit]] >= 0).any():
+                raise RuntimeError("bug: a page in flight was taken")
+            taken = keys[hit]
+            sources = self._source[taken]
+            self._slot[taken] = -1
+            return hit, slots[hit], sources
+
+    def release(self, slots: np.ndarray) -> None:
+        """Frees the slots of taken pages."""
+        if len(slots):
+            with self._lock:
+                self.pages.free(slots)
+
+    def forget(self, keys: np.ndarray) -> np.ndarray:
+        """Drops `keys` (their pages were freed): READY slots are released now, those in
+        flight when their transfer ends. Returns the dropped pages' sources (wasted)."""
+        with self._lock:
+            return self._remove(keys[self._slot[keys] >= 0])
+
+    def _remove(self, keys: np.ndarray) -> np.ndarray:
+        """Forgets pages here; frees the READY ones' slots. Returns their sources."""
+        ready = keys[self._transfer[keys] < 0]
+        if ready.size:
+            self.pages.free(self._slot[ready])
+        self._slot[keys] = -1
+        self._transfer[keys] = -1  # an in-flight one is no longer its transfer's
+        return self._source[keys]
+
+    # ------------------------------------------------------------ worker thread
+
+    def begin(self, t: Transfer) -> tuple[np.ndarray, np.ndarray]:
+        """The worker starts `t`: returns the keys and slots still wanted (a step that
+        demands one of them from now on waits for it instead of overtaking it)."""
+        with self._lock:
+            t.started = True
+            mine = self._transfer[t.keys] == t.id
+            return t.keys[mine], t.slots[mine]
+
+    def still_wanted(self, t: Transfer, keys: np.ndarray) -> bool:
+        """Whether none of `t`'s `keys` was forgotten since `begin`."""
+        with self._lock:
+            return bool((self._transfer[keys] == t.id).all())
+
+    def complete(self, t: Transfer, ok: bool) -> None:
+        """Commits `t`'s pages (READY), or releases their slots (failed, or forgotten
+        in flight), then wakes the steps waiting for them."""
+        with self._lock:
+            mine = self._transfer[t.keys] == t.id
+            if ok:
+                self._transfer[t.keys[mine]] = -1
+                released = t.slots[~mine]
+            else:
+                self._slot[t.keys[mine]] = -1
+                self._transfer[t.keys[mine]] = -1
+                released = t.slots
+            if released.size:
+                self.pages.free(released)
+            del self._transfers[t.id]
+        t.done.set()

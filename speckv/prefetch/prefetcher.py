@@ -36,7 +36,7 @@ import torch
 from speckv.config import PrefetchConfig
 from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.tiers import TieredStore
-from speckv.prefetch.buffer import Entry, EntryState, PrefetchBuffer
+from speckv.prefetch.buffer import PrefetchBuffer, Transfer
 from speckv.prefetch.predictors import Hint, Predictor, StepView, make_predictors
 from speckv.prefetch.worker import TransferWorker
 
@@ -127,7 +127,7 @@ class Prefetcher:
         pool = self.store.device_pool
         pages = DevicePagePool(self.num_slots, pool.page_size, *pool.kv.shape[3:],
                                dtype=pool.kv.dtype, device=pool.kv.device)
-        self._buffer = PrefetchBuffer(pages)
+        self._buffer = PrefetchBuffer(pages, self.store.backend.num_slots)
         self.worker = TransferWorker(self.store, self._buffer, self._transferred)
 
     def close(self) -> None:
@@ -186,24 +186,25 @@ class Prefetcher:
                 step = view.step + int(hint.next_step)
                 self._pending.setdefault((step, hint.layer), []).append(
                     (source, view.request_ids, hint.pages))
-            self.prefetch(self._absent_keys(hint).tolist(), source)
+            self.prefetch(self._absent_keys(hint), source)
 
-    def prefetch(self, keys: list[int], source: str) -> int:
+    def prefetch(self, keys: np.ndarray | list[int], source: str) -> int:
         """Starts moving pooled pages `keys` into the PREFETCH tier on the worker (keys
         there already are skipped; when the tier is full of pages in flight, the rest
         are not issued: `no_room`). Returns how many were issued."""
-        if not keys:
+        keys = np.asarray(keys, dtype=np.int64)
+        if not keys.size:
             return 0
         self.start()
-        entries, dropped, no_room = self._buffer.prepare(keys, source)
+        transfer, dropped, no_room = self._buffer.prepare(keys, self._buffer.source_id(source))
+        issued = 0 if transfer is None else transfer.keys.size
         with self._lock:
             c = self.counters.setdefault(source, PrefetchCounters())
-            c.issued += len(entries)
+            c.issued += issued
             c.no_room += no_room
-            for e in dropped:
-                self.counters[e.source].wasted += 1
-        self.worker.submit(entries)
-        return len(entries)
+            self._count("wasted", dropped)
+        self.worker.submit(transfer)
+        return issued
 
     def _absent_keys(self, hint: Hint) -> np.ndarray:
         """Pool keys of the hinted pages that are in the pool and not in DEVICE."""
@@ -212,56 +213,57 @@ class Prefetcher:
         keys = np.stack([t.pool_keys[hint.layer, :P] for t in self._tables])
         return keys[hint.pages & (slots < 0) & (keys >= 0)]
 
-    def _transferred(self, entries: list[Entry], nbytes: int, ok: bool) -> None:
-        if not entries:
-            return
+    def _transferred(self, transfer: Transfer, pages: int, nbytes: int, ok: bool) -> None:
         with self._lock:
-            c = self.counters[entries[0].source]
+            c = self.counters[self._buffer.sources[transfer.source]]
             c.bytes_read += nbytes
             if not ok:
-                c.failed += len(entries)
+                c.failed += pages
+
+    def _count(self, name: str, sources: np.ndarray) -> None:
+        """Adds one to counter `name` of each page's predictor (under `_lock`)."""
+        if sources.size:
+            for i, n in enumerate(np.bincount(sources).tolist()):
+                if n:
+                    c = self.counters[self._buffer.sources[i]]
+                    setattr(c, name, getattr(c, name) + n)
 
     # ------------------------------------------------------------ demand side
 
-    def claim(self, keys: list[int]) -> list[Entry | None]:
-        """The prefetched entries of demanded `keys` (None: a demand miss — not prefetched,
-        or its transfer not begun), waiting for ones being transferred (late). The
-        caller promotes and `release`s them."""
+    def claim(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Takes the prefetched pages among demanded pool `keys`, waiting for those being
+        transferred (late); a page whose transfer has not begun is overtaken (the step
+        fetches it itself: a demand miss, as is a page not prefetched).
+
+        Returns:
+            ([n] bool: prefetched, their PREFETCH slots): the caller `promote`s them.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
         if self._buffer is None:
-            return [None] * len(keys)
-        entries, overtaken = self._buffer.take(keys)
-        present = [e for e in entries if e is not None]
-        in_flight = [e for e in present if not e.done.is_set()]
-        started = time.perf_counter() if in_flight else None
-        for e in in_flight:
-            e.done.wait()
-        late = set(map(id, in_flight))
-        missed = len(entries) - len(present)
-        with self._lock:
-            for e in overtaken:
-                self.counters[e.source].overtaken += 1
-            for i, e in enumerate(entries):
-                if e is None:
-                    continue
-                if e.state != EntryState.READY:  # the transfer failed: a miss after all
-                    entries[i] = None
-                    missed += 1
-                    continue
-                c = self.counters[e.source]
-                c.used += 1
-                c.late += id(e) in late
-        self.demand_misses += missed
-        if started is not None:
+            return np.zeros(keys.size, dtype=bool), np.zeros(0, dtype=np.int64)
+        overtaken, moving, transfers = self._buffer.claim(keys)
+        if transfers:
+            started = time.perf_counter()
+            for t in transfers:
+                t.done.wait()
             waited = time.perf_counter() - started
             self.late_wait_seconds += waited
             self.store.counters.stall_seconds += waited
-        return entries
+        hit, slots, sources = self._buffer.take(keys)
+        late = sources[np.isin(keys[hit], moving)] if moving.size else sources[:0]
+        with self._lock:
+            self._count("overtaken", overtaken)
+            self._count("used", sources)
+            self._count("late", late)
+        self.demand_misses += int(keys.size - hit.sum())
+        return hit, slots
 
-    def promote(self, entries: list[Entry], slots: np.ndarray) -> None:
-        """Copies claimed pages into DEVICE `slots` and frees their PREFETCH slots."""
+    def promote(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copies claimed pages from PREFETCH `src` slots into DEVICE `dst` slots and
+        frees the PREFETCH slots."""
         pool, buf = self.store.device_pool, self._buffer.pages
-        src = np.array([e.slot for e in entries], dtype=np.int64)
-        dst = np.ascontiguousarray(slots, dtype=np.int64)
+        src = np.ascontiguousarray(src, dtype=np.int64)
+        dst = np.ascontiguousarray(dst, dtype=np.int64)
         if self.store.kernels is not None:  # CPU: one copy per page, no temporary
             self.store.kernels.copy_pages(buf.k_pages, buf.v_pages, torch.from_numpy(src),
                                           pool.k_pages, pool.v_pages, torch.from_numpy(dst))
@@ -269,16 +271,17 @@ class Prefetcher:
             device = pool.kv.device
             src_t, dst_t = torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)
             pool.kv[:, dst_t] = buf.kv[:, src_t]
-        self._buffer.release(entries)
-        self.pages_promoted += len(entries)
+        self._buffer.release(src)
+        self.pages_promoted += src.size
 
-    def forget(self, keys: list[int]) -> None:
+    def forget(self, keys: np.ndarray | list[int]) -> None:
         """Pool keys being freed: their prefetched pages are dropped (wasted)."""
-        if self._buffer is None or not keys:
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._buffer is None or not keys.size:
             return
-        for e in self._buffer.forget(keys):
-            with self._lock:
-                self.counters[e.source].wasted += 1
+        dropped = self._buffer.forget(keys)
+        with self._lock:
+            self._count("wasted", dropped)
 
     # ------------------------------------------------------------ accounting
 

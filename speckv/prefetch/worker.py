@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from speckv.kv.tiers import TieredStore
-from speckv.prefetch.buffer import Entry, PrefetchBuffer
+from speckv.prefetch.buffer import PrefetchBuffer, Transfer
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +25,22 @@ class TransferWorker:
     """Runs prefetch transfers in submission order on one thread."""
 
     def __init__(self, store: TieredStore, buffer: PrefetchBuffer,
-                 on_done: Callable[[list[Entry], int, bool], None]) -> None:
-        """`on_done(entries, bytes_read, ok)` is called on the worker after each transfer."""
+                 on_done: Callable[[Transfer, int, int, bool], None]) -> None:
+        """`on_done(transfer, pages_read, bytes_read, ok)` is called on the worker after
+        each transfer."""
         self.store = store
         self.buffer = buffer
         self.on_done = on_done
-        self._jobs: queue.Queue[list[Entry] | None] = queue.Queue()
+        self._jobs: queue.Queue[Transfer | None] = queue.Queue()
         self._staging: dict[str, torch.Tensor] = {}  # the worker's own buffers
         self._running = threading.Event()
         self._running.set()
         self._thread = threading.Thread(target=self._run, name="speckv-prefetch", daemon=True)
         self._thread.start()
 
-    def submit(self, entries: list[Entry]) -> None:
-        if entries:
-            self._jobs.put(entries)
+    def submit(self, transfer: Transfer | None) -> None:
+        if transfer is not None:
+            self._jobs.put(transfer)
 
     def drain(self) -> None:
         """Waits until every submitted transfer has completed."""
@@ -61,25 +62,25 @@ class TransferWorker:
     def _run(self) -> None:
         torch.set_num_threads(1)  # the model's threads keep the cores; this one moves bytes
         while True:
-            entries = self._jobs.get()
+            transfer = self._jobs.get()
             self._running.wait()
             try:
-                if entries is None:
+                if transfer is None:
                     return
-                self._transfer(entries)
+                self._transfer(transfer)
             finally:
                 self._jobs.task_done()
 
-    def _transfer(self, entries: list[Entry]) -> None:
-        live = self.buffer.begin(entries)
+    def _transfer(self, t: Transfer) -> None:
+        keys, slots = self.buffer.begin(t)
         ok, nbytes = True, 0
-        if live:
+        if keys.size:
             try:
-                nbytes = self.store.read_into([e.key for e in live], self.buffer.pages,
-                                              [e.slot for e in live], self._staging)
+                nbytes = self.store.read_into(keys.tolist(), self.buffer.pages, slots,
+                                              self._staging)
             except Exception:  # noqa: BLE001 — a failed prefetch is a miss, never an error
-                if not any(e.cancelled for e in live):  # a freed key is expected to fail
-                    logger.warning("prefetch of %d pages failed", len(live), exc_info=True)
+                if self.buffer.still_wanted(t, keys):  # a freed key is expected to fail
+                    logger.warning("prefetch of %d pages failed", keys.size, exc_info=True)
                 ok = False
-        self.buffer.complete(entries, ok)
-        self.on_done(live, nbytes, ok)
+        self.buffer.complete(t, ok)
+        self.on_done(t, int(keys.size), nbytes, ok)
