@@ -129,12 +129,14 @@ def wait_for(condition, timeout=30.0):
 
 @pytest.fixture
 def scripted():
-    """A store of 8 pooled pages (codec none) and a prefetcher with a 4-page PREFETCH tier."""
+    """A store of 8 pooled pages (codec none) and a prefetcher with a 4-page PREFETCH tier
+    (spare pages in DEVICE's tensor)."""
     shape = PageShape(16, 3, 64, torch.float32)
     codec = make_codec("none", shape)
-    device = DevicePagePool(16, 16, 3, 64, dtype=torch.float32, device=torch.device("cpu"))
+    device = DevicePagePool(16, 16, 3, 64, dtype=torch.float32, device=torch.device("cpu"),
+                            spare=4)
     store = TieredStore(device, LocalPool(codec.slot_bytes, 1 << 20, device=torch.device("cpu")),
-                        codec, make_eviction("lru", 16), TierOptions())
+                        codec, make_eviction("lru", device.num_slots), TierOptions())
     slots = device.allocate(8)
     device.k_pages[slots] = torch.randn(8, 16, 3, 64)
     device.v_pages[slots] = torch.randn(8, 16, 3, 64)
@@ -152,11 +154,11 @@ def test_accounting_is_exact_on_a_scripted_scenario(scripted):
     store, device = prefetcher.store, prefetcher.store.device_pool
     k = [int(x) for x in keys]
 
-    def demand(wanted):  # what KVCacheManager._load does for a step's missing pages
+    def demand(wanted):  # what KVCacheManager._fetch_missing does for a step's missing pages
         dst = device.allocate(len(wanted))
-        hit, prefetched = prefetcher.claim(np.array(wanted))
-        if hit.any():
-            prefetcher.promote(prefetched, dst[hit])
+        taken = dst.copy()
+        hit = prefetcher.adopt(np.array(wanted), dst)  # promoted: dst now the PREFETCH slots
+        assert (dst[~hit] == taken[~hit]).all() and not np.isin(dst[hit], taken).any()
         return hit.tolist(), dst
 
     assert prefetcher.prefetch([k[0], k[1], k[2]], "script") == 3  # issued 3

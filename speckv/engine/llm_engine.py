@@ -82,8 +82,11 @@ class LLMEngine:
                 f"of one sequence needs {pinned} page(s) in each of {args.num_layers} layers: "
                 f"the minimum is {minimum * self.page_bytes} bytes "
                 f"({format_size(minimum * self.page_bytes)})")
+        # the PREFETCH tier's pages share DEVICE's tensor (a promotion hands a page over
+        # without a copy); it is there whenever there is a pool to prefetch from
+        spare = 0 if pc.pool == "none" else config.prefetch.prefetch_bytes // self.page_bytes
         pool = DevicePagePool(num_pages, cc.page_size, args.num_kv_heads, args.head_dim,
-                              dtype=self.dtype, device=self.device)
+                              dtype=self.dtype, device=self.device, spare=spare)
         store = None
         if pc.pool != "none":
             codec = make_codec(pc.codec, PageShape(cc.page_size, args.num_kv_heads,
@@ -91,7 +94,8 @@ class LLMEngine:
             backend = POOLS.get(pc.pool)(codec.slot_bytes, pc.pool_bytes, device=self.device,
                                           numa_node=pc.pool_numa_node,
                                           socket=pc.memnode_socket, link=pc.link)
-            store = TieredStore(pool, backend, codec, make_eviction(pc.eviction, num_pages),
+            eviction = make_eviction(pc.eviction, pool.num_slots)
+            store = TieredStore(pool, backend, codec, eviction,
                                 TierOptions(pc.residual_tokens, pc.keep_sink_page),
                                 kernels=self._kernels)
         live_pages = num_pages + (0 if store is None else store.backend.num_slots)

@@ -308,6 +308,9 @@ class KVCacheManager:
         if (keys < 0).any():
             raise RuntimeError("bug: a page left DEVICE before it was stored in the pool")
         slots = self._take_device_pages(n, protected=needed[needed >= 0])
+        # prefetched pages: DEVICE takes their PREFETCH slots in exchange for these
+        promoted = np.zeros(n, dtype=bool) if self.prefetcher is None else \
+            self.prefetcher.adopt(keys, slots)
         offset, width = 0, self.max_pages_per_seq
         for table, idx in missing:
             mine = slots[offset:offset + idx.size]
@@ -315,22 +318,11 @@ class KVCacheManager:
             table.set_slots(layer, idx, mine)
             self.store.claim(mine, table.uid, layer * width + idx)
         self.num_evicted -= n
-        self._load(keys, slots)
+        if promoted.any():  # evictable again: they are in the pool
+            self.store.arrived(slots[promoted])
+        if not promoted.all():  # demand fetches: the step waits
+            self.store.fetch(keys[~promoted].tolist(), slots[~promoted])
         return self.block_table(layer, tables, block_table.shape[1])
-
-    def _load(self, keys: np.ndarray, slots: np.ndarray) -> None:
-        """Brings pooled pages `keys` into DEVICE `slots`: promoted from the PREFETCH tier
-        where prefetched, else fetched on demand. Either way they are evictable after:
-        they are in the pool."""
-        if self.prefetcher is None:
-            self.store.fetch(keys.tolist(), slots)
-            return
-        hit, prefetched = self.prefetcher.claim(keys)
-        if hit.any():
-            self.prefetcher.promote(prefetched, slots[hit])
-            self.store.arrived(slots[hit])
-        if not hit.all():
-            self.store.fetch(keys[~hit].tolist(), slots[~hit])
 
     def _count_skipped(self, keys: np.ndarray) -> None:
         counters = self.store.counters

@@ -1,6 +1,5 @@
 """The CPU kernels (`csrc/`), compiled on first use: decode attention reading pages in
-place (`paged_attention.cpp`), fused pool -> DEVICE page fetches and page copies
-(`page_fetch.cpp`).
+place (`paged_attention.cpp`) and fused pool -> DEVICE page fetches (`page_fetch.cpp`).
 
 Built with torch's JIT extension loader (needs a C++ compiler and ninja) into
 torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions);

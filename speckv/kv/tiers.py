@@ -79,10 +79,9 @@ class TieredStore:
         self.options = options
         self.counters = TierCounters()
         self.first_stored = 1 if options.keep_sink_page else 0
-        n = device_pool.num_pages
+        n = device_pool.num_slots  # PREFETCH pages promoted into DEVICE keep their slot ids
         self._staging: dict[str, torch.Tensor] = {}  # reused fetch buffers, grown on demand
         self._fused = None
-        self.kernels = kernels if device_pool.kv.device.type == "cpu" else None
         if (kernels is not None and codec.fused_fetch is not None
                 and device_pool.kv.device.type == "cpu" and isinstance(backend, ArenaPool)):
             self._fused = getattr(kernels, codec.fused_fetch)

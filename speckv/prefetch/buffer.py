@@ -6,7 +6,7 @@ Pages here are keyed by their pool key. A transfer is two-step:
     complete(t)    -> READY, or the slots are released (cancelled or failed)
 
 so a cancelled or failed prefetch never leaves a page half-present. A READY page is
-taken by the step that demands it (then copied into a DEVICE slot: promoted) or
+taken by the step that demands it (its slot handed over to DEVICE: promoted) or
 dropped unused — oldest first, when room is needed — and counted as wasted. DEVICE
 pages are never evicted for a prefetch: the two budgets are separate.
 
@@ -150,7 +150,7 @@ class PrefetchBuffer:
 
     def take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Removes the READY pages of `keys` (none may be in flight: `claim` and wait
-        first); the caller copies them, then `release`s their slots.
+        first); the caller hands their slots over (`exchange`).
 
         Returns:
             ([n] bool: READY here, the PREFETCH slots of those, their sources).
@@ -165,11 +165,11 @@ class PrefetchBuffer:
             self._slot[taken] = -1
             return hit, slots[hit], sources
 
-    def release(self, slots: np.ndarray) -> None:
-        """Frees the slots of taken pages."""
-        if len(slots):
-            with self._lock:
-                self.pages.free(slots)
+    def exchange(self, taken: np.ndarray, given: np.ndarray) -> None:
+        """Taken pages' slots went to DEVICE, which gave the free slots `given` for them."""
+        with self._lock:
+            self.pages.exchange(taken, given)
+            self.pages.free(given)
 
     def forget(self, keys: np.ndarray) -> np.ndarray:
         """Drops `keys` (their pages were freed): READY slots are released now, those in

@@ -4,13 +4,13 @@ pages to the steps that demand them, and counts everything.
     StepAttention ── begin_step / layer_input / after_read ──► Prefetcher ──► predictors
                                                                    │  hints: pool keys of
                                                                    ▼  pages not resident
-    KVCacheManager._fetch_missing ── claim(keys) ◄── PREFETCH tier ◄── TransferWorker
+    KVCacheManager._fetch_missing ── adopt(keys) ◄── PREFETCH tier ◄── TransferWorker
 
 Counted per predictor (the one whose hint issued a page), and overall with
 `demand_misses` (pool pages a step fetched itself) and `hit_rate` = used / (used +
 demand misses):
     issued   pages sent to the worker
-    used     prefetched pages a step demanded (then promoted into DEVICE)
+    used     prefetched pages a step demanded (then promoted: their slots handed to DEVICE)
     late     used pages the step had to wait for (demanded while being transferred)
     overtaken  prefetched pages demanded before the worker began their transfer: the
              step fetched them itself (so they are demand misses too), never waiting
@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from speckv.config import PrefetchConfig
-from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.tiers import TieredStore
 from speckv.prefetch.buffer import PrefetchBuffer, Transfer
 from speckv.prefetch.predictors import Hint, Predictor, StepView, make_predictors
@@ -73,7 +72,7 @@ class Prefetcher:
         self.num_layers = num_layers
         device_pool = store.device_pool
         self.page_bytes = device_pool.kv[:, 0].numel() * device_pool.kv.element_size()
-        self.num_slots = config.prefetch_bytes // self.page_bytes
+        self.num_slots = device_pool.num_spare  # prefetch_bytes' worth, in DEVICE's tensor
         self.predictors: list[Predictor] = []
         self.counters: dict[str, PrefetchCounters] = {}
         self.late_wait_seconds = 0.0
@@ -124,10 +123,8 @@ class Prefetcher:
             return
         if self.num_slots == 0:
             raise ValueError("prefetch_bytes holds no page: nothing can be prefetched")
-        pool = self.store.device_pool
-        pages = DevicePagePool(self.num_slots, pool.page_size, *pool.kv.shape[3:],
-                               dtype=pool.kv.dtype, device=pool.kv.device)
-        self._buffer = PrefetchBuffer(pages, self.store.backend.num_slots)
+        self._buffer = PrefetchBuffer(self.store.device_pool.spare_pool(),
+                                      self.store.backend.num_slots)
         self.worker = TransferWorker(self.store, self._buffer, self._transferred)
 
     def close(self) -> None:
@@ -230,17 +227,20 @@ class Prefetcher:
 
     # ------------------------------------------------------------ demand side
 
-    def claim(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Takes the prefetched pages among demanded pool `keys`, waiting for those being
-        transferred (late); a page whose transfer has not begun is overtaken (the step
-        fetches it itself: a demand miss, as is a page not prefetched).
+    def adopt(self, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Hands the prefetched pages among demanded pool `keys` over to DEVICE, without a
+        copy: for each, DEVICE gives the PREFETCH tier the free slot it had taken for the
+        page (`slots[i]`) and takes the prefetched page's slot instead (written into
+        `slots`). Waits for pages being transferred (late); a page whose transfer has
+        not begun is overtaken (the step fetches it itself: a demand miss, as is a page
+        not prefetched).
 
         Returns:
-            ([n] bool: prefetched, their PREFETCH slots): the caller `promote`s them.
+            [n] bool: the pages promoted (the rest are the caller's to fetch).
         """
         keys = np.asarray(keys, dtype=np.int64)
         if self._buffer is None:
-            return np.zeros(keys.size, dtype=bool), np.zeros(0, dtype=np.int64)
+            return np.zeros(keys.size, dtype=bool)
         overtaken, moving, transfers = self._buffer.claim(keys)
         if transfers:
             started = time.perf_counter()
@@ -249,30 +249,20 @@ class Prefetcher:
             waited = time.perf_counter() - started
             self.late_wait_seconds += waited
             self.store.counters.stall_seconds += waited
-        hit, slots, sources = self._buffer.take(keys)
+        hit, prefetched, sources = self._buffer.take(keys)
+        if hit.any():
+            given = slots[hit]
+            self.store.device_pool.exchange(given, prefetched)
+            self._buffer.exchange(prefetched, given)
+            slots[hit] = prefetched
+            self.pages_promoted += prefetched.size
         late = sources[np.isin(keys[hit], moving)] if moving.size else sources[:0]
         with self._lock:
             self._count("overtaken", overtaken)
             self._count("used", sources)
             self._count("late", late)
         self.demand_misses += int(keys.size - hit.sum())
-        return hit, slots
-
-    def promote(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copies claimed pages from PREFETCH `src` slots into DEVICE `dst` slots and
-        frees the PREFETCH slots."""
-        pool, buf = self.store.device_pool, self._buffer.pages
-        src = np.ascontiguousarray(src, dtype=np.int64)
-        dst = np.ascontiguousarray(dst, dtype=np.int64)
-        if self.store.kernels is not None:  # CPU: one copy per page, no temporary
-            self.store.kernels.copy_pages(buf.k_pages, buf.v_pages, torch.from_numpy(src),
-                                          pool.k_pages, pool.v_pages, torch.from_numpy(dst))
-        else:
-            device = pool.kv.device
-            src_t, dst_t = torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)
-            pool.kv[:, dst_t] = buf.kv[:, src_t]
-        self._buffer.release(src)
-        self.pages_promoted += src.size
+        return hit
 
     def forget(self, keys: np.ndarray | list[int]) -> None:
         """Pool keys being freed: their prefetched pages are dropped (wasted)."""

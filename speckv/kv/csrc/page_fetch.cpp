@@ -89,31 +89,3 @@ void fetch_int8(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
     }
   });
 }
-
-// DEVICE-layout pages from one pool of slots to another (PREFETCH -> DEVICE on
-// promotion): one memcpy per K and V page, no intermediate tensor.
-void copy_pages(torch::Tensor src_k, torch::Tensor src_v, torch::Tensor src_slots,
-                torch::Tensor dst_k, torch::Tensor dst_v, torch::Tensor dst_slots) {
-  TORCH_CHECK(src_k.is_contiguous() && src_v.is_contiguous() && dst_k.is_contiguous() &&
-                  dst_v.is_contiguous() && src_k.dtype() == dst_k.dtype() &&
-                  src_k.sizes().slice(1) == dst_k.sizes().slice(1) &&
-                  src_k.sizes() == src_v.sizes() && dst_k.sizes() == dst_v.sizes(),
-              "copy_pages: page pools must be contiguous and of one page shape and dtype");
-  TORCH_CHECK(src_slots.dtype() == torch::kInt64 && dst_slots.dtype() == torch::kInt64 &&
-                  src_slots.is_contiguous() && dst_slots.is_contiguous() &&
-                  src_slots.numel() == dst_slots.numel(),
-              "copy_pages: slots must be contiguous int64 of one length");
-  const int64_t page = src_k[0].numel() * src_k.element_size(), n = src_slots.numel();
-  const auto* sk = static_cast<const uint8_t*>(src_k.data_ptr());
-  const auto* sv = static_cast<const uint8_t*>(src_v.data_ptr());
-  auto* dk = static_cast<uint8_t*>(dst_k.data_ptr());
-  auto* dv = static_cast<uint8_t*>(dst_v.data_ptr());
-  const int64_t* from = src_slots.data_ptr<int64_t>();
-  const int64_t* to = dst_slots.data_ptr<int64_t>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      std::memcpy(dk + to[i] * page, sk + from[i] * page, page);
-      std::memcpy(dv + to[i] * page, sv + from[i] * page, page);
-    }
-  });
-}

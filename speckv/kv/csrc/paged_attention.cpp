@@ -206,8 +206,6 @@ void fetch_raw(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
                torch::Tensor v_pages, torch::Tensor slots);
 void fetch_int8(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
                 torch::Tensor v_pages, torch::Tensor slots);
-void copy_pages(torch::Tensor src_k, torch::Tensor src_v, torch::Tensor src_slots,
-                torch::Tensor dst_k, torch::Tensor dst_v, torch::Tensor dst_slots);
 
 // The GIL is released inside every kernel: the prefetch worker's fetches and the
 // server's HTTP thread run while the model's thread computes.
@@ -221,7 +219,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fetch_raw", &fetch_raw, "pool rows (codec none) -> DEVICE page slots, one copy",
         release());
   m.def("fetch_int8", &fetch_int8, "pool rows (codec int8) -> float32 DEVICE page slots",
-        release());
-  m.def("copy_pages", &copy_pages, "pages from one slot pool to another (PREFETCH -> DEVICE)",
         release());
 }
