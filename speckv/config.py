@@ -247,7 +247,8 @@ class PrefetchConfig:
         "help": "prefetch predictors, comma-separated: none, layer_ahead, step_ahead, "
                 "speculative_query (e.g. layer_ahead,step_ahead); needs a pool"})
     prefetch_bytes: int | str = field(default="64MiB", metadata={
-        "help": "byte budget of the PREFETCH tier (decoded pages fetched ahead); a wrong "
+        "help": "byte budget of the PREFETCH tier (decoded pages fetched ahead; spare "
+                "slots of DEVICE's tensor, allocated whenever there is a pool); a wrong "
                 "guess never evicts a DEVICE page"})
     prefetch_depth: int = field(default=1, metadata={
         "help": "how many layers ahead a prediction is issued"})

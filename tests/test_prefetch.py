@@ -149,6 +149,28 @@ def scripted():
     prefetcher.close()
 
 
+def test_device_and_its_spare_pool_exchange_slots_without_copying():
+    """DEVICE (3 pages) and the PREFETCH tier (2 spare pages) share one tensor: a
+    promotion trades slot ids, each budget keeps its count, the page stays put."""
+    device = DevicePagePool(3, 16, 3, 64, dtype=torch.float32, device=torch.device("cpu"),
+                            spare=2)
+    spare = device.spare_pool()
+    assert device.num_slots == 5 and spare.kv is device.kv and spare.num_pages == 2
+    d, p = device.allocate(1), spare.allocate(2)
+    assert d.tolist() == [0] and p.tolist() == [3, 4]
+    device.k_pages[3] = 7.0  # a prefetched page in spare slot 3
+    device.exchange(d, p[:1])  # DEVICE gives slot 0 for slot 3 ...
+    spare.exchange(p[:1], d)  # ... and the spare pool takes 0 for 3, then frees it
+    spare.free(d)
+    assert device.num_used_pages == 1 and spare.num_used_pages == 1
+    assert (device.k_pages[3] == 7.0).all()  # not moved
+    assert spare.allocate(1).tolist() == [0]  # the slot DEVICE gave
+    device.free(np.array([3]))
+    assert device.allocate(3).tolist() == [3, 1, 2]
+    with pytest.raises(RuntimeError, match="bug: exchanged slots"):
+        device.exchange(np.array([4]), np.array([0]))  # slot 4 is not DEVICE's
+
+
 def test_accounting_is_exact_on_a_scripted_scenario(scripted):
     prefetcher, keys, (k_truth, v_truth) = scripted
     store, device = prefetcher.store, prefetcher.store.device_pool

@@ -28,6 +28,7 @@ class TransferWorker:
                  on_done: Callable[[Transfer, int, int, bool], None]) -> None:
         """`on_done(transfer, pages_read, bytes_read, ok)` is called on the worker after
         each transfer."""
+        self._threads = torch.get_num_threads()
         self.store = store
         self.buffer = buffer
         self.on_done = on_done
@@ -60,7 +61,9 @@ class TransferWorker:
         self._thread.join()
 
     def _run(self) -> None:
-        torch.set_num_threads(1)  # the model's threads keep the cores; this one moves bytes
+        # as many threads as the model's: a copy on one thread takes twice as long and
+        # becomes the step's critical path (measured, BENCHMARKS.md F4)
+        torch.set_num_threads(self._threads)
         while True:
             transfer = self._jobs.get()
             self._running.wait()
