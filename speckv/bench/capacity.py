@@ -231,15 +231,16 @@ def plot(report: dict[str, Any], path: str) -> None:
     for name in dict.fromkeys(r["config"] for r in report["sweep"]):
         rows = [r for r in report["sweep"] if r["config"] == name]
         mib = [r["budget_bytes"] / 2**20 for r in rows]
-        left.plot(mib, [r["decode_tok_s"] for r in rows], "o-", label=name)
-        right.plot(mib, [r["ran_together"] for r in rows], "o-", label=name)
+        label = name.replace("/", "\n").replace(";", ", ")  # a config's options, one line
+        left.plot(mib, [r["decode_tok_s"] for r in rows], "o-", label=label)
+        right.plot(mib, [r["ran_together"] for r in rows], "o-", label=label)
     left.set(xlabel="DEVICE budget (MiB)", ylabel="aggregate decode tokens/s",
              title="Throughput at a DEVICE budget")
     right.set(xlabel="DEVICE budget (MiB)", ylabel=f"concurrent {report['seq_len']}-token sequences",
               title="Sequences served at once")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(f"speckv, SmolLM2-135M fp32, {report['machine'].split(',')[0]} ({report['date']})",
                  fontsize=9)
     fig.tight_layout()
