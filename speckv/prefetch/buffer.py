@@ -140,13 +140,12 @@ class PrefetchBuffer:
         with self._lock:
             here = keys[self._slot[keys] >= 0]
             tids = self._transfer[here]
-            flying = here[tids >= 0]
-            started = np.array([self._transfers[int(t)].started for t in tids[tids >= 0]],
-                               dtype=bool)
+            flying, tids = here[tids >= 0], tids[tids >= 0]
+            waits = [self._transfers[i] for i in np.unique(tids).tolist()
+                     if self._transfers[i].started]  # per transfer, not per page
+            started = np.isin(tids, [t.id for t in waits])
             overtaken = self._remove(flying[~started])
-            moving = flying[started]
-            waits = {int(t): self._transfers[int(t)] for t in self._transfer[moving]}
-            return overtaken, moving, list(waits.values())
+            return overtaken, flying[started], waits
 
     def take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Removes the READY pages of `keys` (none may be in flight: `claim` and wait
