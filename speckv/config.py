@@ -8,43 +8,14 @@ for `page_size`), so scripts, the CLI and the server share one configuration. Th
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from speckv.util import format_size, parse_size  # noqa: F401  (re-exported)
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16"]
 AttentionBackend = Literal["auto", "torch", "cpu_kernel"]
-
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
-}
-
-
-def parse_size(value: int | str) -> int:
-    """Parses a byte size: an int, or a string like ``"256MiB"``, ``"1.5GB"``, ``"4096"``."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a byte size: {value!r}")
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if match is None or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(
-            f"not a byte size: {value!r} (write e.g. 1073741824, 512MiB, 1GiB or 2GB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-
-
-def format_size(num_bytes: float) -> str:
-    """Formats a byte count with a binary unit, e.g. ``1.5 GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(num_bytes) < 1024 or unit == "GiB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    raise AssertionError("unreachable")
 
 
 def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
@@ -123,6 +94,9 @@ class PoolConfig:
     memnode_socket: str | None = field(default=None, metadata={
         "help": "control socket of a running memory node (pool=memnode); default: the "
                 "engine spawns its own node of pool_bytes and stops it on exit"})
+    memnode_timeout: float = field(default=5.0, metadata={
+        "help": "seconds any call to the memory node may take (connect included) before the "
+                "node counts as unavailable and the requests holding its pages fail"})
     link: str | None = field(default=None, metadata={
         "help": "link model for memnode transfers: none, cxl2-x16, cxl3-x16, pcie4-x16, "
                 "pcie5-x16 or custom:<GB/s>,<ns>; default: the node's own --link"})
@@ -152,6 +126,8 @@ class PoolConfig:
         if self.pool == "none" and self.codec != "none":
             raise ValueError(f"codec={self.codec!r} encodes pages for a pool, but pool='none': "
                              "choose pool='local' or pool='memnode'")
+        if not 0 < self.memnode_timeout <= 3600:
+            raise ValueError(f"memnode_timeout must be in (0, 3600] seconds, got {self.memnode_timeout}")
         if self.pool != "memnode" and (self.memnode_socket is not None or self.link is not None):
             raise ValueError("memnode_socket and link apply to pool='memnode' only")
         if self.pool != "local" and self.pool_numa_node is not None:

@@ -93,7 +93,8 @@ class LLMEngine:
                                                    args.head_dim, self.dtype))
             backend = POOLS.get(pc.pool)(codec.slot_bytes, pc.pool_bytes, device=self.device,
                                           numa_node=pc.pool_numa_node,
-                                          socket=pc.memnode_socket, link=pc.link)
+                                          socket=pc.memnode_socket, link=pc.link,
+                                          timeout=pc.memnode_timeout)
             eviction = make_eviction(pc.eviction, pool.num_slots)
             store = TieredStore(pool, backend, codec, eviction,
                                 TierOptions(pc.residual_tokens, pc.keep_sink_page),

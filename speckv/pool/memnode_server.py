@@ -1,117 +1,214 @@
 """The memory-node process: pages in shared memory, a control channel for the rest.
 
-    speckv memnode --size 8GiB --socket /tmp/speckv-memnode.sock [--link cxl2-x16]
+    speckv memnode --size 8GiB [--socket PATH] [--link cxl2-x16]
 
-At start it creates a shared-memory file of `--size` bytes under /dev/shm and
-pre-faults it (first-touch page faults make the first writes ~10x slower), then
-listens on a Unix socket. A client (one engine at a time) attaches with its slot
-size, maps the same file, and from then on reads and writes pages directly in
-that memory (zero copy through the node); the socket carries only control
-messages, each a tuple answered by one reply:
+At start it creates an anonymous shared-memory segment (memfd, mode 0600) of
+`--size` bytes and pre-faults it (first-touch page faults make the first writes
+~10x slower), then listens on a Unix socket (no access for other users; by default in this user's
+private runtime directory). Clients (engines) attach with their slot size and
+receive the segment's file descriptor, map it, and from then on read and write
+pages directly in that memory (zero copy through the node); the socket carries only
+control messages, in `wire`'s JSON frames, each answered by one reply:
 
-    ("attach", slot_bytes) -> {"shm": path, "num_slots": n, "link": spec}
-    ("allocate", n)        -> [slot ids] | None (not enough free slots)
-    ("free", [slot ids])   -> None
-    ("stats",)             -> {"num_slots", "num_free", ...}
-    ("ping",)              -> "pong"
+    {"op": "attach", "version": 1, "slot_bytes": B} -> {"ok", "num_slots", "size", "link"} + fd
+    {"op": "allocate", "n": N}                      -> {"ok", "ids": [slot ids] | null}
+    {"op": "free", "ids": [slot ids]}               -> {"ok"}
+    {"op": "stats"}                                 -> {"ok", "num_slots", "num_free", "clients"}
+    {"op": "ping"}                                  -> {"ok"}
+    anything invalid                                -> {"ok": false, "error": why}
 
-Slots held by a client are freed when its connection closes. SIGINT/SIGTERM
-remove the socket and the shared-memory file, then exit 0.
+Several engines of the same user may attach at once (same slot size while any is
+attached); each owns the slots it allocated, which are freed when its connection
+closes, and may free only those. A client of another user is refused
+(SO_PEERCRED). A connection that does not attach within `HANDSHAKE_S` is closed,
+so an idle or hostile client cannot hold the node. SIGINT/SIGTERM remove the socket
+and exit 0; the segment has no name, so even a killed node leaves no file behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import mmap
 import os
 import signal
+import socket
+import stat
 import sys
 import threading
-from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
 import numpy as np
 
+from speckv.pool import wire
 from speckv.pool.slots import SlotAllocator
 
 logger = logging.getLogger(__name__)
 
-AUTHKEY = b"speckv-memnode"
-SHM_DIR = Path("/dev/shm")
+HANDSHAKE_S = 10.0  # seconds a new connection has to attach
+MAX_CONNECTIONS = 64
 
 
-def shm_path_for(socket_path: str) -> Path:
-    """The shared-memory file of the node listening on `socket_path`."""
-    digest = hashlib.sha1(os.path.abspath(socket_path).encode()).hexdigest()[:16]
-    return SHM_DIR / f"speckv-memnode-{digest}"
+def default_socket_path() -> str:
+    """`memnode.sock` in this user's private runtime directory (created 0700)."""
+    return os.path.join(wire.private_runtime_dir(), "memnode.sock")
 
 
 class MemNode:
-    """The node's state: the mapped segment and the slots of the attached client."""
+    """The node's state: the segment, its slots and which client owns each."""
 
-    def __init__(self, size: int, socket_path: str, link: str) -> None:
+    def __init__(self, size: int, link: str) -> None:
         self.size = size
-        self.socket_path = socket_path
         self.link = link
-        self.shm = shm_path_for(socket_path)
+        self.fd = self._create_segment()
         self._lock = threading.Lock()
-        self._client: Connection | None = None
+        self._slot_bytes: int | None = None  # fixed while any client is attached
         self._slots: SlotAllocator | None = None
-        self._map = self._create_segment()
+        self._owner: np.ndarray = np.zeros(0, dtype=np.int64)  # client id per slot, -1 free
+        self._clients: set[int] = set()
+        self._connections = 0
 
-    def _create_segment(self) -> mmap.mmap:
-        self.shm.unlink(missing_ok=True)  # a node killed earlier leaves its file behind
-        fd = os.open(self.shm, os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, self.size)
-            mapped = mmap.mmap(fd, self.size)
-        finally:
-            os.close(fd)
-        page = mmap.PAGESIZE
-        np.frombuffer(mapped, dtype=np.uint8)[::page] = 0  # pre-fault: touch every page
-        return mapped
+    def _create_segment(self) -> int:
+        fd = os.memfd_create("speckv-memnode", os.MFD_CLOEXEC)
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, self.size)
+        with mmap.mmap(fd, self.size) as mapped:
+            np.frombuffer(mapped, dtype=np.uint8)[::mmap.PAGESIZE] = 0  # pre-fault every page
+        return fd
 
-    def handle(self, conn: Connection) -> None:
-        """Serves one client connection until it closes."""
+    # ------------------------------------------------------------ connections
+
+    def handle(self, conn: socket.socket, client: int) -> None:
+        """Serves one connection until it closes or breaks the protocol."""
         try:
+            wire.check_peer(conn, "the client")
+            conn.settimeout(HANDSHAKE_S)
             while True:
                 try:
-                    message = conn.recv()
-                except (EOFError, OSError):
-                    return
-                conn.send(self._reply(conn, message))
+                    message, _ = wire.recv(conn)
+                except wire.BadMessage as exc:
+                    wire.send(conn, _error(str(exc)))
+                    continue
+                reply = self._reply(client, message)
+                fds = [self.fd] if message.get("op") == "attach" and reply["ok"] else None
+                wire.send(conn, reply, fds)
+                if client in self._clients:
+                    conn.settimeout(None)  # attached: it may stay idle as long as it likes
+        except wire.WireError as exc:
+            logger.info("client %d: %s", client, exc)
+            try:
+                wire.send(conn, _error(str(exc)))
+            except wire.WireError:
+                pass
         finally:
-            with self._lock:
-                if self._client is conn:
-                    self._client, self._slots = None, None
+            self._detach(client)
             conn.close()
 
-    def _reply(self, conn: Connection, message: tuple):
-        op, *args = message
+    def admit(self) -> bool:
         with self._lock:
-            if op == "ping":
-                return "pong"
-            if op == "attach":
-                if self._client is not None:
-                    return {"error": "the memory node already serves another engine"}
-                slot_bytes = int(args[0])
-                self._client, self._slots = conn, SlotAllocator(self.size // slot_bytes)
-                return {"shm": str(self.shm), "num_slots": self._slots.num_slots,
-                        "size": self.size, "link": self.link}
-            if self._client is not conn:
-                return {"error": "attach first"}
-            if op == "allocate":
-                ids = self._slots.allocate(int(args[0]))
-                return None if ids is None else ids.tolist()
-            if op == "free":
-                self._slots.free(np.asarray(args[0], dtype=np.int64))
-                return None
-            if op == "stats":
-                return {"num_slots": self._slots.num_slots, "num_free": self._slots.num_free}
-        return {"error": f"unknown operation {op!r}"}
+            if self._connections >= MAX_CONNECTIONS:
+                return False
+            self._connections += 1
+            return True
 
+    def _detach(self, client: int) -> None:
+        with self._lock:
+            self._connections -= 1
+            if client not in self._clients:
+                return
+            self._clients.discard(client)
+            mine = np.flatnonzero(self._owner == client)
+            self._owner[mine] = -1
+            self._slots.free(mine)
+            if not self._clients:  # the next client may bring another slot size
+                self._slot_bytes, self._slots = None, None
+
+    # ------------------------------------------------------------ requests
+
+    def _reply(self, client: int, message: dict) -> dict:
+        op = message.get("op")
+        try:
+            with self._lock:
+                if op == "ping":
+                    return {"ok": True}
+                if op == "attach":
+                    return self._attach(client, message)
+                if client not in self._clients:
+                    return _error("attach first")
+                if op == "allocate":
+                    return self._allocate(client, wire.field(
+                        message, "n", int, low=1, high=self._slots.num_slots))
+                if op == "free":
+                    return self._free(client, wire.id_list(message, "ids", self._slots.num_slots))
+                if op == "stats":
+                    return {"ok": True, "num_slots": self._slots.num_slots,
+                            "num_free": self._slots.num_free, "clients": len(self._clients)}
+            return _error(f"unknown operation {op!r}; known: attach, allocate, free, stats, ping")
+        except wire.BadMessage as exc:
+            return _error(f"{op}: {exc}")
+
+    def _attach(self, client: int, message: dict) -> dict:
+        version = wire.field(message, "version", int)
+        if version != wire.PROTOCOL_VERSION:
+            return _error(f"protocol version {version} is not this node's "
+                          f"{wire.PROTOCOL_VERSION}: run engine and node from one speckv")
+        slot_bytes = wire.field(message, "slot_bytes", int, low=1, high=self.size)
+        if client in self._clients:
+            return _error("already attached")
+        if self._slot_bytes is not None and slot_bytes != self._slot_bytes:
+            return _error(f"the node serves {self._slot_bytes}-byte slots to the engines attached "
+                          f"now; this engine asks for {slot_bytes}: use a node of its own")
+        if self._slots is None:
+            self._slot_bytes = slot_bytes
+            self._slots = SlotAllocator(self.size // slot_bytes)
+            self._owner = np.full(self._slots.num_slots, -1, dtype=np.int64)
+        self._clients.add(client)
+        return {"ok": True, "num_slots": self._slots.num_slots, "size": self.size,
+                "slot_bytes": slot_bytes, "link": self.link}
+
+    def _allocate(self, client: int, n: int) -> dict:
+        ids = self._slots.allocate(n)
+        if ids is None:
+            return {"ok": True, "ids": None}
+        self._owner[ids] = client
+        return {"ok": True, "ids": ids.tolist()}
+
+    def _free(self, client: int, ids: list[int]) -> dict:
+        index = np.asarray(ids, dtype=np.int64)
+        if not (self._owner[index] == client).all():
+            return _error("free: a slot is not held by this client")
+        self._owner[index] = -1
+        self._slots.free(index)
+        return {"ok": True}
+
+
+def _error(why: str) -> dict:
+    return {"ok": False, "error": why}
+
+
+# ---------------------------------------------------------------- the process
+
+
+def _listen(socket_path: str) -> socket.socket:
+    """A listening socket at `socket_path`, mode 0600 from the start; a stale socket
+    of this user there is replaced, anything else is refused."""
+    if os.path.lexists(socket_path):
+        st = wire.check_owned(socket_path, "an existing file at the socket path")
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ValueError(f"{socket_path} exists and is not a socket: choose another --socket")
+        os.unlink(socket_path)  # a node killed earlier leaves its socket behind
+    parent = os.path.dirname(os.path.abspath(socket_path))
+    if os.stat(parent).st_mode & 0o022:
+        logger.warning("the socket's directory %s is writable by other users; the default "
+                       "(leave --socket out) is a private one", parent)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        listener.bind(socket_path)
+    finally:
+        os.umask(old)
+    listener.listen(MAX_CONNECTIONS)
+    return listener
 
 
 def serve(size: int, socket_path: str, link: str) -> None:
@@ -122,29 +219,31 @@ def serve(size: int, socket_path: str, link: str) -> None:
     signal.signal(signal.SIGINT, stop)
     listener = None
     try:
-        node = MemNode(size, socket_path, link)
-        Path(socket_path).unlink(missing_ok=True)
-        listener = Listener(socket_path, family="AF_UNIX", authkey=AUTHKEY)
-        print(f"memnode ready: {size} bytes at {node.shm}, socket {socket_path}, link {link}",
-              flush=True)
+        node = MemNode(size, link)
+        listener = _listen(socket_path)
+        print(f"memnode ready: {size} bytes, socket {socket_path}, link {link}", flush=True)
+        client = 0
         while True:
-            try:
-                conn = listener.accept()
-            except Exception as exc:  # a client that fails the handshake: keep serving
-                logger.warning("rejected a connection: %s", exc)
+            conn, _ = listener.accept()
+            client += 1
+            if not node.admit():
+                wire.send(conn, _error(f"the node serves {MAX_CONNECTIONS} connections already"))
+                conn.close()
                 continue
-            threading.Thread(target=node.handle, args=(conn,), daemon=True).start()
+            threading.Thread(target=node.handle, args=(conn, client), daemon=True).start()
     finally:
         if listener is not None:
             listener.close()
-        Path(socket_path).unlink(missing_ok=True)
-        shm_path_for(socket_path).unlink(missing_ok=True)  # also if stopped while creating it
+            Path(socket_path).unlink(missing_ok=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="8GiB",
                         help="bytes of shared memory to hold pages, e.g. 8GiB (default: 8GiB)")
-    parser.add_argument("--socket", required=True, help="path of the Unix control socket")
+    parser.add_argument("--socket", default=None,
+                        help="path of the Unix control socket (default: memnode.sock in "
+                             "$XDG_RUNTIME_DIR/speckv, else /tmp/speckv-UID, a directory only "
+                             "you can enter)")
     parser.add_argument("--link", default="none",
                         help="link model engines apply to transfers: none, cxl2-x16, "
                              "cxl3-x16, pcie4-x16, pcie5-x16 or custom:<GB/s>,<ns> "
@@ -152,18 +251,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from speckv.config import parse_size
     from speckv.pool.link import parse_link
+    from speckv.util import parse_size
 
     size = parse_size(ns.size)
     if size <= 0:
         raise ValueError(f"--size must be > 0, got {ns.size!r}")
     parse_link(ns.link)  # validates
-    free = os.statvfs(SHM_DIR)
+    free = os.statvfs("/dev/shm")
     if size > free.f_bavail * free.f_frsize:
-        raise ValueError(f"--size {ns.size} exceeds the free space of {SHM_DIR} "
-                         f"({free.f_bavail * free.f_frsize} bytes)")
-    serve(size, ns.socket, ns.link)
+        raise ValueError(f"--size {ns.size} exceeds the free shared memory (/dev/shm: "
+                         f"{free.f_bavail * free.f_frsize} bytes)")
+    try:
+        serve(size, ns.socket or default_socket_path(), ns.link)
+    except wire.WireError as exc:
+        raise ValueError(str(exc)) from exc
     return 0
 
 
@@ -174,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         return run(ns)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"speckv memnode: error: {exc}", file=sys.stderr)
         return 2
 
