@@ -189,6 +189,11 @@ def _serve(ns: argparse.Namespace) -> int:
     from speckv.server.config import ServerConfig
 
     config = ServerConfig(**_pick(ns, ServerConfig))  # bad options fail before the model loads
+    if config.api_key is not None:
+        logging.getLogger("speckv.server").warning(
+            "--api-key on the command line is visible to other local users "
+            "(/proc/PID/cmdline); prefer --api-key-file or SPECKV_API_KEY")
+    config.resolved_api_key()  # an unreadable key file fails before the model loads too
     llm = _make_llm(ns)
     return serve.run(llm.engine, config, log_level="info" if ns.verbose else "warning")
 

@@ -18,7 +18,7 @@ from speckv.config import EngineConfig, PrefetchConfig, format_size
 from speckv.engine.trace import StepTrace
 from speckv.engine.model_runner import ModelRunner
 from speckv.engine.outputs import RequestOutput
-from speckv.engine.sampler import Sampler
+from speckv.engine.sampler import SampleError, Sampler
 from speckv.engine.sampling_params import SamplingParams
 from speckv.engine.scheduler import Scheduler
 from speckv.engine.sequence import FinishReason, Sequence
@@ -186,12 +186,10 @@ class LLMEngine:
                 raise ValueError("prompt is empty")
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
-            token_ids = [int(t) for t in prompt]
+            token_ids = self._checked_token_ids(prompt)
             text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
         if not token_ids:
             raise ValueError("prompt is empty (it encodes to no tokens)")
-        if any(not 0 <= t < self.args.vocab_size for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt is {len(token_ids)} tokens; the context window is "
@@ -208,6 +206,21 @@ class LLMEngine:
         self._sequences[rid] = seq
         self.scheduler.add(seq)
         return rid
+
+    def _checked_token_ids(self, prompt: object) -> list[int]:
+        """A prompt of token ids, each an int in [0, vocab_size), checked before anything
+        (the detokenizer included) reads it."""
+        vocab = self.args.vocab_size
+        try:
+            token_ids = list(prompt)
+        except TypeError:
+            raise ValueError(f"prompt must be text or a list of token ids, not "
+                             f"{type(prompt).__name__}") from None
+        for i, t in enumerate(token_ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt[{i}] = {t!r}: prompt token ids must be integers in "
+                                 f"[0, {vocab})")
+        return token_ids
 
     def _check_fits(self, num_tokens: int) -> None:
         cache = self.cache
@@ -226,10 +239,25 @@ class LLMEngine:
 
     def _ensure_pool(self) -> None:
         """Reconnects a pool that was lost (raises PoolUnavailable if it cannot)."""
-        if self.cache.store is not None:
-            backend = self.cache.store.backend
-            if not getattr(backend, "is_available", True):
-                backend.revive()
+        if self.cache.store is not None and not self.cache.store.backend.is_available:
+            self.cache.store.backend.revive()
+
+    def check_pool(self) -> bool:
+        """Asks the pool for a sign of life within its deadline (an idle server calls
+        this now and then, so a dead or stopped memory node shows before a request
+        fails on it); reconnects a lost one. Returns whether the pool can serve."""
+        store = self.cache.store
+        if store is None:
+            return True
+        try:
+            if store.backend.is_available:
+                store.backend.ping()
+            else:
+                store.backend.revive()
+        except PoolUnavailable:
+            self._fail_all("the KV pool became unavailable")
+            return False
+        return True
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its pages; returns its final output, or None if unknown."""
@@ -277,12 +305,27 @@ class LLMEngine:
             seq.num_computed_tokens += chunk.num_tokens
             if token is None:
                 continue
-            self._append_token(seq, token, now)
+            try:
+                self._advance(seq, token, now)
+            except Exception as exc:  # noqa: BLE001 — this request fails, the others go on
+                logger.exception("request %s failed", seq.request_id)
+                self._fail(seq, f"{type(exc).__name__}: {exc}")
             if seq.is_finished:
                 self.scheduler.remove(seq.request_id)
-                del self._sequences[seq.request_id]
+                self._sequences.pop(seq.request_id, None)
             outputs.append(self._output(seq))
         return outputs
+
+    def _advance(self, seq: Sequence, token: int | SampleError, now: float) -> None:
+        if isinstance(token, SampleError):
+            self._fail(seq, token.message)
+        else:
+            self._append_token(seq, token, now)
+
+    @staticmethod
+    def _fail(seq: Sequence, why: str) -> None:
+        seq.error = why
+        seq.finish(FinishReason.ERROR)
 
     def _fail_all(self, why: str) -> None:
         """Aborts every request (their pooled pages are gone); the engine stays usable."""
@@ -414,6 +457,9 @@ class LLMEngine:
         store = self.cache.store
         if store is not None:
             stats["pool_backend"] = self.config.pool.pool
+            stats["pool_available"] = int(store.backend.is_available)
+            if not store.backend.is_available:
+                stats["pool_error"] = store.backend.last_error or "unknown"
             stats["codec"] = store.codec.name
             stats["device_pages_committed"] = self.cache.committed_pages
             stats["pool_pages_reserved"] = self.cache.reserved_pool_pages

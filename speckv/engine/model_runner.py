@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from speckv.engine.sampler import Sampler
+from speckv.engine.sampler import SampleError, Sampler
 from speckv.engine.scheduler import SchedulerOutput
 from speckv.kv.attention import AttentionKernels, ScheduledChunk, StepAttention
 from speckv.kv.cache import KVCacheManager
@@ -47,7 +47,7 @@ class ModelRunner:
             hidden = hidden[ends.to(self.device)]
         return self.model.compute_logits(hidden)
 
-    def execute(self, sched: SchedulerOutput) -> list[int | None]:
+    def execute(self, sched: SchedulerOutput) -> list[int | SampleError | None]:
         """Runs a scheduled step; returns the sampled token of each sequence, or None
         for a sequence whose prompt is only partly prefilled."""
         token_ids = [seq.all_token_ids[c.start:c.start + c.num_tokens]
@@ -60,7 +60,7 @@ class ModelRunner:
             return [None] * len(sched.seqs)
         sampled = self.sampler(logits[rows], [sched.seqs[i].params for i in rows],
                                [sched.seqs[i].generator for i in rows])
-        result: list[int | None] = [None] * len(sched.seqs)
+        result: list[int | SampleError | None] = [None] * len(sched.seqs)
         for i, token in zip(rows, sampled):
             result[i] = token
         return result

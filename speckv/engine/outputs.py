@@ -21,11 +21,12 @@ class RequestOutput:
     delta: str  # text added since the previous output of this request
     token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int
     num_generated_tokens: int
     time_to_first_token: float | None
     per_token_latency: float | None
+    error: str | None = None  # with finish_reason "error": what failed this request alone
 
     @classmethod
     def of(cls, seq: Sequence, text: str, delta: str) -> "RequestOutput":
@@ -40,4 +41,4 @@ class RequestOutput:
             token_ids=list(seq.output_token_ids), finished=seq.is_finished,
             finish_reason=None if seq.finish_reason is None else seq.finish_reason.value,
             num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=n,
-            time_to_first_token=ttft, per_token_latency=tpot)
+            time_to_first_token=ttft, per_token_latency=tpot, error=seq.error)

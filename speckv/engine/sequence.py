@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from speckv.engine.sampling_params import SamplingParams
+from speckv.engine.sampling_params import SEED_RANGE, SamplingParams
 from speckv.kv.cache import RequestId
 from speckv.models.tokenizer import IncrementalDetokenizer
 
@@ -23,6 +23,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"
+    ERROR = "error"  # the engine failed this request alone (`RequestOutput.error` says why)
 
 
 @dataclass(slots=True)
@@ -46,6 +47,7 @@ class Sequence:
         self.detokenizer = detokenizer
         self.status = Status.WAITING
         self.finish_reason: FinishReason | None = None
+        self.error: str | None = None  # why the engine failed it (FinishReason.ERROR)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.text = ""  # generated text, stop string removed
         self.emitted = 0  # characters of `text` already given out in outputs
@@ -53,7 +55,7 @@ class Sequence:
         self.generator: torch.Generator | None = None
         self.choice = None  # its page selection (`speckv.selection.step.Choice`), set by the engine
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+            self.generator = torch.Generator().manual_seed(params.seed % SEED_RANGE)
 
     @property
     def num_tokens(self) -> int:

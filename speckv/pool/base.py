@@ -55,6 +55,7 @@ class PoolBackend(ABC):
     """Encoded pages in equal slots, addressed by `PoolKey`."""
 
     name: str = ""
+    last_error: str | None = None  # why the pool was lost, while it is
 
     def __init__(self, slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
@@ -104,8 +105,20 @@ class PoolBackend(ABC):
         self.counters.slots_used = self.num_slots - self.num_free
         return self.counters
 
+    @property
+    def is_available(self) -> bool:
+        """False once the pool was lost (until `revive` reconnects it)."""
+        return True
+
     def ensure_available(self) -> None:
-        """Raises PoolUnavailable when the pool cannot serve (reconnecting if it can)."""
+        """Raises PoolUnavailable when the pool cannot serve."""
+
+    def ping(self) -> None:
+        """Raises PoolUnavailable unless the pool answers now, within its deadline."""
+        self.ensure_available()
+
+    def revive(self) -> None:
+        """Reconnects a lost pool (raises PoolUnavailable if it cannot)."""
 
     def close(self) -> None:
         """Releases the pool's memory or connection."""

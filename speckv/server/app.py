@@ -1,8 +1,10 @@
 """The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions, /v1/models, and
 /health and /metrics.
 
-Every error body is OpenAI's: `{"error": {"message", "type", "param", "code"}}`;
-400 names the field at fault.
+Every error body is OpenAI's: `{"error": {"message", "type", "param", "code"}}`,
+for every status (404, 405, 413 and 500 too); 400 names the field at fault.
+/openapi.json describes the routes when no API key is set; with a key it is not
+served (it would tell an unauthenticated caller what the server runs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from speckv.engine.outputs import RequestOutput
 from speckv.models.tokenizer import Tokenizer
@@ -30,6 +33,7 @@ from speckv.server.protocol import (ChatCompletionRequest, CompletionRequest, Re
 logger = logging.getLogger(__name__)
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_DRAIN_BYTES = 64 << 20  # most of an oversized body read (and dropped) before the 413
 
 
 class APIError(Exception):
@@ -56,8 +60,10 @@ class ServedModel:
     max_model_len: int
 
 
-def build_app(engine: AsyncEngine, model: ServedModel, config: ServerConfig) -> FastAPI:
-    """The FastAPI application; the engine loop starts and stops with it."""
+def build_app(engine: AsyncEngine, model: ServedModel, config: ServerConfig,
+              api_key: str | None = None) -> FastAPI:
+    """The FastAPI application; the engine loop starts and stops with it. `api_key`
+    (the resolved key, see `ServerConfig.resolved_api_key`) guards every /v1 route."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -65,27 +71,39 @@ def build_app(engine: AsyncEngine, model: ServedModel, config: ServerConfig) -> 
         yield
         await asyncio.to_thread(engine.shutdown, 0.0)  # uvicorn already waited the grace
 
-    app = FastAPI(title="speckv", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="speckv", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None if api_key else "/openapi.json")
     app.add_exception_handler(APIError, lambda request, exc: exc.response())
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """200 when requests can be served; 503 naming why not (draining, a dead engine
+        loop, an unreachable KV pool)."""
+        if engine.fatal is not None:
+            return JSONResponse({"status": "engine failed", "error": engine.fatal},
+                                status_code=503)
         if not engine.accepting:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if not engine.snapshot.get("pool_available", 1):
+            return JSONResponse({"status": "pool unavailable",
+                                 "error": engine.snapshot.get("pool_error")}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    app.include_router(_v1_router(engine, model, config))
+    app.include_router(_v1_router(engine, model, config, api_key))
     return app
 
 
-def _v1_router(engine: AsyncEngine, model: ServedModel, config: ServerConfig) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_bearer(config.api_key))])
+def _v1_router(engine: AsyncEngine, model: ServedModel, config: ServerConfig,
+               api_key: str | None) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_bearer(api_key))])
     created = int(time.time())
 
     @router.get("/models")
@@ -114,12 +132,17 @@ def _v1_router(engine: AsyncEngine, model: ServedModel, config: ServerConfig) ->
 
 
 def _bearer(api_key: str | None):
+    expected = None if api_key is None else api_key.encode()
+
     async def check(request: Request) -> None:
-        if api_key is None:
+        if expected is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+        # compared as bytes: the header arrives as latin-1 text, and compare_digest
+        # refuses non-ASCII str
+        token_bytes = token.strip().encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, expected):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key", kind="authentication_error")
 
@@ -176,7 +199,8 @@ def _max_tokens(body: _Sampling, prompt_tokens: int, prompt_field: str, context:
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("token_budget", "selector", "max_tokens", "temperature", "top_p", "top_k", "stop"):
+    for name in ("token_budget", "selector", "max_tokens", "temperature", "top_p", "top_k", "stop",
+                 "seed", "prompt"):
         if name in message:
             return name
     return None
@@ -231,11 +255,28 @@ def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kinds = {401: "authentication_error", 404: "not_found_error"}
+    message = {404: f"no route {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(
+        exc.status_code, str(exc.detail))
+    return JSONResponse(error_body(message, kinds.get(exc.status_code, "invalid_request_error")),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request %s %s failed", request.method, request.url.path)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"),
+                        status_code=500)
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     error = exc.errors()[0]
     if error.get("type") == "json_invalid":
         return JSONResponse(error_body(f"malformed JSON body: {error.get('msg')}"),
                             status_code=400)
+    if error.get("type") == "model_attributes_type" or error.get("loc") == ("body",):
+        return JSONResponse(error_body("the body must be a JSON object"), status_code=400)
     loc = [p for p in error.get("loc", ())[1:]
            if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or "-" in p))]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
@@ -247,7 +288,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 class BodyLimit:
-    """Answers 413 to a request body above `max_bytes` (by Content-Length, or as it arrives)."""
+    """Answers 413 to a request body above `max_bytes`, by Content-Length or, for a
+    chunked body, as it arrives: the body is read here (at most `max_bytes`) before
+    the route sees it, so an oversized upload is refused whole, however it is sent."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -257,24 +300,41 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+            return await self._reject(receive, send, more=True)
+        parts, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise APIError(413, "request body too large")
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            more = message.get("more_body", False)
+            if seen > self.max_bytes:
+                return await self._reject(receive, send, more)
+            if not more:
+                break
+        body, replayed = b"".join(parts), False
 
-        try:
-            await self.app(scope, limited, send)
-        except APIError:
-            await self._reject(send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then: disconnect notices, as the route expects
 
-    async def _reject(self, send) -> None:
+        await self.app(scope, replay, send)
+
+    async def _reject(self, receive, send, more: bool) -> None:
+        """413, after reading (and dropping) what the client still sends, up to
+        `_DRAIN_BYTES`: a client that is still uploading then reads the answer instead
+        of finding the connection reset under it."""
+        drained = 0
+        while more and drained < _DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
         response = APIError(413, f"request body is larger than {self.max_bytes} bytes",
-                            code="body_too_large").response()
+                            code="body_too_large", headers={"Connection": "close"}).response()
         await response({"type": "http"}, None, send)

@@ -6,6 +6,14 @@
 
 Requests join the running batch between steps (continuous batching). Only the engine
 thread touches the engine; handlers read `snapshot`, a stats dict replaced whole.
+
+The loop never dies of one request: an error while adding a request, or one that
+the engine reports for a single request (a sampling failure), fails that request
+alone; a step that raises fails the requests of that step and the loop goes on. If
+the loop itself breaks (a bug), `fatal` says why, every stream gets an error, /health
+turns 503 and `on_fatal` (the server: exit non-zero, for a supervisor to restart it)
+is called. While idle, the loop checks the KV pool every `POOL_CHECK_EVERY` seconds,
+so a lost memory node shows in /health and /metrics before a request fails on it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from speckv.engine.llm_engine import LLMEngine
 from speckv.engine.outputs import RequestOutput
@@ -30,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 _SNAPSHOT_EVERY = 0.2  # seconds between stats snapshots while stepping
 _RATE_WINDOW = 10.0  # seconds of history behind the tokens/s gauge
+POOL_CHECK_EVERY = 5.0  # seconds between pool checks of an idle engine
 
 
 ACCEPTED = object()  # the first item of a request's queue once the engine has added it
@@ -70,14 +80,18 @@ class _Stream:
 class AsyncEngine:
     """Runs an `LLMEngine` on a thread of its own and streams outputs to asyncio callers."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics,
+                 on_fatal: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self.fatal: str | None = None  # why the loop died, if it did
+        self._on_fatal = on_fatal
         self.max_waiting = max_waiting
         self.metrics = metrics
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._pending = 0  # submitted, not yet added by the engine thread
+        self._num_in_flight = 0  # added, not yet finished (engine thread writes it)
         self._num_waiting = 0  # the scheduler's queue after the last step
         self._accepting = True
         self._stop = threading.Event()
@@ -94,7 +108,7 @@ class AsyncEngine:
 
     @property
     def accepting(self) -> bool:
-        return self._accepting
+        return self._accepting and self.fatal is None
 
     @property
     def num_waiting(self) -> int:
@@ -110,6 +124,8 @@ class AsyncEngine:
             ShuttingDown: the server is draining.
         """
         with self._lock:
+            if self.fatal is not None:
+                raise ShuttingDown(f"the engine failed: {self.fatal}")
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             if self._pending + self._num_waiting >= self.max_waiting:
@@ -137,13 +153,27 @@ class AsyncEngine:
         with self._lock:
             self._accepting = False
 
-    def shutdown(self, grace: float) -> None:
-        """Drains, lets in-flight requests finish for up to `grace` seconds, aborts the rest,
-        stops the thread and closes the engine (freeing every tier)."""
+    def finish_in_flight(self, grace: float) -> None:
+        """Drains, lets in-flight requests finish for up to `grace` seconds, then fails
+        the rest: each of their streams gets an error event and its end."""
         self.drain()
         deadline = time.monotonic() + grace
-        while self.snapshot.get("requests_in_flight", 0) and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self._in_flight():
+            self._commands.put(("abort_all", "the server shut down before the request finished"))
+            self._wake.set()
+            while self._in_flight() and self._thread.is_alive():
+                time.sleep(0.05)
+
+    def _in_flight(self) -> int:
+        with self._lock:
+            return self._pending + self._num_in_flight
+
+    def shutdown(self, grace: float) -> None:
+        """`finish_in_flight(grace)`, then stops the thread and closes the engine
+        (freeing every tier)."""
+        self.finish_in_flight(grace)
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
@@ -153,27 +183,48 @@ class AsyncEngine:
     # ------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
-        last_snapshot = 0.0
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug: say so everywhere, then let a supervisor restart
+            logger.critical("the engine loop died", exc_info=True)
+            self.fatal = f"{type(exc).__name__}: {exc}"
+            for stream in self._streams.values():
+                stream.put(EngineError(f"the engine failed: {self.fatal}"))
+            self._streams.clear()
+            self._set_in_flight()
+            if self._on_fatal is not None:
+                self._on_fatal()
+
+    def _loop(self) -> None:
+        last_snapshot = last_check = 0.0
         busy = False
         while True:
             self._handle_commands()
             if self._stop.is_set():
                 self._abort_all("the server shut down before the request finished")
                 break
+            now = time.monotonic()
             if not self.engine.has_unfinished():
                 if busy:  # back to idle: hand freed heap memory back to the OS
                     _trim_heap()
                     busy = False
+                if now - last_check >= POOL_CHECK_EVERY:
+                    self.engine.check_pool()
+                    last_check = time.monotonic()
                 self.snapshot = self._stats()
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
             busy = True
             self._step()
-            now = time.monotonic()
             if now - last_snapshot >= _SNAPSHOT_EVERY:
                 self.snapshot, last_snapshot = self._stats(), now
         self.snapshot = self._stats()
+
+    def _set_in_flight(self) -> None:
+        with self._lock:
+            self._num_in_flight = len(self._streams)
+            self._num_waiting = len(self.engine.scheduler.waiting)
 
     def _handle_commands(self) -> None:
         while True:
@@ -183,8 +234,10 @@ class AsyncEngine:
                 return
             if command[0] == "add":
                 self._add(*command[1:])
-            else:
+            elif command[0] == "abort":
                 self._abort(command[1])
+            else:
+                self._abort_all(command[1])
 
     def _add(self, rid: str, token_ids: list[int], params: SamplingParams, stream: _Stream) -> None:
         try:
@@ -193,24 +246,30 @@ class AsyncEngine:
             stream.put(EngineError(f"the KV pool is unavailable: {exc}"))
         except ValueError as exc:
             stream.put(EngineError(str(exc), bad_request=True))
+        except Exception as exc:  # noqa: BLE001 — an engine fault fails this request alone
+            logger.exception("adding request %s failed", rid)
+            self.engine.abort(rid)
+            stream.put(EngineError(f"engine error: {type(exc).__name__}: {exc}"))
         else:
             self._streams[rid] = stream
             stream.put(ACCEPTED)
         finally:
             with self._lock:
                 self._pending -= 1
-                self._num_waiting = len(self.engine.scheduler.waiting)
+            self._set_in_flight()
 
     def _abort(self, rid: str) -> None:
         if self._streams.pop(rid, None) is not None:
             self.engine.abort(rid)
             self.metrics.aborted.inc()
+        self._set_in_flight()
 
     def _abort_all(self, why: str) -> None:
         for rid, stream in list(self._streams.items()):
             self.engine.abort(rid)
             stream.put(EngineError(why))
         self._streams.clear()
+        self._set_in_flight()
 
     def _step(self) -> None:
         try:
@@ -226,8 +285,7 @@ class AsyncEngine:
         now = time.perf_counter()
         for out in outputs:
             self._deliver(out, now)
-        with self._lock:
-            self._num_waiting = len(self.engine.scheduler.waiting)
+        self._set_in_flight()
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
         stream = self._streams.get(out.request_id)
@@ -246,7 +304,10 @@ class AsyncEngine:
             del self._streams[out.request_id]
             self.metrics.request_finished(out.finish_reason, now - stream.arrival,
                                           out.num_prompt_tokens)
-        stream.put(out)
+        if out.error is not None:  # the engine failed this request alone
+            stream.put(EngineError(f"engine error: {out.error}"))
+        else:
+            stream.put(out)
 
     def _tokens_per_second(self) -> float:
         now = time.perf_counter()
@@ -256,7 +317,7 @@ class AsyncEngine:
 
     def _stats(self) -> dict:
         stats = self.engine.stats()
-        stats["requests_in_flight"] = len(self._streams) + self._pending
+        stats["requests_in_flight"] = self._in_flight()
         stats["generation_tokens_per_second"] = self._tokens_per_second()
         return stats
 

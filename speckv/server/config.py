@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,8 +18,13 @@ class ServerConfig:
                 "(e.g. 0.0.0.0, then also set --api-key)"})
     port: int = field(default=8000, metadata={"help": "TCP port (0: any free port)"})
     api_key: str | None = field(default=None, metadata={
-        "help": "require 'Authorization: Bearer KEY' on every /v1 route (default: the "
-                "SPECKV_API_KEY environment variable if set, else no key)"})
+        "help": "require 'Authorization: Bearer KEY' on every /v1 route. On a command line "
+                "other local users can read it (/proc/PID/cmdline): prefer --api-key-file or "
+                "the SPECKV_API_KEY environment variable (default: that variable if set, "
+                "else no key)"})
+    api_key_file: str | None = field(default=None, metadata={
+        "help": "read the API key from this file (its first line); keep the file private "
+                "(chmod 600)"})
     served_model_name: str | None = field(default=None, metadata={
         "help": "the model name clients must send (default: the model file's name, e.g. "
                 "SmolLM2-135M-Instruct)"})
@@ -44,3 +53,29 @@ class ServerConfig:
                 f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key is empty: give a key, or leave the option out")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give api_key or api_key_file, not both")
+
+    def resolved_api_key(self) -> str | None:
+        """The key in force: `api_key`, else the first line of `api_key_file`, else the
+        SPECKV_API_KEY environment variable, else None (no key).
+
+        Raises:
+            ValueError: an unreadable or empty key file.
+        """
+        if self.api_key is not None:
+            return self.api_key
+        if self.api_key_file is not None:
+            try:
+                with open(self.api_key_file, encoding="utf-8") as fh:
+                    key = fh.readline().strip()
+                mode = os.stat(self.api_key_file).st_mode
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc}") from exc
+            if not key:
+                raise ValueError(f"api_key_file {self.api_key_file} holds no key")
+            if mode & 0o077:
+                logger.warning("api_key_file %s is readable by other users: chmod 600 it",
+                               self.api_key_file)
+            return key
+        return os.environ.get("SPECKV_API_KEY") or None

@@ -3,44 +3,64 @@
 Unknown fields are ignored, as OpenAI's clients send some that do not apply. Beside
 the OpenAI fields, requests take speckv's per-request options: `top_k`,
 `ignore_eos`, `selector`, `token_budget`.
+
+Types are strict (`max_tokens: true`, `"10"` or `2.0` are errors, not 1, 10 and 2;
+a number field takes an int or a float), and text must be valid Unicode (a lone
+surrogate such as "\ud800" is an error naming the field).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from speckv.engine.outputs import RequestOutput
 from speckv.engine.sampling_params import SamplingParams
 
 
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise ValueError(f"contains a lone surrogate (U+{ord(bad):04X} at character "
+                         f"{exc.start}), which is not Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+_STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
-    include_usage: StrictBool = False
+    model_config = _STRICT
+
+    include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     n: int = 1
-    stream: StrictBool = False
+    stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # speckv's own
     top_k: int = Field(default=0, ge=0)
-    ignore_eos: StrictBool = False
-    selector: str | None = None
-    token_budget: int | float | str | None = None
+    ignore_eos: bool = False
+    selector: Text | None = None
+    token_budget: int | float | Text | None = None
 
     @field_validator("n")
     @classmethod
@@ -73,10 +93,10 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str]
-    echo: StrictBool = False
+    prompt: Text | list[int] | list[Text]
+    echo: bool = False
     logprobs: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -98,15 +118,17 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
