@@ -153,7 +153,7 @@ def test_models_health_and_metrics(server):
     assert [m.id for m in models.data] == [MODEL]
     assert server.get("/health") == (200, '{"status":"ok"}')
     m = server.wait_idle()
-    assert m["speckv_device_pages_total"] > 0
+    assert m["speckv_device_pages_capacity"] > 0
     for name in ("speckv_time_to_first_token_seconds_count", "speckv_inter_token_latency_seconds_count",
                  "speckv_generation_tokens_per_second", 'speckv_tier_bytes{tier="device"}',
                  "speckv_generation_tokens_total"):
@@ -228,7 +228,7 @@ def test_disconnect_mid_stream_aborts_and_frees_the_pages(server):
         assert resp.readline().startswith(b"data: ")
         resp.readline()
     busy = server.metrics()
-    assert busy["speckv_device_pages_free"] < busy["speckv_device_pages_total"]
+    assert busy["speckv_device_pages_free"] < busy["speckv_device_pages_capacity"]
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     after = server.wait_idle()
@@ -352,6 +352,161 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
 def test_serve_rejects_bad_options():
     run = [sys.executable, "-m", "speckv.cli", "serve"]
     for args, word in ((["--port", "70000"], "port"), (["--max-waiting", "-1"], "max_waiting"),
-                       (["--api-key", ""], "api_key"), (["--selector", "nope"], "selector")):
+                       (["--api-key", ""], "api_key"), (["--selector", "nope"], "selector"),
+                       (["--api-key-file", "/nonexistent/key"], "api_key_file")):
         p = subprocess.run(run + args, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and word in p.stderr, (args, p.stderr)
+
+
+# ---------------------------------------------------------------- hardening
+
+
+def read_stream(server: Server, body: dict) -> list[str]:
+    """The raw SSE events of one streamed completion."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    return [e for e in resp.read().decode().split("\n\n") if e]
+
+
+def stream_text(events: list[str]) -> str:
+    chunks = [json.loads(e[len("data: "):]) for e in events if e != "data: [DONE]"]
+    return "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+
+
+def test_hostile_requests_mid_batch_fail_or_finish_alone(server):
+    normal = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0,
+              "ignore_eos": True}
+    solo = stream_text(read_stream(server, normal))
+    hostile = [{"temperature": 1e-300}, {"temperature": 5e-324}, {"top_p": 1e-320},
+               {"top_k": 2**63}, {"seed": 2**70}, {"seed": -1}]
+    results: dict[int, list[str]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, read_stream(
+        server, normal))) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the normal streams are decoding
+    for extra in hostile:
+        status, body, _ = server.post("/v1/completions", {**normal, "max_tokens": 4,
+                                                           "temperature": 1.0, **extra})
+        assert status == 200 and body["usage"]["completion_tokens"] == 4, (extra, body)
+    for bad in ([-1], [2**40], [2**70], [1, "x"]):
+        status, body, _ = server.post("/v1/completions", {**normal, "prompt": bad})
+        assert status == 400 and body["error"]["param"] == "prompt", (bad, body)
+    for t in threads:
+        t.join(timeout=120)
+    assert [stream_text(results[i]) for i in range(3)] == [solo] * 3
+    assert all(r[-1] == "data: [DONE]" for r in results.values())
+    assert server.get("/health")[0] == 200
+    server.wait_idle()
+
+
+def test_shutdown_ends_every_unfinished_stream_with_an_error_and_done():
+    s = Server("--shutdown-grace-seconds", "2")
+    long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True}
+    results: dict[int, list[str]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, read_stream(s, long)))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while s.metrics()["speckv_requests_running"] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(urllib.error.HTTPError) as exc:  # draining: answered, not refused
+        s.get("/health")
+    assert exc.value.code == 503
+    status, err, _ = s.post("/v1/completions", long)
+    assert status == 503 and err["error"]["type"] == "server_error"
+    for t in threads:
+        t.join(timeout=60)
+    assert s.proc.wait(timeout=60) == 0
+    for events in results.values():
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2][len("data: "):])
+        assert "shut down" in last["error"]["message"], last
+
+
+@pytest.mark.slow
+def test_a_stopped_memory_node_fails_requests_within_the_deadline_and_recovers(tmp_path):
+    from test_memnode import Node
+
+    node = Node(str(tmp_path / "memnode.sock"))
+    node.start()
+    s = Server("--pool", "memnode", "--memnode-socket", node.socket, "--memnode-timeout", "2",
+               "--device-kv-bytes", str(3 * 30 * 24_576 * 2), "--pool-bytes", "32MiB")
+    try:
+        client = s.client()
+        assert client.completions.create(model=MODEL, prompt=PROMPT * 4,
+                                         max_tokens=8).usage.completion_tokens == 8
+        assert "# TYPE speckv_stall_seconds_total counter" in s.get("/metrics")[1]
+        node.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.completions.create(model=MODEL, prompt=PROMPT * 4, max_tokens=40)
+        assert "memory node" in exc.value.body["message"]
+        assert time.monotonic() - started < 10, "a stopped node held the request too long"
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            s.get("/health")
+        assert exc.value.code == 503 and "pool unavailable" in exc.value.read().decode()
+        assert s.metrics()["speckv_pool_available"] == 0
+        node.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while True:  # the idle engine's pool check (or the next request) reconnects
+            try:
+                out = client.completions.create(model=MODEL, prompt=PROMPT * 4, max_tokens=8)
+                break
+            except openai.InternalServerError:
+                assert time.monotonic() < deadline, "never recovered after SIGCONT"
+                time.sleep(0.5)
+        assert out.usage.completion_tokens == 8
+        deadline = time.monotonic() + 10
+        while s.metrics()["speckv_pool_available"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert s.get("/health")[0] == 200
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+        assert s.stop() == 0
+        node.stop()
+
+
+def test_api_key_from_a_file_and_a_warning_for_one_on_the_command_line(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    key_file.chmod(0o600)
+    s = Server("--api-key-file", str(key_file))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        assert s.client("from-a-file").models.list().data[0].id == MODEL
+    finally:
+        assert s.stop() == 0
+    s = Server("--api-key", "on-the-command-line")
+    try:
+        assert s.client("on-the-command-line").models.list().data[0].id == MODEL
+        assert "visible to other local users" in s.output()
+    finally:
+        assert s.stop() == 0
+
+
+def test_metrics_counters_are_counters_and_no_series_is_exported_twice(server):
+    server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+    text = server.get("/metrics")[1]
+    types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE"))
+    assert types["speckv_engine_preemptions_total"] == "counter"
+    assert types["speckv_generation_tokens_total"] == "counter"
+    assert types["speckv_requests_running"] == "gauge"
+    assert types["speckv_kv_cache_usage_ratio"] == "gauge"
+    assert "speckv_engine_requests_running" not in types  # named once, not twice
+    assert not [n for n, t in types.items() if t == "gauge" and n.endswith("_total")]
+    samples = [line.rsplit(" ", 1)[0] for line in text.splitlines()
+               if line and not line.startswith("#")]
+    assert len(samples) == len(set(samples)), "a series is exported twice"
+    m = server.wait_idle()
+    assert m["speckv_kv_cache_usage_ratio"] == 0.0
+    assert m["speckv_engine_preemptions_total"] >= 0

@@ -165,7 +165,7 @@ def run(ns: argparse.Namespace, engine_options: dict[str, Any]) -> int:
         model = _model_name(server)
         asyncio.run(_run(server.url, model, requests[:2], 1, True))  # warm up
         idle = server.wait_idle()
-        memory = {"idle_rss_bytes": server.rss_bytes(), "pages_total": idle["speckv_device_pages_total"]}
+        memory = {"idle_rss_bytes": server.rss_bytes(), "pages_total": idle["speckv_device_pages_capacity"]}
         runs = []
         plan = ([] if ns.no_serial else [(1, False)]) + [(c, True) for c in clients]
         for c, stream in plan:

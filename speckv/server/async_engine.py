@@ -74,7 +74,10 @@ class _Stream:
     num_tokens: int = 0
 
     def put(self, item: RequestOutput | EngineError) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # its event loop is closed: nobody is listening any more
+            pass
 
 
 class AsyncEngine:
@@ -208,10 +211,11 @@ class AsyncEngine:
                 if busy:  # back to idle: hand freed heap memory back to the OS
                     _trim_heap()
                     busy = False
-                if now - last_check >= POOL_CHECK_EVERY:
+                self.snapshot = self._stats()
+                if now - last_check >= POOL_CHECK_EVERY:  # may wait out the pool's deadline
                     self.engine.check_pool()
                     last_check = time.monotonic()
-                self.snapshot = self._stats()
+                    self.snapshot = self._stats()
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue

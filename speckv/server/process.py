@@ -83,7 +83,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            if (m["speckv_device_pages_free"] == m["speckv_device_pages_total"]
+            if (m["speckv_device_pages_free"] == m["speckv_device_pages_capacity"]
                     and m["speckv_requests_running"] == 0 and m["speckv_requests_waiting"] == 0
                     and m["speckv_engine_requests_in_flight"] == 0):
                 return m
