@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from speckv.bench import (capacity, fidelity, prefetch, selection, serve as serve_bench,
-                              throughput)
+    from speckv.bench import (capacity, contention, fidelity, prefetch, selection,
+                              serve as serve_bench, throughput)
 
     throughput.add_parser(bench_sub, _add_engine_options)
     fidelity.add_parser(bench_sub, _add_engine_options)
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     selection.add_parser(bench_sub, _add_engine_options)
     serve_bench.add_parser(bench_sub, _add_engine_options)
     prefetch.add_parser(bench_sub, _add_engine_options)
+    contention.add_parser(bench_sub, _add_engine_options)
     return parser
 
 
@@ -167,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return memnode_server.run(ns)
         if ns.command == "bench":
-            from speckv.bench import capacity, fidelity, prefetch, selection, serve, throughput
+            from speckv.bench import (capacity, contention, fidelity, prefetch, selection, serve,
+                                      throughput)
 
             runner = {"throughput": throughput, "fidelity": fidelity, "capacity": capacity,
-                      "selection": selection, "serve": serve, "prefetch": prefetch}[ns.bench]
+                      "selection": selection, "serve": serve, "prefetch": prefetch,
+                      "contention": contention}[ns.bench]
             return runner.run(ns, engine_options(ns))
     except ValueError as exc:
         print(f"speckv: error: {exc}", file=sys.stderr)

@@ -38,8 +38,14 @@ class ModelConfig:
                 "(see BENCHMARKS.md), bfloat16 halves weight and KV memory"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "context window in tokens (prompt + generated); default: the model's"})
+    threads: int = field(default=0, metadata={
+        "help": "compute threads; 0 (default): automatic, as many as there are cores that "
+                "other processes leave free, re-checked every second (a busy neighbour "
+                "then costs speed in proportion, instead of stalling every barrier)"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an integer >= 0 (0: automatic), got {self.threads!r}")
         _choice(self.device, "device", ("auto", "cpu", "cuda"))
         _choice(self.dtype, "dtype", ("float32", "bfloat16"))
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -155,7 +155,8 @@ def test_bench_capacity_runs_small(tmp_path):
 def test_bench_fidelity_reference_codec_is_exact(tmp_path):
     out = tmp_path / "fid.json"
     assert main(["bench", "fidelity", "--codecs", "none,int8", "--num-prompts", "1",
-                 "--new-tokens", "4", "--json", str(out), "--device", "cpu"]) == 0
+                 "--new-tokens", "4", "--text-tokens", "256", "--json", str(out),
+                 "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
     none, int8 = report["results"]
     # codec none through the pool is the reference, to the bit

@@ -405,30 +405,34 @@ def test_hostile_requests_mid_batch_fail_or_finish_alone(server):
 
 def test_shutdown_ends_every_unfinished_stream_with_an_error_and_done():
     s = Server("--shutdown-grace-seconds", "2")
-    long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True}
-    results: dict[int, list[str]] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, read_stream(s, long)))
-               for i in range(3)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while s.metrics()["speckv_requests_running"] < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    with pytest.raises(urllib.error.HTTPError) as exc:  # draining: answered, not refused
-        s.get("/health")
-    assert exc.value.code == 503
-    status, err, _ = s.post("/v1/completions", long)
-    assert status == 503 and err["error"]["type"] == "server_error"
-    for t in threads:
-        t.join(timeout=60)
-    assert s.proc.wait(timeout=60) == 0
-    for events in results.values():
-        assert events[-1] == "data: [DONE]"
-        last = json.loads(events[-2][len("data: "):])
-        assert "shut down" in last["error"]["message"], last
+    try:
+        long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True}
+        results: dict[int, list[str]] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, read_stream(
+            s, long))) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while s.metrics()["speckv_requests_running"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError) as exc:  # draining: answered, not refused
+            s.get("/health")
+        assert exc.value.code == 503
+        status, err, _ = s.post("/v1/completions", long)
+        assert status == 503 and err["error"]["type"] == "server_error"
+        for t in threads:
+            t.join(timeout=60)
+        assert s.proc.wait(timeout=60) == 0
+        assert sorted(results) == [0, 1, 2]
+        for events in results.values():
+            assert events[-1] == "data: [DONE]"
+            last = json.loads(events[-2][len("data: "):])
+            assert "shut down" in last["error"]["message"], last
+    finally:
+        s.stop()
 
 
 @pytest.mark.slow

@@ -53,6 +53,9 @@ def add_parser(sub, add_engine_options) -> None:
                    help=f"comma-separated codecs (default: {DEFAULT_CODECS})")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per prompt (default: 128)")
     p.add_argument("--num-prompts", type=int, default=16, help=f"prompts, at most {len(PROMPTS)} (default: 16)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="score only the first N tokens of the benchmark text (default: all of "
+                        "it; fewer make a quick check)")
     p.add_argument("--json", help="also write the results to this JSON file")
     add_engine_options(p)
 
@@ -164,12 +167,14 @@ def run(ns: argparse.Namespace, options: dict) -> int:
         validate_codec_name(c)
     if not 1 <= ns.num_prompts <= len(PROMPTS) or ns.new_tokens < 1:
         raise ValueError(f"--num-prompts must be in [1, {len(PROMPTS)}] and --new-tokens >= 1")
+    if ns.text_tokens is not None and ns.text_tokens < 32:
+        raise ValueError(f"--text-tokens must be >= 32, got {ns.text_tokens}")
     options = {"device_kv_bytes": "512MiB", **options}
     config = EngineConfig.from_kwargs(**options)
     loaded = load_model(config.model)
     ref = LLM(loaded=loaded, **options)
     tok = ref.tokenizer
-    text = tok.encode(bench_text())
+    text = tok.encode(bench_text())[:ns.text_tokens]
     prompts = [tok.encode(ref.apply_chat_template([{"role": "user", "content": p}]))
                for p in PROMPTS[:ns.num_prompts]]
     ps = ref.engine.cache.page_size

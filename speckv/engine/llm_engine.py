@@ -21,6 +21,7 @@ from speckv.engine.outputs import RequestOutput
 from speckv.engine.sampler import SampleError, Sampler
 from speckv.engine.sampling_params import SamplingParams
 from speckv.engine.scheduler import Scheduler
+from speckv.engine.threads import ThreadPolicy
 from speckv.engine.sequence import FinishReason, Sequence
 from speckv.kv.attention import (AttentionKernels, ScheduledChunk, cpu_kernel_decode_attention,
                                  cpu_kernel_sparse_decode_attention)
@@ -45,6 +46,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """Builds the engine; `loaded` reuses weights already loaded with `config.model`."""
         self.config = config
+        self.threads = ThreadPolicy(config.model.threads)
         cc = config.cache
         attention, self._kernels = self._attention_kernels(config)  # fails fast
         if loaded is None:
@@ -287,6 +289,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns an output for every request that advanced."""
+        self.threads.observe()
         try:
             self._ensure_pool()
             sched = self.scheduler.schedule()
@@ -467,6 +470,7 @@ class LLMEngine:
             stats.update({f"pool_{k}": v for k, v in store.backend.stats().as_dict().items()})
             stats.update({f"tier_{k}": v for k, v in store.counters.as_dict().items()})
         stats["summary_bytes"] = self.cache.summaries.bytes_used
+        stats.update(self.threads.stats())
         stats.update(self.selection.stats())
         if self.prefetcher is not None:
             stats.update(self.prefetcher.stats())
