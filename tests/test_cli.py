@@ -52,7 +52,7 @@ def test_jsonl_batch_reports_bad_lines_and_runs_the_rest(tmp_path):
     assert records[0]["id"] == "a" and records[0]["text"] == " Paris.\n" and records[0]["num_generated_tokens"] == 3
     assert "not valid JSON" in records[1]["error"]
     assert records[2]["id"] == "b" and records[2]["num_generated_tokens"] == 2
-    assert "temperature must be >= 0" in records[3]["error"]
+    assert "temperature must be a finite number >= 0" in records[3]["error"]
     assert "unknown keys ['colour']" in records[4]["error"]
 
 
@@ -67,7 +67,7 @@ def test_bad_options_are_errors_not_tracebacks(capsys):
     assert main(["generate", "hi", "--device-kv-bytes", "lots"]) == 2
     assert "not a byte size" in capsys.readouterr().err
     assert main(["generate", "hi", "--top-p", "2"]) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p must be a number in (0, 1]" in capsys.readouterr().err
     assert main(["generate", "hi", "--model", "/no/such/model.gguf"]) == 2
     assert "model path does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):

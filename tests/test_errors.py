@@ -74,10 +74,15 @@ def test_max_model_len_beyond_model(make_llm):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"temperature": -0.1}, "temperature must be >= 0"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-    ({"top_k": -1}, "top_k must be >= 0"),
+    ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+    ({"top_k": -1}, "top_k must be an integer >= 0"),
+    ({"top_k": 2.5}, "top_k must be an integer >= 0"),
+    ({"seed": "7"}, "seed must be an integer"),
+    ({"max_tokens": True}, "max_tokens must be an integer"),
     ({"stop": [""]}, "stop strings must be non-empty"),
 ])
 def test_bad_sampling_params(kwargs, match):
@@ -112,6 +117,38 @@ def test_bad_engine_options(make_llm):
 
 
 def test_bad_token_ids(llm):
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 49152\)"):
+    with pytest.raises(ValueError, match=r"prompt\[2\] = 999999: prompt token ids must be "
+                                         r"integers in \[0, 49152\)"):
         llm.generate([[1, 2, 999_999]])
     _still_usable(llm)
+
+
+@pytest.mark.parametrize("bad", [[-1], [2**40], [2**70], [True], [1.0], ["7"]])
+def test_token_ids_are_checked_before_anything_reads_them(llm, bad):
+    with pytest.raises(ValueError, match=r"prompt\[0\] = .*: prompt token ids must be integers"):
+        llm.generate([bad])
+    _still_usable(llm)
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone(llm, monkeypatch):
+    from speckv.engine.sampler import SampleError, Sampler
+    from tests.conftest import run_to_completion
+
+    real = Sampler._draw
+
+    def draw(probs, generator):  # this request's sampling breaks, as NaN logits would
+        return SampleError("sampling failed: injected") if generator.initial_seed() == 666 \
+            else real(probs, generator)
+
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    solo = llm.generate("The sea was calm", greedy)[0].token_ids
+    monkeypatch.setattr(Sampler, "_draw", staticmethod(draw))
+    engine = llm.engine
+    good = [engine.add_request("The sea was calm", greedy) for _ in range(2)]
+    bad = engine.add_request("The sea was calm", SamplingParams(max_tokens=12, temperature=0.8,
+                                                                seed=666))
+    finals = run_to_completion(engine)
+    assert finals[bad].finish_reason == "error" and "injected" in finals[bad].error
+    assert [finals[g].token_ids for g in good] == [solo, solo]
+    assert all(finals[g].finish_reason == "length" and finals[g].error is None for g in good)
+    assert_no_leak(engine)

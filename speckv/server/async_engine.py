@@ -247,6 +247,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(token_ids, params, request_id=rid)
         except PoolUnavailable as exc:
+            self.snapshot = self._stats()  # /health says so before the client hears of it
             stream.put(EngineError(f"the KV pool is unavailable: {exc}"))
         except ValueError as exc:
             stream.put(EngineError(str(exc), bad_request=True))
@@ -280,6 +281,7 @@ class AsyncEngine:
             outputs = self.engine.step()
         except PoolUnavailable as exc:  # the engine aborted every request already
             logger.error("KV pool lost: %s", exc)
+            self.snapshot = self._stats()  # /health says so before any client hears of it
             self._abort_all(f"the KV pool became unavailable: {exc}")
             return
         except Exception as exc:  # noqa: BLE001 — fail the batch, keep serving the rest
