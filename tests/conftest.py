@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,10 @@ from speckv.models.loaded import LoadedModel, load_model
 from speckv.models.loader import bundled_model_path
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+# One thread count for every engine of the suite, and for the servers and nodes it
+# starts: the automatic policy would follow the load that the tests' own processes
+# make, and a count that changes between two compared runs changes float32 rounding.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

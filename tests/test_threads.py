@@ -18,6 +18,7 @@ class Clock:
 
     def __init__(self, monkeypatch, cores: int) -> None:
         self.now, self.busy, self.own = 0.0, 0, 0
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the suite's own fixes it
         monkeypatch.setattr(policy_module, "available_cores", lambda: cores)
         monkeypatch.setattr(policy_module.time, "monotonic", lambda: self.now)
         monkeypatch.setattr(policy_module, "_busy_jiffies", lambda cpus: self.busy)
@@ -95,3 +96,13 @@ def test_unreadable_proc_keeps_the_count(monkeypatch, restore_threads):
 def test_threads_option_is_validated(bad):
     with pytest.raises(ValueError, match="threads must be an integer >= 0"):
         ModelConfig(threads=bad)
+
+
+def test_omp_num_threads_fixes_an_automatic_count(monkeypatch, restore_threads):
+    clock = Clock(monkeypatch, cores=4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    policy = ThreadPolicy(0)
+    clock.advance(1.0, ours=3, others=3.0)
+    policy.observe()
+    assert policy.fixed and policy.threads == 3 and torch.get_num_threads() == 3
+    assert ThreadPolicy(2).threads == 2  # an explicit --threads wins

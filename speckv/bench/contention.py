@@ -14,6 +14,7 @@ busy process, and quiet speed relative to the fixed all-core policy.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
 
     cores = available_cores()
     options = {k: v for k, v in options.items() if k != "threads"}
+    os.environ.pop("OMP_NUM_THREADS", None)  # it would fix the automatic policy's count
     engines = [(f"speckv --threads {cores} (fixed)", _run_speckv, {**options, "threads": cores}),
                ("speckv --threads 1", _run_speckv, {**options, "threads": 1}),
                ("speckv automatic", _run_speckv, {**options, "threads": 0})]

@@ -191,12 +191,15 @@ class AsyncEngine:
         except BaseException as exc:  # a bug: say so everywhere, then let a supervisor restart
             logger.critical("the engine loop died", exc_info=True)
             self.fatal = f"{type(exc).__name__}: {exc}"
-            for stream in self._streams.values():
-                stream.put(EngineError(f"the engine failed: {self.fatal}"))
-            self._streams.clear()
-            self._set_in_flight()
-            if self._on_fatal is not None:
-                self._on_fatal()
+            try:
+                for stream in self._streams.values():
+                    stream.put(EngineError(f"the engine failed: {self.fatal}"))
+                self._streams.clear()
+                with self._lock:
+                    self._pending = self._num_in_flight = 0
+            finally:
+                if self._on_fatal is not None:
+                    self._on_fatal()
 
     def _loop(self) -> None:
         last_snapshot = last_check = 0.0
