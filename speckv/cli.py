@@ -129,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     memnode = sub.add_parser(
         "memnode", help="run a memory-node process that holds KV pages for engines (pool=memnode)",
-        description="Hold KV pages in shared memory for an engine started with --pool memnode "
-                    "--memnode-socket PATH. Stops on SIGINT/SIGTERM, removing its socket and "
-                    "shared memory.")
+        description="Hold KV pages in shared memory for engines started with --pool memnode "
+                    "--memnode-socket PATH (engines of this user only: the socket is private "
+                    "and both ends check the peer's uid). Prints 'memnode ready' with the "
+                    "socket path once it serves. Stops on SIGINT/SIGTERM, removing its socket; "
+                    "its memory has no name in the file system, so nothing is left behind.")
     from speckv.pool import memnode_server
 
     memnode_server.add_arguments(memnode)
