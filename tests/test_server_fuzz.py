@@ -19,7 +19,7 @@ KEY = "sésame-ключ"  # non-ASCII on purpose
 NORMAL = {"model": MODEL, "prompt": "The sea is", "max_tokens": 2, "temperature": 0}
 
 HOSTILE_VALUES = [None, True, False, -1, 0, 1, 2**31, 2**63, 2**70, -2**70, 1e-300, 5e-324,
-                  1e308, -0.0, 1.5, "", "10", "x", "\ud800", "a\udfffb", [], [1], [-1],
+                  1e-320, 2.0, 1e308, -0.0, 1.5, "", "10", "x", "\ud800", "a\udfffb", [], [1], [-1],
                   [2**40], [2**70], ["x", "y"], {}, {"a": 1}, [[1]], "\x00"]
 FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
           "stream", "stream_options", "n", "selector", "token_budget", "ignore_eos", "echo",
