@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from speckv.util import format_size, parse_size  # noqa: F401  (re-exported)
+from speckv.util import format_size, is_int, parse_size  # noqa: F401  (re-exported)
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16"]
@@ -44,7 +44,7 @@ class ModelConfig:
                 "then costs speed in proportion, instead of stalling every barrier)"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+        if not is_int(self.threads) or self.threads < 0:
             raise ValueError(f"threads must be an integer >= 0 (0: automatic), got {self.threads!r}")
         _choice(self.device, "device", ("auto", "cpu", "cuda"))
         _choice(self.dtype, "dtype", ("float32", "bfloat16"))

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import re
 
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON's `true` and Python's True are no counts)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "kib": 1024,

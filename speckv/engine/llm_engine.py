@@ -22,6 +22,7 @@ from speckv.engine.sampler import SampleError, Sampler
 from speckv.engine.sampling_params import SamplingParams
 from speckv.engine.scheduler import Scheduler
 from speckv.engine.threads import ThreadPolicy
+from speckv.util import is_int
 from speckv.engine.sequence import FinishReason, Sequence
 from speckv.kv.attention import (AttentionKernels, ScheduledChunk, cpu_kernel_decode_attention,
                                  cpu_kernel_sparse_decode_attention)
@@ -219,7 +220,7 @@ class LLMEngine:
             raise ValueError(f"prompt must be text or a list of token ids, not "
                              f"{type(prompt).__name__}") from None
         for i, t in enumerate(token_ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            if not is_int(t) or not 0 <= t < vocab:
                 raise ValueError(f"prompt[{i}] = {t!r}: prompt token ids must be integers in "
                                  f"[0, {vocab})")
         return token_ids

@@ -22,6 +22,8 @@ import socket
 import stat
 import struct
 
+from speckv.util import is_int
+
 MAX_FRAME = 16 << 20  # bytes: a `free` of every slot of a 64 GiB node fits
 _HEADER = struct.Struct(">I")
 PROTOCOL_VERSION = 1
@@ -123,7 +125,7 @@ def field(message: dict, name: str, kind: type, *, low: int | None = None,
     if name not in message:
         raise BadMessage(f"field {name!r} is missing")
     value = message[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not isinstance(value, kind) or (kind is int and not is_int(value)):
         raise BadMessage(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
     if low is not None and value < low or high is not None and value > high:
         raise BadMessage(f"field {name!r} must be in [{low}, {high}], got {value}")
@@ -133,7 +135,7 @@ def field(message: dict, name: str, kind: type, *, low: int | None = None,
 def id_list(message: dict, name: str, limit: int) -> list[int]:
     """A list of distinct ints in [0, limit)."""
     ids = field(message, name, list)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < limit for i in ids):
+    if not all(is_int(i) and 0 <= i < limit for i in ids):
         raise BadMessage(f"field {name!r} must hold slot ids in [0, {limit})")
     if len(set(ids)) != len(ids):
         raise BadMessage(f"field {name!r} names a slot twice")
