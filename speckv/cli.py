@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from speckv.bench import (capacity, contention, fidelity, prefetch, selection,
+    from speckv.bench import (capacity, contention, fidelity, kvread, prefetch, selection,
                               serve as serve_bench, throughput)
 
     throughput.add_parser(bench_sub, _add_engine_options)
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_parser(bench_sub, _add_engine_options)
     prefetch.add_parser(bench_sub, _add_engine_options)
     contention.add_parser(bench_sub, _add_engine_options)
+    kvread.add_parser(bench_sub, _add_engine_options)
     return parser
 
 
@@ -170,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return memnode_server.run(ns)
         if ns.command == "bench":
-            from speckv.bench import (capacity, contention, fidelity, prefetch, selection, serve,
-                                      throughput)
+            from speckv.bench import (capacity, contention, fidelity, kvread, prefetch,
+                                      selection, serve, throughput)
 
             runner = {"throughput": throughput, "fidelity": fidelity, "capacity": capacity,
                       "selection": selection, "serve": serve, "prefetch": prefetch,
-                      "contention": contention}[ns.bench]
+                      "contention": contention, "kvread": kvread}[ns.bench]
             return runner.run(ns, engine_options(ns))
     except ValueError as exc:
         print(f"speckv: error: {exc}", file=sys.stderr)

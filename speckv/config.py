@@ -16,6 +16,7 @@ from speckv.util import format_size, is_int, parse_size  # noqa: F401  (re-expor
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16"]
 AttentionBackend = Literal["auto", "torch", "cpu_kernel"]
+KVRead = Literal["auto", "in_place", "copy"]
 
 
 def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
@@ -66,8 +67,16 @@ class CacheConfig:
                 "(C++ kernels reading pages in place, and fetching pool pages in one pass "
                 "for codecs none and int8; CPU float32; compiled on first use), auto "
                 "(cpu_kernel on CPU float32, torch otherwise)"})
+    kv_read: KVRead = field(default="auto", metadata={
+        "help": "how attention reads pooled pages: in_place (where they lie, a pool row "
+                "decoded in registers as the kernel streams it; nothing is copied into "
+                "DEVICE, which then holds only the pages not yet pooled; needs the CPU "
+                "kernels and codec none, int8 or kivi4), copy (into DEVICE slots first, "
+                "prefetched ahead; any device and codec), auto (in_place where it can, "
+                "copy otherwise, e.g. on CUDA)"})
 
     def __post_init__(self) -> None:
+        _choice(self.kv_read, "kv_read", ("auto", "in_place", "copy"))
         if not 1 <= self.page_size <= 4096:
             raise ValueError(f"page_size must be in [1, 4096], got {self.page_size}")
         _choice(self.attention_backend, "attention_backend", ("auto", "torch", "cpu_kernel"))

@@ -107,9 +107,15 @@ def check_tier_invariants(engine: LLMEngine) -> None:
         assert (keys[:, first + table.num_stored:] == -1).all()
         resident += int((slots >= 0).sum())
     assert resident == cache.pool.num_used_pages <= cache.pool.num_pages
-    assert cache.committed_pages <= cache.pool.num_pages
+    assert cache.committed_pages <= cache.held_pages <= cache.pool.num_pages
     assert cache.reserved_pool_pages <= backend.num_slots
-    assert backend.num_slots - backend.num_free <= backend.num_slots
+    stored = sum(int((t.pool_keys[:, :t.num_pages] >= 0).sum()) for t in cache.all_tables())
+    assert backend.num_slots - backend.num_free == stored, "pool slots not held by a live page"
+    if cache.reads_in_place:  # a stored page is read from the pool: it left DEVICE at once
+        for table in cache.all_tables():
+            n = table.num_pages
+            stored_now = table.pool_keys[:, :n] >= 0
+            assert (table.slots[:, :n][stored_now] == -1 - table.pool_keys[:, :n][stored_now]).all()
     assert (engine.cache.pool.num_used_pages * engine.page_bytes
             <= engine.config.cache.device_kv_bytes)
     prefetcher = cache.prefetcher

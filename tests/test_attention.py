@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from speckv import SamplingParams
-from speckv.kv.attention import paged_attention, torch_decode_attention
+from speckv.kv.attention import NO_ROWS, paged_attention, torch_decode_attention
 
 
 def _pages(num_pages=40, page_size=4, hkv=2, d=8, seed=0):
@@ -63,7 +63,7 @@ def test_cpu_kernel_matches_torch_path(d, page_size, hkv, group):
     lens = torch.tensor([1, page_size, 3 * page_size + 1, listed * page_size, 17])
     q = torch.randn(batch, hkv * group, d)
     ref = torch_decode_attention(q, k_pages, v_pages, table, lens)
-    out = kernels.paged_decode_attention(q, k_pages, v_pages, table, lens, d ** -0.5)
+    out = kernels.paged_decode_attention(q, k_pages, v_pages, table, lens, d ** -0.5, NO_ROWS, 0)
     assert torch.allclose(out, ref, atol=1e-5)
 
 

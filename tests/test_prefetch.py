@@ -35,7 +35,8 @@ PROMPTS = [
     "The capital of France is",
 ]
 # DEVICE holds 8 pages a layer; the three sequences have ~26 a layer: most come back
-TIGHT = dict(pool="local", pool_bytes="64MiB", device_kv_bytes=8 * LAYERS * PAGE)
+# predictors move pages into fast memory: the copy path (in place, nothing is copied)
+TIGHT = dict(pool="local", pool_bytes="64MiB", device_kv_bytes=8 * LAYERS * PAGE, kv_read="copy")
 # quest on these short contexts: 4 pages of ~14, from the first token on
 QUEST = dict(selector="quest", token_budget=64, min_context_tokens=0)
 PREDICTORS = ["layer_ahead", "step_ahead", "speculative_query", "layer_ahead,step_ahead"]
@@ -53,6 +54,10 @@ def references(make_llm):
         if selector == "quest":  # and quest really selects
             assert stats["selection_fraction"] < 0.7 and stats["tier_fetches_skipped"] > 0
         llm.close()
+        in_place = make_llm(**(QUEST if selector == "quest" else {}),
+                            **{**TIGHT, "kv_read": "in_place"})
+        assert [o.token_ids for o in in_place.generate(PROMPTS, GREEDY)] == refs[selector]
+        in_place.close()
     return refs
 
 
@@ -294,6 +299,15 @@ def test_bad_prefetch_options_are_refused(make_llm, caplog):
         make_llm(prefetch_depth=0, **TIGHT)
     with pytest.raises(ValueError, match="cannot write the trace file"):
         make_llm(trace="/nonexistent/dir/trace.jsonl", **TIGHT)
+    with pytest.raises(ValueError, match="which kv_read='in_place' never copies them to"):
+        make_llm(predictor="layer_ahead", **{**TIGHT, "kv_read": "in_place"})
+    auto = make_llm(predictor="layer_ahead", **{**TIGHT, "kv_read": "auto"})
+    assert auto.stats()["kv_read"] == "copy"  # a predictor asks for the copy path
+    auto.close()
+    in_place = make_llm(**{**TIGHT, "kv_read": "in_place"})
+    with pytest.raises(ValueError, match="nothing to prefetch into fast memory"):
+        in_place.engine.set_prefetch("layer_ahead")
+    in_place.close()
     with caplog.at_level(logging.WARNING):
         llm = make_llm(predictor="layer_ahead", prefetch_bytes=0, **TIGHT)
     assert "prefetch disabled" in caplog.text

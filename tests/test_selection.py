@@ -10,7 +10,7 @@ import torch
 from conftest import assert_no_leak
 from speckv import SamplingParams
 from speckv.bench.common import bench_text
-from speckv.kv.attention import paged_attention, torch_sparse_decode_attention
+from speckv.kv.attention import NO_ROWS, paged_attention, torch_sparse_decode_attention
 from speckv.kv.summaries import SummaryStore
 from speckv.selection.base import SELECTORS, SelectionInputs, choose_pages
 from speckv.selection.selectors import Oracle, Quest
@@ -153,14 +153,14 @@ def test_sparse_kernel_matches_torch_and_dense_kernel_when_all_selected():
     tables = torch.tensor([[4, 2, 11, 7], [5, 6, 19, 0]])
     lens = torch.tensor([3 * PS + 9, 4 * PS])
     head_tables = tables[:, None, :].expand(2, 3, 4).contiguous()
-    sparse = kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, lens, 64 ** -0.5)
-    dense = kernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, 64 ** -0.5)
+    sparse = kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, lens, 64 ** -0.5, NO_ROWS, 0)
+    dense = kernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, 64 ** -0.5, NO_ROWS, 0)
     assert torch.equal(sparse, dense)  # the same per-head routine: bit-identical
     head_tables = torch.tensor([[[4, 11, 7], [2, 11, 7], [4, 2, 7]],
                                 [[5, 6, 0], [6, 19, 0], [5, 19, 0]]])
     lens = torch.tensor([2 * PS + 9, 3 * PS])
     torch.testing.assert_close(
-        kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, lens, 64 ** -0.5),
+        kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, lens, 64 ** -0.5, NO_ROWS, 0),
         torch_sparse_decode_attention(q, k_pages, v_pages, head_tables, lens), rtol=1e-5, atol=1e-5)
 
 
@@ -247,10 +247,14 @@ def test_evaluation_mode_measures_recall_and_oracle_overlap(loaded, make_llm):
     assert oracle.stats()["selection_recall"] > stats["selection_recall"]
 
 
-def test_unselected_pages_are_not_fetched_from_the_pool(loaded, make_llm):
+@pytest.mark.parametrize("kv_read", ["copy", "in_place"])
+def test_unselected_pages_are_not_read_from_the_pool(loaded, make_llm, kv_read):
+    """Copy: quest's pages are chosen first, then only those are fetched. In place: one
+    fused kernel call chooses and reads them; the reference (no pool) uses that kernel
+    too, so `copy` also checks that the fused choice equals the unfused one."""
     batch = prompts(loaded, [500, 470])
     params = [SamplingParams(max_tokens=12, ignore_eos=True)] * 2
-    tight = dict(device_kv_bytes="12MiB", pool="local", pool_bytes="256MiB")
+    tight = dict(device_kv_bytes="12MiB", pool="local", pool_bytes="256MiB", kv_read=kv_read)
     dense = make_llm(**tight)
     sparse = make_llm(**tight, selector="quest", token_budget=96)
     reference = make_llm(device_kv_bytes="96MiB", selector="quest", token_budget=96)
@@ -259,9 +263,12 @@ def test_unselected_pages_are_not_fetched_from_the_pool(loaded, make_llm):
         assert run(sparse, batch, params) == want  # codec none: the tiers change nothing
         run(dense, batch, params)
         d, s = dense.stats(), sparse.stats()
-        assert s["tier_fetches_skipped"] > 0 and s["tier_fetch_bytes_skipped"] > 0
-        assert d["tier_fetches_skipped"] == 0
-        assert s["tier_pages_fetched"] < d["tier_pages_fetched"] / 2
+        moved = "tier_pages_fetched" if kv_read == "copy" else "tier_pages_read_in_place"
+        if kv_read == "copy":
+            assert s["tier_fetches_skipped"] > 0 and s["tier_fetch_bytes_skipped"] > 0
+            assert d["tier_fetches_skipped"] == 0
+        assert 0 < s[moved] < d[moved] / 2
+        assert s["selection_fraction"] < 0.5 and d["selection_fraction"] == 1.0
         for llm in (dense, sparse, reference):
             assert_no_leak(llm.engine)
     finally:

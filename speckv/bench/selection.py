@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from speckv.bench.common import bench_text, publish
+from speckv.kv.attention import NO_ROWS
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
@@ -260,7 +261,7 @@ def compile_check(llm, context: int = 8192, batch: int = 8, budget: float = 0.12
         def kernel(q):
             head_tables, sel_lens = select(q)
             return kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, sel_lens,
-                                                   a.head_dim ** -0.5)
+                                                   a.head_dim ** -0.5, NO_ROWS, 0)
         out["kernel_ms"] = timeit(kernel)
     return out
 

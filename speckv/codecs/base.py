@@ -73,9 +73,11 @@ class Codec(ABC):
         self.shape = shape
 
     @property
-    def fused_fetch(self) -> str | None:
-        """The name of a CPU kernel (`speckv.kv.cpu_kernels`) that decodes this codec's
-        rows straight from the pool into DEVICE pages, or None (the torch path)."""
+    def row_format(self) -> str | None:
+        """The row format (`speckv.kv.cpu_kernels.FORMATS`) in which the CPU kernels read
+        this codec's rows where they lie -- decoding them as they stream, exactly as
+        `decode` does -- or None: the rows are only read through `decode` (the torch path).
+        """
         return None
 
     @property

@@ -114,6 +114,10 @@ class Kivi4Codec(_Kivi):
 
     bits = 4
 
+    @property
+    def row_format(self) -> str | None:
+        return "kivi4" if self.shape.dtype == torch.float32 else None
+
 
 @register_codec("kivi2")
 class Kivi2Codec(_Kivi):

@@ -66,8 +66,8 @@ class NoneCodec(_Cast):
         return self.shape.dtype
 
     @property
-    def fused_fetch(self) -> str | None:
-        return "fetch_raw"
+    def row_format(self) -> str | None:
+        return "raw" if self.shape.dtype == torch.float32 else None
 
 
 @register_codec("fp16")
@@ -130,8 +130,8 @@ class Int8Codec(Codec):
         return align8(self._bytes)
 
     @property
-    def fused_fetch(self) -> str | None:
-        return "fetch_int8" if self.shape.dtype == torch.float32 else None
+    def row_format(self) -> str | None:
+        return "int8" if self.shape.dtype == torch.float32 else None
 
     @property
     def scale_specs(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:

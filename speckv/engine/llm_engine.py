@@ -25,7 +25,7 @@ from speckv.engine.threads import ThreadPolicy
 from speckv.util import is_int
 from speckv.engine.sequence import FinishReason, Sequence
 from speckv.kv.attention import (AttentionKernels, ScheduledChunk, cpu_kernel_decode_attention,
-                                 cpu_kernel_sparse_decode_attention)
+                                 cpu_kernel_quest_attention, cpu_kernel_sparse_decode_attention)
 from speckv.kv.cpu_kernels import load_cpu_kernels
 from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.kv.eviction import make_eviction
@@ -33,7 +33,7 @@ from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.summaries import SummaryStore
 from speckv.kv.tiers import TieredStore, TierOptions
 from speckv.codecs.base import PageShape, make_codec
-from speckv.pool.base import POOLS, PoolUnavailable
+from speckv.pool.base import POOLS, ArenaPool, PoolUnavailable
 from speckv.models.loaded import LoadedModel, load_model, resolve_device
 from speckv.models.tokenizer import IncrementalDetokenizer
 from speckv.prefetch.prefetcher import Prefetcher
@@ -101,11 +101,32 @@ class LLMEngine:
             eviction = make_eviction(pc.eviction, pool.num_slots)
             store = TieredStore(pool, backend, codec, eviction,
                                 TierOptions(pc.residual_tokens, pc.keep_sink_page),
-                                kernels=self._kernels)
+                                kernels=self._kernels,
+                                in_place=self._reads_in_place(config, codec, backend))
         live_pages = num_pages + (0 if store is None else store.backend.num_slots)
         summaries = SummaryStore(live_pages, args.num_kv_heads, args.head_dim,
                                  dtype=self.dtype, device=self.device)
         return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries)
+
+    def _reads_in_place(self, config: EngineConfig, codec, backend) -> bool:
+        """Whether attention reads pool rows in place: `in_place`, or `auto` where the
+        CPU kernels can read this codec's rows from this pool and no predictor asks to
+        prefetch pages into fast memory (TieredStore checks what `in_place` needs).
+
+        Raises:
+            ValueError: `in_place` with prefetch predictors.
+        """
+        kv_read, predictors = config.cache.kv_read, config.prefetch.predictors
+        if kv_read == "in_place" and predictors:
+            raise ValueError(
+                f"predictor={config.prefetch.predictor!r} prefetches pages into fast memory, "
+                "which kv_read='in_place' never copies them to: use kv_read='copy' with a "
+                "predictor, or predictor='none' (the in-place kernel prefetches each next "
+                "page itself)")
+        if kv_read != "auto":
+            return kv_read == "in_place"
+        return (not predictors and self._kernels is not None and codec.row_format is not None
+                and isinstance(backend, ArenaPool))
 
     def _build_prefetcher(self, config: EngineConfig) -> Prefetcher | None:
         """The prefetcher, with a pool (it moves pages out of it); else None.
@@ -131,6 +152,10 @@ class LLMEngine:
             ValueError: no pool, or an unknown predictor.
         """
         names = PrefetchConfig(predictor=predictor).predictors
+        if names and self.cache.reads_in_place:
+            raise ValueError("this engine reads pooled pages in place (kv_read), so there is "
+                             "nothing to prefetch into fast memory: build it with "
+                             "kv_read='copy' to compare predictors")
         if self.prefetcher is None:
             if names:
                 raise ValueError("prefetching needs a pool: build the engine with pool='local' "
@@ -172,7 +197,8 @@ class LLMEngine:
             return AttentionKernels(), None
         kernels = load_cpu_kernels()
         return AttentionKernels(cpu_kernel_decode_attention(kernels),
-                                cpu_kernel_sparse_decode_attention(kernels)), kernels
+                                cpu_kernel_sparse_decode_attention(kernels),
+                                kernels.gather_pages, cpu_kernel_quest_attention(kernels)), kernels
 
     # ------------------------------------------------------------ requests
 
@@ -206,6 +232,7 @@ class LLMEngine:
         self._check_fits(most_tokens)
         seq = Sequence(rid, text, token_ids, params, IncrementalDetokenizer(self.tokenizer))
         seq.choice = choice
+        seq.max_num_tokens = most_tokens
         self._sequences[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -465,7 +492,9 @@ class LLMEngine:
             if not store.backend.is_available:
                 stats["pool_error"] = store.backend.last_error or "unknown"
             stats["codec"] = store.codec.name
+            stats["kv_read"] = "in_place" if self.cache.reads_in_place else "copy"
             stats["device_pages_committed"] = self.cache.committed_pages
+            stats["device_pages_held"] = self.cache.held_pages
             stats["pool_pages_reserved"] = self.cache.reserved_pool_pages
             stats["device_pages_pooled_resident"] = int(store.evictable.sum())
             stats.update({f"pool_{k}": v for k, v in store.backend.stats().as_dict().items()})

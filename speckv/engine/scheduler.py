@@ -7,7 +7,10 @@ Each step:
      pages are freed and which is recomputed later (vLLM's recompute preemption);
   2. waiting sequences join in arrival order while the batch, the token budget
      and the free pages allow. A request that does not fit waits; without a pool
-     it is never partly admitted while others run.
+     it is never partly admitted while others run. With a pool, admission is
+     batch-aware: a sequence joins only when the pages it needs at its longest
+     fit beside those of every running sequence at theirs (`KVCacheManager.admit`),
+     so every admitted sequence decodes in every step and none is preempted.
 """
 
 from __future__ import annotations
@@ -105,8 +108,10 @@ class Scheduler:
             seq = self.waiting[0]
             num_tokens = self._chunk(seq, budget)
             end = seq.num_computed_tokens + num_tokens
-            if num_tokens == 0 or not self.cache.allocate(seq.request_id, end):
+            if num_tokens == 0 or not self.cache.admit(seq.request_id, seq.max_num_tokens):
                 break  # wait for pages; later requests wait behind it (FIFO)
+            if not self.cache.allocate(seq.request_id, end):
+                break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -49,6 +49,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None  # why the engine failed it (FinishReason.ERROR)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        # the most tokens it may hold (prompt + max_tokens, within the context window)
+        self.max_num_tokens = len(prompt_token_ids) + params.max_tokens
         self.text = ""  # generated text, stop string removed
         self.emitted = 0  # characters of `text` already given out in outputs
         self.times = RequestTimes()

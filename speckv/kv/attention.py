@@ -16,6 +16,7 @@ step asks otherwise (scoring), in which case each query is masked to its own pag
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,14 +27,30 @@ from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.selection.selectors import grouped
 from speckv.selection.step import StepSelection
 
+NO_ROWS = torch.empty(0, 0, dtype=torch.uint8)
+"""The `rows` of a step without pool rows to read in place."""
+
 DecodeAttention = Callable[..., torch.Tensor]
-"""(q [B, H, D], k_pages, v_pages, block_table [B, P], context_lens [B]) -> [B, H, D]:
-single-token queries attending the first context_lens[b] tokens of their listed pages."""
+"""(q [B, H, D], k_pages, v_pages, block_table [B, P], context_lens [B], rows, row_format)
+-> [B, H, D]: single-token queries attending the first context_lens[b] tokens of their
+listed pages. An entry < 0 names pool row -entry - 1 of `rows` (uint8 [N, W], in
+`row_format`), read in place; only the CPU kernels take such entries."""
 
 SparseDecodeAttention = Callable[..., torch.Tensor]
-"""(q [B, H, D], k_pages, v_pages, head_tables [B, Hkv, K], selected_lens [B]) -> [B, H, D]:
-each KV head's queries attend the first selected_lens[b] tokens of its own listed pages
-(pages in token order; only the last may be partial)."""
+"""(q [B, H, D], k_pages, v_pages, head_tables [B, Hkv, K], selected_lens [B], rows,
+row_format) -> [B, H, D]: each KV head's queries attend the first selected_lens[b] tokens
+of its own listed pages (pages in token order; only the last may be partial; entries
+past them are never read)."""
+
+FusedQuestAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""(q [B, H, D], k_pages, v_pages, summaries [S, Hkv, 2, D], summary_table [B, P],
+block_table [B, P], context_lens [B], page_budget [B], keep_sink, rows, row_format)
+-> (out [B, H, D], selected [B, Hkv, P] bool): quest's selection and the sparse
+attention over it in one call (TinyServe's fused kernel)."""
+
+GatherPages = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""(k_pages, v_pages, rows, row_format, entries [n]) -> k, v [n, page_size, Hkv, D]: the
+listed pages, pool rows decoded (for prefill chunks and key-reading selectors)."""
 
 
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -87,16 +104,20 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
 
 
 def torch_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                           block_table: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """`DecodeAttention` through `paged_attention` (any device and dtype)."""
+                           block_table: torch.Tensor, context_lens: torch.Tensor,
+                           rows: torch.Tensor = NO_ROWS, row_format: int = 0) -> torch.Tensor:
+    """`DecodeAttention` through `paged_attention` (any device and dtype; DEVICE pages only)."""
     positions = (context_lens - 1)[:, None]
     return paged_attention(q[:, None], k_pages, v_pages, block_table, context_lens, positions)[:, 0]
 
 
 def torch_sparse_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                                  head_tables: torch.Tensor, selected_lens: torch.Tensor) -> torch.Tensor:
-    """`SparseDecodeAttention` by a gather of each KV head's pages, then SDPA (any device)."""
+                                  head_tables: torch.Tensor, selected_lens: torch.Tensor,
+                                  rows: torch.Tensor = NO_ROWS, row_format: int = 0) -> torch.Tensor:
+    """`SparseDecodeAttention` by a gather of each KV head's pages, then SDPA (any device;
+    DEVICE pages only)."""
     batch, num_heads, dim = q.shape
+    head_tables = head_tables.clamp(min=0)  # entries past selected_lens may name pool rows
     _, page_size, num_kv, _ = k_pages.shape
     num_listed = head_tables.shape[2]
     # flat row of (page, token, head) in a [N * ps * Hkv, D] view: [B, Hkv, K, ps]
@@ -114,22 +135,40 @@ def torch_sparse_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_page
     return out.reshape(batch, num_heads, dim)
 
 
-def cpu_kernel_sparse_decode_attention(kernels) -> SparseDecodeAttention:
-    """`SparseDecodeAttention` by the compiled CPU kernel (float32), pages read in place."""
+def torch_gather_pages(k_pages: torch.Tensor, v_pages: torch.Tensor, rows: torch.Tensor,
+                       row_format: int, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`GatherPages` of DEVICE pages (any device)."""
+    return k_pages.index_select(0, entries), v_pages.index_select(0, entries)
 
-    def attend(q, k_pages, v_pages, head_tables, selected_lens):
+
+def cpu_kernel_sparse_decode_attention(kernels) -> SparseDecodeAttention:
+    """`SparseDecodeAttention` by the compiled CPU kernel (float32), pages read where they lie."""
+
+    def attend(q, k_pages, v_pages, head_tables, selected_lens, rows=NO_ROWS, row_format=0):
         return kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, selected_lens,
-                                               q.shape[-1] ** -0.5)
+                                               q.shape[-1] ** -0.5, rows, row_format)
+
+    return attend
+
+
+def cpu_kernel_quest_attention(kernels) -> FusedQuestAttention:
+    """`FusedQuestAttention` by the compiled CPU kernel (float32), pages read where they lie."""
+
+    def attend(q, k_pages, v_pages, summaries, summary_table, block_table, context_lens,
+               page_budget, keep_sink, rows=NO_ROWS, row_format=0):
+        return tuple(kernels.quest_decode_attention(
+            q, k_pages, v_pages, summaries, summary_table, block_table, context_lens,
+            page_budget, keep_sink, q.shape[-1] ** -0.5, rows, row_format))
 
     return attend
 
 
 def cpu_kernel_decode_attention(kernels) -> DecodeAttention:
-    """`DecodeAttention` by the compiled CPU kernel (float32), which reads pages in place."""
+    """`DecodeAttention` by the compiled CPU kernel (float32), pages read where they lie."""
 
-    def attend(q, k_pages, v_pages, block_table, context_lens):
+    def attend(q, k_pages, v_pages, block_table, context_lens, rows=NO_ROWS, row_format=0):
         return kernels.paged_decode_attention(q, k_pages, v_pages, block_table, context_lens,
-                                              q.shape[-1] ** -0.5)
+                                              q.shape[-1] ** -0.5, rows, row_format)
 
     return attend
 
@@ -158,6 +197,8 @@ class AttentionKernels:
 
     decode: DecodeAttention = torch_decode_attention
     sparse_decode: SparseDecodeAttention = torch_sparse_decode_attention
+    gather: GatherPages = torch_gather_pages
+    quest: FusedQuestAttention | None = None  # quest fused with attention, where compiled
 
 
 class StepAttention:
@@ -177,6 +218,9 @@ class StepAttention:
         """
         self.cache = cache
         self.kernels = kernels or AttentionKernels()
+        self.in_place = cache.reads_in_place  # pool entries of the tables are read in place
+        self.rows, self.row_format = (cache.store.rows(), cache.store.row_format) \
+            if self.in_place else (NO_ROWS, 0)
         self.selection = selection
         self.select_prefill = select_prefill
         ps = cache.page_size
@@ -273,26 +317,57 @@ class StepAttention:
             tables = self.cache.ensure_resident(layer, self.request_ids, tables, self._built_at)
             if self.prefetch is not None:
                 self.prefetch.after_read(layer, None)
+        started = time.perf_counter()
         if self.prefill is None:
-            return self.kernels.decode(q, pool.k_pages, pool.v_pages, tables, lens)
-        out = torch.empty_like(q)
-        if n:
-            out[:n] = self.kernels.decode(q[:n], pool.k_pages, pool.v_pages, tables[:n], lens[:n])
-        self._prefill(q, tables, out, None)
+            out = self.kernels.decode(q, pool.k_pages, pool.v_pages, tables, lens, self.rows,
+                                      self.row_format)
+        else:
+            out = torch.empty_like(q)
+            if n:
+                out[:n] = self.kernels.decode(q[:n], pool.k_pages, pool.v_pages, tables[:n],
+                                              lens[:n], self.rows, self.row_format)
+            self._prefill(q, tables, out, None)
+        self._read_in_place(tables, None, started)
         return out
 
     def _prefill(self, q: torch.Tensor, tables: torch.Tensor, out: torch.Tensor,
                  page_mask: torch.Tensor | None) -> None:
-        pool, n, g = self.cache.pool, self.num_decode, self.prefill
-        o = paged_attention(q[g.query_index], pool.k_pages, pool.v_pages, tables[n:],
+        n, g = self.num_decode, self.prefill
+        k_pages, v_pages, listed = self._pages(tables[n:])
+        o = paged_attention(q[g.query_index], k_pages, v_pages, listed,
                             self.context_lens[n:], g.query_positions, page_mask=page_mask)
         out[g.query_index[g.valid]] = o[g.valid]
+
+    def _pages(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k_pages, v_pages, block table) through which torch code reads `tables`' pages:
+        DEVICE's own, or, with pool rows in the tables, the pages decoded into fresh
+        tensors (a prefill chunk's compute dwarfs that copy)."""
+        pool = self.cache.pool
+        if not self.in_place or not bool((tables < 0).any()):
+            return pool.k_pages, pool.v_pages, tables
+        k, v = self.kernels.gather(pool.k_pages, pool.v_pages, self.rows, self.row_format,
+                                   tables.reshape(-1))
+        return k, v, torch.arange(tables.numel(), device=tables.device).view_as(tables)
+
+    def _read_in_place(self, tables: torch.Tensor, needed: torch.Tensor | None,
+                       started: float) -> None:
+        """Accounts the pool rows attention read where they lie (`needed`: the pages a
+        selection read; default all listed), link model included."""
+        if not self.in_place:
+            return
+        absent = tables < 0
+        if needed is not None:
+            absent &= needed
+        self.cache.store.read_in_place((-1 - tables[absent]).numpy(), started)
 
     # ------------------------------------------------------------ sparse
 
     def _sparse(self, layer: int, q: torch.Tensor, sel: StepSelection) -> torch.Tensor:
         """Each query reads its selected pages; only those are fetched from the pool."""
         n, g = self.num_decode, self.prefill
+        budget = self._fused_budget(sel)
+        if budget is not None:
+            return self._fused_sparse(layer, q, sel, budget)
         tables = self.block_tables[layer]
         if sel.needs_keys:  # true scores read every key: everything resident first
             tables = self._resident(layer, tables, None)
@@ -305,16 +380,46 @@ class StepAttention:
             rows = torch.arange(n, len(self.request_ids))
             prefill_mask = self._select(layer, sel, rows, q[g.query_index], g.query_positions,
                                         g.valid, tables)
+        needed = None
         if self.cache.store is not None:
             needed = self._needed(decode_mask, prefill_mask)
             tables = self._resident(layer, tables, needed)
             if self.prefetch is not None:
                 self.prefetch.after_read(layer, needed)
+        started = time.perf_counter()
         out = torch.empty_like(q)
         if n:
             out[:n] = self._sparse_decode(q[:n], tables[:n], self.context_lens[:n], decode_mask)
         if g is not None:
             self._prefill(q, tables, out, prefill_mask)
+        self._read_in_place(tables, needed, started)
+        return out
+
+    def _fused_budget(self, sel: StepSelection) -> torch.Tensor | None:
+        """[B] page budgets of the decode rows when one kernel call can select and attend
+        (a fused selector, nothing copied into DEVICE first, prefill chunks dense)."""
+        if (self.kernels.quest is None or not self.num_decode
+                or (self.cache.store is not None and not self.in_place)
+                or (self.prefill is not None and self.select_prefill)):
+            return None
+        return sel.fused_budget(self.positions[:self.num_decode])
+
+    def _fused_sparse(self, layer: int, q: torch.Tensor, sel: StepSelection,
+                      budget: torch.Tensor) -> torch.Tensor:
+        """Decode rows: quest's scores, top-k and attention in one kernel call."""
+        n, pool, tables = self.num_decode, self.cache.pool, self.block_tables[layer]
+        started = time.perf_counter()
+        out = torch.empty_like(q)
+        out[:n], chosen = self.kernels.quest(
+            q[:n], pool.k_pages, pool.v_pages, self.cache.summaries.data,
+            self.summary_tables[layer, :n], tables[:n], self.context_lens[:n], budget,
+            sel.keep_sink, self.rows, self.row_format)
+        decode_mask = chosen[:, None]  # [B, 1, Hkv, P]
+        sel.count(layer, decode_mask, self.positions[:n, None])
+        if self.prefill is not None:
+            self._prefill(q, tables, out, None)
+        if self.cache.store is not None:
+            self._read_in_place(tables, self._needed(decode_mask, None), started)
         return out
 
     def _select(self, layer: int, sel: StepSelection, rows: torch.Tensor, q: torch.Tensor,
@@ -327,7 +432,8 @@ class StepAttention:
 
         def keys(local: torch.Tensor) -> torch.Tensor:  # [b, P * ps, Hkv, D]
             ids = tables[rows[local]]
-            k = cache.pool.k_pages.index_select(0, ids.reshape(-1))
+            k_pages, _, listed = self._pages(ids)
+            k = k_pages.index_select(0, listed.reshape(-1))
             return k.view(ids.shape[0], ids.shape[1] * ps, *k.shape[2:])
 
         return sel.select(layer, rows, q, positions, valid, summaries, keys, self.num_pages)
@@ -366,8 +472,8 @@ class StepAttention:
         logical = torch.where(mask, page, num_pages).sort(-1).values[..., :width]
         logical = logical.clamp(max=num_pages - 1)
         head_tables = tables.gather(1, logical.reshape(len(tables), -1)).view_as(logical)
-        head_tables = head_tables.clamp(min=0)  # padding may name an evicted page (-1)
         last_page = (lens - 1) // ps  # always selected: it is the largest index
         selected_lens = (count - 1) * ps + (lens - last_page * ps)
         pool = self.cache.pool
-        return self.kernels.sparse_decode(q, pool.k_pages, pool.v_pages, head_tables, selected_lens)
+        return self.kernels.sparse_decode(q, pool.k_pages, pool.v_pages, head_tables, selected_lens,
+                                          self.rows, self.row_format)

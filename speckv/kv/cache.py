@@ -3,19 +3,32 @@
 A sequence owns one page per layer for every `page_size` tokens. Layers have their
 own pages (not one block shared by all layers, as in vLLM) because the tiers
 evict, fetch and select pages per layer. For each (layer, page) the table keeps
-the DEVICE slot (-1 when the page is only in the pool) and the pool key (-1
-until stored).
+a page *entry* and the pool key (-1 until stored)::
 
-Without a pool every page stays in DEVICE (F1). With one, DEVICE is a cache
-whose room is committed, not merely allocated: a sequence needs at once
+    entry >= 0     the page is in DEVICE slot `entry`
+    entry <  0     the page is only in the pool, in row -entry - 1 (= its key)
+
+so a stacked page table is, as it is, what the attention kernels read: a DEVICE
+slot or a pool row in place (`--kv-read in_place`).
+
+Without a pool every page stays in DEVICE. With one, DEVICE room is committed,
+not merely allocated: a sequence needs at once
 
     L * pinned + stored        pinned = pages not (yet) in the pool: the open
                                page, the residual window, the sink page;
                                stored = its pooled pages of ONE layer, the
-                               layer being attended
+                               layer being attended (copy: they come back into
+                               DEVICE to be read); 0 when pages are read in place
 
 and the manager admits growth only while the sum over sequences fits. That sum
-is what guarantees a step can always run: any page beyond it is evictable.
+is what guarantees a step can always run: any page beyond it is evictable. When
+pages are read in place, a page leaves DEVICE as soon as it is stored: a pool
+row is what attention reads (for int8 a quarter of the float32 page's bytes).
+
+Admission with a pool is batch-aware: a sequence is admitted only when what it
+needs at its longest (prompt + max_tokens) fits beside what every admitted one
+holds at its longest (`admit`), so that admitted sequences all decode every step
+and none is preempted for room another one took.
 """
 
 from __future__ import annotations
@@ -37,13 +50,15 @@ class PageTable:
 
     def __init__(self, uid: int, num_layers: int, max_pages: int, device: torch.device) -> None:
         self.uid = uid
-        # DEVICE slot; -1 for a page only in the pool; 0 past num_pages (valid padding)
+        # page entry: DEVICE slot, or -1 - pool key; 0 past num_pages (valid padding)
         self.slots = np.zeros((num_layers, max_pages), dtype=np.int64)
         self.pool_keys = np.full((num_layers, max_pages), -1, dtype=np.int64)
         self.summary_ids = np.zeros((num_layers, max_pages), dtype=np.int64)  # 0 past num_pages
         self.num_pages = 0
         self.num_stored = 0  # pages per layer in the pool (counted after the sink page)
         self.requirement = 0  # DEVICE pages committed to this sequence
+        self.reserved = 0  # DEVICE pages it may need at its longest (batch-aware admission)
+        self.reserved_pool = 0  # pool pages it may need at its longest
         # what block tables are stacked from; on the CPU it shares memory with `slots`
         self._shared = device.type == "cpu"
         self.tensor = torch.from_numpy(self.slots) if self._shared else \
@@ -86,8 +101,11 @@ class KVCacheManager:
         self._next_uid = 0
         self._committed = 0  # DEVICE pages committed to all tables (with a pool)
         self._pool_reserved = 0  # pool slots promised to all tables' future stores
+        self._held = 0  # sum over tables of max(reserved, requirement): DEVICE
+        self._pool_held = 0  # sum over tables of max(reserved_pool, pool pages): pool
         self.num_evicted = 0  # pages of live tables currently not resident
         self.prefetcher = None  # `speckv.prefetch.Prefetcher`, set by the engine with a pool
+        self.reads_in_place = store is not None and store.in_place
 
     # ------------------------------------------------------------ accounting
 
@@ -95,7 +113,8 @@ class KVCacheManager:
         """DEVICE pages a sequence with these page counts must be able to hold at once."""
         if self.store is None:
             return self.num_layers * num_pages
-        return self.num_layers * (num_pages - num_stored) + num_stored
+        one_layer = 0 if self.reads_in_place else num_stored  # read where they lie
+        return self.num_layers * (num_pages - num_stored) + one_layer
 
     def _pool_pages(self, num_pages: int) -> int:
         """Pool slots a sequence of `num_pages` pages will take once all are stored."""
@@ -135,21 +154,77 @@ class KVCacheManager:
         return self._growth(request_id, num_tokens) is not None
 
     def _growth(self, request_id: RequestId, num_tokens: int) -> tuple[int, int, int] | None:
-        """(new pages, new requirement, new pool pages) if the growth fits, else None."""
+        """(new pages, new requirement, new pool pages) if the growth fits, else None.
+
+        A sequence grows into its own reservation first, then into room nobody holds."""
         table = self._tables.get(request_id)
-        have, stored, req = (0, 0, 0) if table is None else \
-            (table.num_pages, table.num_stored, table.requirement)
+        have, stored, req, res, res_pool = (0, 0, 0, 0, 0) if table is None else \
+            (table.num_pages, table.num_stored, table.requirement, table.reserved,
+             table.reserved_pool)
         new = max(0, -(-num_tokens // self.page_size) - have)
         if self.store is None:
             fits = self.pool.can_allocate(new * self.num_layers)
             return (new, 0, 0) if fits else None
         new_req = self.requirement(have + new, stored)
-        pool_new = self._pool_pages(have + new) - self._pool_pages(have)
-        if self._committed + new_req - req > self.pool.num_pages:
+        pages_before, pages_after = self._pool_pages(have), self._pool_pages(have + new)
+        if self._held - max(res, req) + max(res, new_req) > self.pool.num_pages:
             return None
-        if self._pool_reserved + pool_new > self.store.backend.num_slots:
+        pool_held = self._pool_held - max(res_pool, pages_before) + max(res_pool, pages_after)
+        if pool_held > self.store.backend.num_slots:
             return None
-        return new, new_req, pool_new
+        return new, new_req, pages_after - pages_before
+
+    def _set_requirement(self, table: PageTable, new_req: int) -> None:
+        self._held += max(table.reserved, new_req) - max(table.reserved, table.requirement)
+        self._committed += new_req - table.requirement
+        table.requirement = new_req
+
+    def _add_pool_pages(self, table: PageTable, before: int, after: int) -> None:
+        """The table's pooled pages (stored or promised) go from `before` to `after`."""
+        r = table.reserved_pool
+        self._pool_held += max(r, after) - max(r, before)
+        self._pool_reserved += after - before
+
+    # ------------------------------------------------------------ admission
+
+    def can_admit(self, request_id: RequestId, num_tokens: int) -> bool:
+        """Whether a sequence of at most `num_tokens` tokens fits beside what every
+        admitted sequence may need at its longest (always True without a pool)."""
+        return self._admission(request_id, num_tokens) is not None
+
+    def admit(self, request_id: RequestId, num_tokens: int) -> bool:
+        """Reserves, for a sequence that will hold at most `num_tokens` tokens, the DEVICE
+        and pool pages it needs at its longest; False (nothing reserved) if they do not
+        fit beside the other reservations. Without a pool there is nothing to reserve:
+        sequences are admitted by what they need now, and preempted when short."""
+        room = self._admission(request_id, num_tokens)
+        if room is None:
+            return False
+        if self.store is None:
+            return True
+        reserved, reserved_pool = room
+        table = self._tables.get(request_id) or self._new_table(request_id)
+        self._held += max(reserved, table.requirement) - max(table.reserved, table.requirement)
+        pages = self._pool_pages(table.num_pages)
+        self._pool_held += max(reserved_pool, pages) - max(table.reserved_pool, pages)
+        table.reserved, table.reserved_pool = reserved, reserved_pool
+        return True
+
+    def _admission(self, request_id: RequestId, num_tokens: int) -> tuple[int, int] | None:
+        if self.store is None:
+            return 0, 0
+        reserved = self.worst_requirement(num_tokens)
+        reserved_pool = self._pool_pages(-(-num_tokens // self.page_size))
+        table = self._tables.get(request_id)
+        req, res, pages, res_pool = (0, 0, 0, 0) if table is None else \
+            (table.requirement, table.reserved, self._pool_pages(table.num_pages),
+             table.reserved_pool)
+        if self._held - max(res, req) + max(reserved, req) > self.pool.num_pages:
+            return None
+        pool_held = self._pool_held - max(res_pool, pages) + max(reserved_pool, pages)
+        if pool_held > self.store.backend.num_slots:
+            return None
+        return reserved, reserved_pool
 
     # ------------------------------------------------------------ grow and free
 
@@ -175,9 +250,9 @@ class KVCacheManager:
             width = self.max_pages_per_seq
             where = np.arange(self.num_layers)[:, None] * width + np.arange(first, first + new)
             self.store.claim(slots.reshape(-1), table.uid, where.reshape(-1))
-            self._committed += new_req - table.requirement
-            table.requirement = new_req
-            self._pool_reserved += pool_new
+            self._set_requirement(table, new_req)
+            before = self._pool_pages(first)
+            self._add_pool_pages(table, before, before + pool_new)
         return True
 
     def _new_table(self, request_id: RequestId) -> PageTable:
@@ -205,10 +280,19 @@ class KVCacheManager:
         width = self.max_pages_per_seq
         for uid in np.unique(owners):
             where = self.store.where[victims[owners == uid]]
-            self._by_uid[int(uid)].set_slots(where // width, where % width, -1)
+            self._leave_device(self._by_uid[int(uid)], where // width, where % width)
         self.store.release(victims)
         self.pool.free(victims)
         self.num_evicted += len(victims)
+
+    @staticmethod
+    def _leave_device(table: PageTable, layers: np.ndarray | slice,
+                      pages: np.ndarray | slice) -> None:
+        """The pages' entries name their pool rows: they are only in the pool now."""
+        keys = table.pool_keys[layers, pages]
+        if (keys < 0).any():
+            raise RuntimeError("bug: a page left DEVICE before it was stored in the pool")
+        table.set_slots(layers, pages, -1 - keys)
 
     def free(self, request_id: RequestId) -> None:
         table = self._tables.pop(request_id, None)
@@ -226,8 +310,10 @@ class KVCacheManager:
             if self.prefetcher is not None:  # before the keys can be reused
                 self.prefetcher.forget(keys)
             self.store.backend.free(keys)
-            self._committed -= table.requirement
-            self._pool_reserved -= self._pool_pages(table.num_pages)
+            self._set_requirement(table, 0)
+            self._held -= table.reserved
+            self._add_pool_pages(table, self._pool_pages(table.num_pages), 0)
+            self._pool_held -= table.reserved_pool
         self.pool.free(resident)
 
     # ------------------------------------------------------------ tiers
@@ -247,16 +333,21 @@ class KVCacheManager:
                 plan.append((table, cols, target))
         if not parts:
             return
-        keys = np.asarray(self.store.store(np.concatenate(parts)), dtype=np.int64)
+        slots = np.concatenate(parts)
+        keys = np.asarray(self.store.store(slots), dtype=np.int64)
         offset = 0
         for table, cols, target in plan:
             n = (cols.stop - cols.start) * self.num_layers
             table.pool_keys[:, cols] = keys[offset:offset + n].reshape(self.num_layers, -1)
             offset += n
             table.num_stored = target
-            new_req = self.requirement(table.num_pages, target)
-            self._committed += new_req - table.requirement
-            table.requirement = new_req
+            if self.reads_in_place:  # the pool row is what attention reads from now on
+                self._leave_device(table, slice(None), cols)
+            self._set_requirement(table, self.requirement(table.num_pages, target))
+        if self.reads_in_place:
+            self.store.release(slots)
+            self.pool.free(slots)
+            self.num_evicted += len(slots)
 
     @property
     def eviction_count(self) -> int:
@@ -266,7 +357,11 @@ class KVCacheManager:
     def ensure_resident(self, layer: int, request_ids: list[RequestId],
                         block_table: torch.Tensor, built_at: int,
                         needed: torch.Tensor | None = None) -> torch.Tensor:
-        """Makes the pages of `layer` that the batch reads resident; returns its block table.
+        """Makes the pages of `layer` that the batch reads readable; returns its block table.
+
+        Copy: pages only in the pool are fetched into DEVICE slots first. In place: the
+        table is returned as it is, its pool entries read where they lie (the caller
+        accounts those reads with `TieredStore.read_in_place`).
 
         Args:
             block_table: [B, P] DEVICE slots of the batch's pages in this layer (-1
@@ -276,6 +371,8 @@ class KVCacheManager:
                 every page. Pages left out are not fetched, and counted as skipped.
         """
         store = self.store
+        if self.reads_in_place:  # nothing moves: the table already says where pages are
+            return block_table
         store.clock += 1
         tables = [self._tables[r] for r in request_ids]
         if self.eviction_count != built_at:  # slots may have been reused since
@@ -354,6 +451,12 @@ class KVCacheManager:
     def committed_pages(self) -> int:
         """DEVICE pages promised to the live sequences (<= the DEVICE tier's pages)."""
         return self._committed
+
+    @property
+    def held_pages(self) -> int:
+        """DEVICE pages committed or reserved for the live sequences' longest lengths
+        (<= the DEVICE tier's pages)."""
+        return self._held
 
     @property
     def reserved_pool_pages(self) -> int:

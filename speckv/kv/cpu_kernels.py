@@ -1,5 +1,7 @@
-"""The CPU kernels (`csrc/`), compiled once per machine: decode attention reading pages
-in place (`paged_attention.cpp`) and fused pool -> DEVICE page fetches (`page_fetch.cpp`).
+"""The CPU kernels (`csrc/`), compiled once per machine: decode attention reading every
+page where it lies, a DEVICE slot or a coded pool row (`paged_attention.cpp`), and
+pool rows decoded into DEVICE slots or fresh pages (`page_fetch.cpp`); both decode
+rows with `pool_rows.h`, the codecs' `decode` written out element by element.
 
 `make setup` builds them right after installing; otherwise the first engine that
 needs them builds them (~30 s, announced on stderr). The build goes to a directory
@@ -35,6 +37,9 @@ NAME = "speckv_cpu_kernels"
 BUILD_WAIT_S = 600.0  # longest wait for another process's build
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("paged_attention.cpp", "page_fetch.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "pool_rows.h"]
+FORMATS = {"raw": 0, "int8": 1, "kivi4": 2}
+"""Pool row formats the kernels read in place (`Codec.row_format`; csrc/pool_rows.h)."""
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 _LDFLAGS = ("-fopenmp",)
 
@@ -44,7 +49,7 @@ def build_directory() -> Path:
     import torch
 
     digest = hashlib.sha256()
-    for source in _SOURCES:
+    for source in (*_SOURCES, *_HEADERS):
         digest.update(source.read_bytes())
     for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, platform.machine(),
                  _cpu_features()):

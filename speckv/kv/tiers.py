@@ -3,6 +3,14 @@
     DEVICE  (fast memory, hard budget)  ── store: encode, write ──►  POOL (every sealed page,
         ▲                                                              encoded by the codec)
         └──────────── fetch: read, decode (on demand; counted as stall) ◄──┘
+                      or, in place: attention reads the pool row itself
+
+Two ways to read a pooled page (`--kv-read`). *Copy*: fetch it back into a DEVICE
+slot, then attend (what a GPU must do: its HBM cannot address host memory at
+speed). *In place*: the attention kernel reads the pool row where it lies,
+decoding it as it streams (what a CPU can do with host memory, a memory node's
+mapped segment or a CXL expander); the page leaves DEVICE as soon as it is stored,
+and each read is accounted here, link model included (`read_in_place`).
 
 `TieredStore` does the moves and counts them; `KVCacheManager` decides when. A
 sealed page is stored once, when it leaves the residual window; from then on its
@@ -52,6 +60,9 @@ class TierCounters:
     evictions: int = 0
     fetches_skipped: int = 0  # pooled pages not fetched because no selection read them
     fetch_bytes_skipped: int = 0  # their encoded bytes
+    pages_read_in_place: int = 0  # pool rows attention read where they lie (a page
+    #                               that any KV head of a layer read counts once)
+    bytes_read_in_place: int = 0  # their encoded bytes
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -70,8 +81,13 @@ class TieredStore:
 
     def __init__(self, device_pool: DevicePagePool, backend: PoolBackend, codec: Codec,
                  eviction: EvictionPolicy, options: TierOptions,
-                 kernels: ModuleType | None = None) -> None:
-        """`kernels`: the compiled CPU kernels, for fused fetches (`Codec.fused_fetch`)."""
+                 kernels: ModuleType | None = None, in_place: bool = False) -> None:
+        """`kernels`: the compiled CPU kernels, which read the codec's rows where they lie
+        (`Codec.row_format`), to fetch them and, with `in_place`, to attend them.
+
+        Raises:
+            ValueError: `in_place` without kernels that can read this codec and pool.
+        """
         self.device_pool = device_pool
         self.backend = backend
         self.codec = codec
@@ -81,10 +97,19 @@ class TieredStore:
         self.first_stored = 1 if options.keep_sink_page else 0
         n = device_pool.num_slots  # PREFETCH pages promoted into DEVICE keep their slot ids
         self._staging: dict[str, torch.Tensor] = {}  # reused fetch buffers, grown on demand
-        self._fused = None
-        if (kernels is not None and codec.fused_fetch is not None
+        self._kernels = None
+        self.row_format = 0  # the kernels' number for the codec's rows (with `_kernels`)
+        if (kernels is not None and codec.row_format is not None
                 and device_pool.kv.device.type == "cpu" and isinstance(backend, ArenaPool)):
-            self._fused = getattr(kernels, codec.fused_fetch)
+            from speckv.kv.cpu_kernels import FORMATS
+
+            self._kernels, self.row_format = kernels, FORMATS[codec.row_format]
+        if in_place and self._kernels is None:
+            raise ValueError(f"kv_read='in_place' needs the CPU kernels (CPU, float32), a "
+                             f"codec they read ({', '.join(readable_codecs())}; not "
+                             f"{codec.name!r}) and a local or memnode pool: use kv_read="
+                             "'copy' or 'auto'")
+        self.in_place = in_place
         self.evictable = np.zeros(n, dtype=bool)  # resident and already in the pool
         self.owner = np.full(n, -1, dtype=np.int64)  # PageTable uid holding the slot
         self.where = np.zeros(n, dtype=np.int64)  # flat [layer, page] index in that table
@@ -112,7 +137,7 @@ class TieredStore:
         encoded = self.codec.encode(pool.k_pages.index_select(0, index),
                                     pool.v_pages.index_select(0, index))
         self.backend.store_batch(keys, encoded.data, encoded.nbytes)
-        if not self.codec.lossless:  # resident copy = what a fetch would bring back
+        if not self.codec.lossless and not self.in_place:  # resident = what a fetch brings
             k, v = self.codec.decode(encoded.data)
             pool.k_pages.index_copy_(0, index, k)
             pool.v_pages.index_copy_(0, index, v)
@@ -152,9 +177,9 @@ class TieredStore:
         nbytes = self.backend.stored_bytes(np.asarray(keys, dtype=np.int64))
         index = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(dst.kv.device)
         n = len(keys)
-        if self._fused is not None:  # one pass: pool rows -> decoded pages
-            self.backend.load_into(keys, lambda arena, key_index: self._fused(
-                arena, key_index, dst.k_pages, dst.v_pages, index))
+        if self._kernels is not None:  # one pass: pool rows -> decoded pages
+            self.backend.load_into(keys, lambda arena, key_index: self._kernels.fetch_pages(
+                arena, self.row_format, key_index, dst.k_pages, dst.v_pages, index))
         else:  # gather rows, decode into reused buffers, scatter into the slots
             rows = self.backend.load_batch(keys, dst.kv.device,
                                            out=self._buffer(staging, "rows", n, cpu=True))
@@ -163,6 +188,27 @@ class TieredStore:
             dst.k_pages.index_copy_(0, index, k)
             dst.v_pages.index_copy_(0, index, v)
         return nbytes
+
+    def rows(self) -> torch.Tensor:
+        """The pool's rows, uint8 [num_slots, slot_bytes], for kernels that read in place.
+
+        Raises:
+            PoolUnavailable: the pool is lost (its rows are not readable)."""
+        self.backend.ensure_available()
+        return self.backend.arena
+
+    def read_in_place(self, keys: np.ndarray, started: float) -> None:
+        """Accounts pool rows `keys` that a kernel began reading at `started` where they
+        lie; with a link model, waits out what the link would have taken for them (the
+        wait counts as stall: the step waits for data that is not in fast memory)."""
+        if not len(keys):
+            return
+        before = time.perf_counter()
+        nbytes = self.backend.read_in_place(keys, started)
+        c = self.counters
+        c.pages_read_in_place += len(keys)
+        c.bytes_read_in_place += nbytes
+        c.stall_seconds += time.perf_counter() - before
 
     def _buffer(self, staging: dict[str, torch.Tensor], name: str, n: int,
                 cpu: bool = False) -> torch.Tensor:
@@ -203,3 +249,11 @@ class TieredStore:
         victims = self.eviction.victims(candidates, n)
         self.counters.evictions += len(victims)
         return victims
+
+
+def readable_codecs() -> list[str]:
+    """The codecs whose rows the CPU kernels read in place (float32 pages)."""
+    from speckv.codecs.base import CODECS, PageShape
+
+    shape = PageShape(16, 1, 16, torch.float32)
+    return [name for name in CODECS.names() if CODECS.get(name)(shape).row_format is not None]

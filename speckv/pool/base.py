@@ -197,6 +197,17 @@ class ArenaPool(PoolBackend):
             self.counters.bytes_read += total
         return result
 
+    def read_in_place(self, keys: np.ndarray, started: float) -> int:
+        """Accounts rows under `keys` that a kernel read where they lie, beginning at
+        `started`, the link model included; returns their bytes."""
+        self.ensure_available()
+        total = self.stored_bytes(keys)
+        self._charge(started, total)
+        with self._count_lock:
+            self.counters.pages_loaded += len(keys)
+            self.counters.bytes_read += total
+        return total
+
     def _charge(self, started: float, nbytes: int) -> None:
         if self.link is None:
             return

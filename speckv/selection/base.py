@@ -56,6 +56,9 @@ class Selector(ABC):
     needs_keys: bool = False
     #: attends every page: nothing to score
     dense: bool = False
+    #: a compiled kernel scores, chooses and attends in one call for this selector
+    #: (`AttentionKernels.quest`); its choice must equal `choose_pages(page_scores)`
+    fused: bool = False
 
     @abstractmethod
     def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:

@@ -34,8 +34,11 @@ class Quest(Selector):
     with q+ = max(q, 0) and q- = min(q, 0): per KV head one batched matmul of the
     summaries' [min | max] rows with [q- | q+], read where they lie (no [.., P, D]
     temporary, no copy of the summaries; measured 4x faster than two matmuls over
-    permuted summaries).
+    permuted summaries). The CPU kernels fuse this score, the top-k and the sparse
+    attention into one call per layer (`quest_decode_attention`).
     """
+
+    fused = True
 
     def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
         s = inputs.summaries()  # [B, P, Hkv, 2, D]

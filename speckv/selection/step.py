@@ -129,6 +129,28 @@ class StepSelection:
     def sparse(self, layer: int) -> bool:
         return layer >= self.owner.config.dense_layers
 
+    @property
+    def keep_sink(self) -> bool:
+        return self.owner.config.keep_sink
+
+    def fused_budget(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """[B] pages each decode query at `positions` [B] may read, when every row uses
+        one selector that a fused kernel implements (`Selector.fused`) and nothing is
+        evaluated; else None (the step scores and chooses through `select`)."""
+        if self.evaluate or len(self.groups) != 1:
+            return None
+        (choice,) = self.groups
+        if not self.owner.selectors[choice.selector].fused:
+            return None
+        return page_budget(choice.token_budget, positions, self.owner.page_size,
+                           self.owner.config.min_context_tokens)
+
+    def count(self, layer: int, masks: torch.Tensor, positions: torch.Tensor) -> None:
+        """Counts the pages that a fused kernel selected: masks [B, Q, Hkv, P] for the
+        queries at `positions` [B, Q] (all valid)."""
+        self._count(layer, masks, positions, torch.ones_like(positions, dtype=torch.bool),
+                    None, None, None, None)
+
     def count_dense(self, layer: int, positions: torch.Tensor) -> None:
         """Counts a dense layer's queries (at `positions`): they read every visible page."""
         o = self.owner

@@ -1,91 +1,108 @@
-// Fused pool -> DEVICE page fetches for the CPU: read each encoded row once, in place in
-// the pool's arena, and write the decoded page straight into its DEVICE slot. The torch
-// path (gather rows into a buffer, decode into another, scatter into the slots) moves
-// every byte three times; on a memory-bound CPU that is the difference.
+// Pool rows -> decoded pages for the CPU, read in place in the pool's arena.
+//
+// `fetch_pages` decodes rows straight into DEVICE slots (the copy path: a page that
+// comes back into fast memory). `gather_pages` decodes a list of page entries (DEVICE
+// slots or pool rows, as the attention kernels take them) into fresh contiguous
+// pages: what prefill chunks and key-reading selectors attend when pages stay in the
+// pool. Both use pool_rows.h's decoders, so every path reads the same values.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <vector>
+
+#include "pool_rows.h"
 
 namespace {
 
-void check(const torch::Tensor& rows, const torch::Tensor& keys, const torch::Tensor& k_pages,
-           const torch::Tensor& v_pages, const torch::Tensor& slots) {
-  TORCH_CHECK(rows.dtype() == torch::kUInt8 && rows.dim() == 2 && rows.is_contiguous(),
-              "fetch: rows must be a contiguous uint8 [N, W] arena");
-  TORCH_CHECK(keys.dtype() == torch::kInt64 && slots.dtype() == torch::kInt64 &&
-                  keys.numel() == slots.numel() && keys.is_contiguous() && slots.is_contiguous(),
-              "fetch: keys and slots must be contiguous int64 of one length");
-  TORCH_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous() &&
-                  k_pages.sizes() == v_pages.sizes(),
-              "fetch: page pools must be contiguous and alike");
+void check_arena(const torch::Tensor& arena, int64_t format, const torch::Tensor& k_pages,
+                 const torch::Tensor& v_pages) {
+  TORCH_CHECK(arena.dtype() == torch::kUInt8 && arena.dim() == 2 && arena.is_contiguous(),
+              "fetch: the arena must be a contiguous uint8 [N, W] tensor");
+  TORCH_CHECK(format >= speckv::kRaw && format <= speckv::kKivi4, "fetch: unknown row format");
+  TORCH_CHECK(k_pages.dtype() == torch::kFloat32 && k_pages.is_contiguous() &&
+                  v_pages.is_contiguous() && k_pages.sizes() == v_pages.sizes(),
+              "fetch: page pools must be contiguous float32 and alike");
+}
+
+speckv::PoolRows rows_of(const torch::Tensor& arena, int64_t format) {
+  return {arena.data_ptr<uint8_t>(), arena.size(1), format};
+}
+
+// Decodes the page of `entry` (all heads) into k, v ([T, H, D] floats each).
+void decode_into(int64_t entry, const float* k_pages, const float* v_pages,
+                 const speckv::PoolRows& pool, const speckv::PageGeometry& g, float* k, float* v) {
+  const int64_t bytes = g.elems() * sizeof(float);
+  const float* ks;
+  const float* vs;
+  speckv::read_page(entry, k_pages, v_pages, pool, g, 0, g.H, k, v, &ks, &vs);
+  if (ks != k) std::memcpy(k, ks, bytes);  // a DEVICE page or a raw row: copied as it is
+  if (vs != v) std::memcpy(v, vs, bytes);
 }
 
 }  // namespace
 
-// Codec `none`: row = K page bytes, then V page bytes (the device dtype).
-void fetch_raw(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
-               torch::Tensor v_pages, torch::Tensor slots) {
-  check(rows, keys, k_pages, v_pages, slots);
-  const int64_t page = k_pages[0].numel() * k_pages.element_size();
-  const int64_t width = rows.size(1), n = keys.numel();
-  TORCH_CHECK(width >= 2 * page, "fetch_raw: rows narrower than a page");
-  const uint8_t* src = rows.data_ptr<uint8_t>();
-  auto* k = static_cast<uint8_t*>(k_pages.data_ptr());
-  auto* v = static_cast<uint8_t*>(v_pages.data_ptr());
-  const int64_t* key = keys.data_ptr<int64_t>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint8_t* row = src + key[i] * width;
-      std::memcpy(k + slot[i] * page, row, page);
-      std::memcpy(v + slot[i] * page, row + page, page);
-    }
-  });
-}
-
-// Codec `int8` into float32 pages: row = K codes [T, H, D], V codes [T, H, D] (int8),
-// K scales [H, D] (one per channel), V scales [T, H] (one per token and head), fp16.
-void fetch_int8(torch::Tensor rows, torch::Tensor keys, torch::Tensor k_pages,
-                torch::Tensor v_pages, torch::Tensor slots) {
-  check(rows, keys, k_pages, v_pages, slots);
-  TORCH_CHECK(k_pages.dtype() == torch::kFloat32, "fetch_int8: float32 pages only");
-  const int64_t T = k_pages.size(1), H = k_pages.size(2), D = k_pages.size(3);
-  const int64_t elems = T * H * D, width = rows.size(1), n = keys.numel();
-  TORCH_CHECK(width >= 2 * elems + 2 * (H * D + T * H), "fetch_int8: rows too narrow");
-  const uint8_t* src = rows.data_ptr<uint8_t>();
+// arena: uint8 [N, W] rows in `format`; keys, slots: int64 [n]: row keys[i] is decoded into
+// DEVICE slot slots[i] of k_pages / v_pages ([S, T, H, D] float32).
+void fetch_pages(torch::Tensor arena, int64_t format, torch::Tensor keys, torch::Tensor k_pages,
+                 torch::Tensor v_pages, torch::Tensor slots) {
+  check_arena(arena, format, k_pages, v_pages);
+  TORCH_CHECK(keys.dtype() == torch::kInt64 && slots.dtype() == torch::kInt64 &&
+                  keys.numel() == slots.numel() && keys.is_contiguous() && slots.is_contiguous(),
+              "fetch_pages: keys and slots must be contiguous int64 of one length");
+  const speckv::PageGeometry g{k_pages.size(1), k_pages.size(2), k_pages.size(3)};
+  if (keys.numel() > 0) {  // every key names a row, every slot a page, that exists
+    TORCH_CHECK(keys.min().item<int64_t>() >= 0 && keys.max().item<int64_t>() < arena.size(0),
+                "fetch_pages: key out of range");
+    TORCH_CHECK(slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < k_pages.size(0),
+                "fetch_pages: slot out of range");
+  }
+  const auto pool = rows_of(arena, format);
   float* k = k_pages.data_ptr<float>();
   float* v = v_pages.data_ptr<float>();
   const int64_t* key = keys.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-    float ks[4096];
-    for (int64_t i = begin; i < end; ++i) {
-      const uint8_t* row = src + key[i] * width;
-      const auto* kq = reinterpret_cast<const int8_t*>(row);
-      const auto* vq = kq + elems;
-      const auto* k_scale = reinterpret_cast<const at::Half*>(row + 2 * elems);
-      const auto* v_scale = k_scale + H * D;
-      float* ko = k + slot[i] * elems;
-      float* vo = v + slot[i] * elems;
-      const int64_t hd = H * D;
-      const bool small = hd <= 4096;
-      if (small) {
-        for (int64_t c = 0; c < hd; ++c) ks[c] = static_cast<float>(k_scale[c]);
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t c = 0; c < hd; ++c) {
-          const float s = small ? ks[c] : static_cast<float>(k_scale[c]);
-          ko[t * hd + c] = static_cast<float>(kq[t * hd + c]) * s;
-        }
-        for (int64_t h = 0; h < H; ++h) {
-          const float s = static_cast<float>(v_scale[t * H + h]);
-          const int64_t base = t * hd + h * D;
-          for (int64_t d = 0; d < D; ++d) vo[base + d] = static_cast<float>(vq[base + d]) * s;
-        }
-      }
-    }
+  at::parallel_for(0, keys.numel(), 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      decode_into(-key[i] - 1, k, v, pool, g, k + slot[i] * g.elems(), v + slot[i] * g.elems());
   });
+}
+
+// entries: int64 [n] page entries (see pool_rows.h) -> [k, v], each float32 [n, T, H, D].
+std::vector<torch::Tensor> gather_pages(torch::Tensor k_pages, torch::Tensor v_pages,
+                                        torch::Tensor arena, int64_t format,
+                                        torch::Tensor entries) {
+  TORCH_CHECK(entries.dtype() == torch::kInt64 && entries.dim() == 1,
+              "gather_pages: entries must be int64 [n]");
+  entries = entries.contiguous();
+  const bool has_pool = arena.numel() > 0;
+  if (has_pool) {
+    check_arena(arena, format, k_pages, v_pages);
+  } else {
+    TORCH_CHECK(k_pages.dtype() == torch::kFloat32 && k_pages.is_contiguous() &&
+                    v_pages.is_contiguous(),
+                "gather_pages: page pools must be contiguous float32");
+  }
+  const speckv::PageGeometry g{k_pages.size(1), k_pages.size(2), k_pages.size(3)};
+  const int64_t n = entries.numel();
+  if (n > 0) {  // every entry names a slot or a row that exists
+    TORCH_CHECK(entries.max().item<int64_t>() < k_pages.size(0), "gather_pages: slot out of range");
+    TORCH_CHECK(entries.min().item<int64_t>() >= (has_pool ? -arena.size(0) : 0),
+                "gather_pages: pool row out of range");
+  }
+  auto k_out = torch::empty({n, g.T, g.H, g.D}, k_pages.options());
+  auto v_out = torch::empty({n, g.T, g.H, g.D}, k_pages.options());
+  const speckv::PoolRows pool = has_pool ? rows_of(arena, format) : speckv::PoolRows{};
+  const float* kp = k_pages.data_ptr<float>();
+  const float* vp = v_pages.data_ptr<float>();
+  const int64_t* e = entries.data_ptr<int64_t>();
+  float* ko = k_out.data_ptr<float>();
+  float* vo = v_out.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      decode_into(e[i], kp, vp, pool, g, ko + i * g.elems(), vo + i * g.elems());
+  });
+  return {k_out, v_out};
 }
