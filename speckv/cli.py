@@ -54,6 +54,10 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f.metadata.get("help", "")
+        if "plugin" in f.metadata:
+            from speckv.plugins import known
+
+            text += f"; known: {', '.join(known(f.metadata['plugin']))}"
         if "default:" not in text:
             text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
@@ -231,6 +235,8 @@ def _info(ns: argparse.Namespace) -> int:
             "pool slot bytes (one page)": f"{store.codec.slot_bytes:,}",
             "pool pages": f"{store.backend.num_slots:,}",
             "link": str(getattr(store.backend, "link", None) or "none"),
+            "pooled pages read": "in place (where they lie)" if engine.cache.reads_in_place
+                                 else "copied into DEVICE first",
         })
     sc = llm.config.selection
     budget = sc.token_budget

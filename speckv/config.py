@@ -2,7 +2,13 @@
 
 Every field is also a keyword of `LLM(...)` and an option of the CLI (`--page-size`
 for `page_size`), so scripts, the CLI and the server share one configuration. The
-`help` metadata of a field is its CLI help text.
+`help` metadata of a field is its CLI help text; a field that names a plugin says
+which kind (`plugin` metadata), and the CLI lists the registered names.
+
+This module is a leaf: it checks the form of every value but imports no subsystem.
+Whether a named codec, pool backend, selector, eviction policy or predictor exists is
+checked against the registries by `speckv.plugins.check_names`, which the engine
+calls before it loads any weights.
 """
 
 from __future__ import annotations
@@ -91,21 +97,24 @@ class PoolConfig:
     """The POOL tier: where sealed pages go, encoded, when DEVICE is not enough."""
 
     pool: str = field(default="none", metadata={
+        "plugin": "pool",
         "help": "capacity tier for sealed KV pages: none (every page stays in DEVICE), "
                 "local (host memory of this process), memnode (a memory-node process; "
                 "see `speckv memnode`)"})
     pool_bytes: int | str = field(default="4GiB", metadata={
         "help": "capacity of the pool (local), or of the memory node the engine spawns"})
     codec: str = field(default="none", metadata={
-        "help": "how pages are encoded in the pool: none, fp16, bf16, int8, kivi4, kivi2, "
-                "seed, optionally +zstd (e.g. int8+zstd)"})
+        "plugin": "codec",
+        "help": "how pages are encoded in the pool, optionally with a lossless stage on "
+                "top (e.g. int8+zstd)"})
     residual_tokens: int = field(default=0, metadata={
         "help": "most recent tokens of a sequence kept unencoded in DEVICE (their pages "
                 "are stored only once older)"})
     keep_sink_page: bool = field(default=False, metadata={
         "help": "keep each sequence's first page (the attention sink) unencoded in DEVICE"})
     eviction: str = field(default="lru", metadata={
-        "help": "which pooled pages leave DEVICE first: lru or fifo"})
+        "plugin": "eviction",
+        "help": "which pooled pages leave DEVICE first"})
     memnode_socket: str | None = field(default=None, metadata={
         "help": "control socket of a running memory node (pool=memnode); default: the "
                 "engine spawns its own node of pool_bytes and stops it on exit"})
@@ -120,18 +129,9 @@ class PoolConfig:
                 "as one)"})
 
     def __post_init__(self) -> None:
-        from speckv.codecs.base import validate_codec_name
-        from speckv.kv.eviction import EVICTIONS
-        from speckv.pool.base import POOLS
-        from speckv.pool.link import parse_link
-
-        if self.pool != "none" and self.pool not in POOLS:
-            raise ValueError(f"unknown pool backend {self.pool!r}; known: none, "
-                             f"{', '.join(POOLS.names())}")
-        EVICTIONS.get(self.eviction)  # raises for an unknown policy, listing the known
-        validate_codec_name(self.codec)
-        if self.link is not None:
-            parse_link(self.link)
+        for name in ("pool", "codec", "eviction"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a name, got {getattr(self, name)!r}")
         size = parse_size(self.pool_bytes)
         if size <= 0:
             raise ValueError(f"pool_bytes must be > 0, got {self.pool_bytes!r}")
@@ -179,6 +179,7 @@ class SelectionConfig:
     """Query-aware page selection: which sealed pages decode attention reads."""
 
     selector: str = field(default="full", metadata={
+        "plugin": "selector",
         "help": "page selector for decode attention: full, quest (key-bound scores, top "
                 "pages), sink_recent (first page + most recent), oracle (true top pages; "
                 "evaluation only); overridable per request"})
@@ -199,9 +200,8 @@ class SelectionConfig:
                 "and overlap with the oracle (costs a full attention per layer)"})
 
     def __post_init__(self) -> None:
-        from speckv.selection.base import SELECTORS
-
-        SELECTORS.get(self.selector)  # raises for an unknown selector, listing the known
+        if not isinstance(self.selector, str) or not self.selector:
+            raise ValueError(f"selector must be a name, got {self.selector!r}")
         object.__setattr__(self, "token_budget", parse_token_budget(self.token_budget))
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
@@ -235,8 +235,9 @@ class PrefetchConfig:
     the PREFETCH tier's byte budget (separate from DEVICE's)."""
 
     predictor: str = field(default="none", metadata={
-        "help": "prefetch predictors, comma-separated: none, layer_ahead, step_ahead, "
-                "speculative_query (e.g. layer_ahead,step_ahead); needs a pool"})
+        "plugin": "predictor",
+        "help": "prefetch predictors, comma-separated (e.g. layer_ahead,step_ahead); "
+                "needs a pool and kv_read copy"})
     prefetch_bytes: int | str = field(default="64MiB", metadata={
         "help": "byte budget of the PREFETCH tier (decoded pages fetched ahead; spare "
                 "slots of DEVICE's tensor, allocated whenever there is a pool); a wrong "

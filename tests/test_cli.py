@@ -138,6 +138,28 @@ def test_bench_capacity_and_fidelity_reject_bad_arguments(capsys):
     assert "unknown codec 'int3'" in capsys.readouterr().err
 
 
+def test_bench_kvread_rejects_bad_arguments(capsys):
+    assert main(["bench", "kvread", "--shapes", "8by4096"]) == 2
+    assert "write BATCHxCONTEXT, e.g. 8x4096" in capsys.readouterr().err
+    assert main(["bench", "kvread", "--pool-codec", "int9"]) == 2
+    assert "unknown codec 'int9'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_kvread_runs_small(tmp_path):
+    out = tmp_path / "kvread.json"
+    assert main(["bench", "kvread", "--shapes", "2x64", "--steps", "2", "--selectors",
+                 "full,quest:0.5", "--pool-link", "none", "--device-fraction", "0.9",
+                 "--json", str(out), "--device", "cpu"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    configs = {r["config"] for r in rows}
+    assert configs == {"all-resident", "copy", "in_place", "in_place, no software prefetch"}
+    by = {(r["config"], r["selector"]): r for r in rows}
+    assert by["in_place", "full"]["pool_pages_per_step"] > 0  # read from the pool, in place
+    assert by["all-resident", "full"]["pool_pages_per_step"] == 0
+    assert all(r["tok_s"] > 0 for r in rows)
+
+
 @pytest.mark.slow
 def test_bench_capacity_runs_small(tmp_path):
     out = tmp_path / "cap.json"

@@ -310,4 +310,4 @@ def test_bad_selection_options_name_the_problem(make_llm, llm):
     # nothing was added: the engine still serves
     assert run(llm, [[1, 2, 3]], [SamplingParams(max_tokens=2)])
     assert_no_leak(engine)
-    assert set(SELECTORS.names()) == {"full", "quest", "sink_recent", "oracle"}
+    assert {"full", "quest", "sink_recent", "oracle"} <= set(SELECTORS.names())  # built-ins (plugins may add)

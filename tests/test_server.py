@@ -513,4 +513,4 @@ def test_metrics_counters_are_counters_and_no_series_is_exported_twice(server):
     assert len(samples) == len(set(samples)), "a series is exported twice"
     m = server.wait_idle()
     assert m["speckv_kv_cache_usage_ratio"] == 0.0
-    assert m["speckv_engine_preemptions_total"] >= 0
+    assert m["speckv_engine_preemptions_total"] == 0  # these requests fit the default DEVICE tier

@@ -194,6 +194,13 @@ def test_request_larger_than_the_pool_is_rejected_and_engine_stays_usable(make_l
         llm.generate(list(range(100, 500)), SamplingParams(max_tokens=4))
     assert_no_leak(llm.engine)
     assert llm.generate("Hi", SamplingParams(max_tokens=2))[0].num_generated_tokens == 2
+    # at the edge: 20 pages a layer hold 309 + 11 tokens (the 20th page open); one more
+    # token is refused up front, never admitted to wait for room that cannot come
+    fits = llm.generate(list(range(100, 409)), SamplingParams(max_tokens=11, ignore_eos=True))
+    assert fits[0].num_generated_tokens == 11
+    with pytest.raises(ValueError, match=r"needs up to 630 pool pages but the pool holds 600"):
+        llm.generate(list(range(100, 409)), SamplingParams(max_tokens=12))
+    assert_no_leak(llm.engine)
     llm.close()
 
 

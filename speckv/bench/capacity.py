@@ -150,13 +150,14 @@ def run(ns: argparse.Namespace, options: dict) -> int:
 
     from speckv.config import EngineConfig
     from speckv.models.loaded import load_model
+    from speckv.plugins import check_names
 
     if ns.seq_len <= ns.new_tokens or ns.new_tokens < 2 or ns.base_seqs < 1 or ns.factor < 1:
         raise ValueError("need --seq-len > --new-tokens >= 2, --base-seqs >= 1, --factor >= 1")
     configs = [(c, parse_config(c)) for c in ns.configs.split(",") if c.strip()]
     budgets = [float(b) for b in ns.budgets.split(",")] if ns.plot else []
     for _, pool in configs:
-        EngineConfig.from_kwargs(**{**options, **pool})  # a bad config fails before any run
+        check_names(EngineConfig.from_kwargs(**{**options, **pool}))  # fails before any run
     loaded = load_model(EngineConfig.from_kwargs(**options).model)
     seq_bytes = ns.seq_len * loaded.args.kv_bytes_per_token(loaded.model.embed.element_size())
     budget = ns.base_seqs * seq_bytes

@@ -84,13 +84,14 @@ def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
 
     from speckv.config import EngineConfig
     from speckv.models.loaded import load_model
+    from speckv.plugins import check_names
 
     shapes, selectors = _shapes(ns.shapes), _selectors(ns.selectors)
     if not 0 < ns.device_fraction < 1 or ns.steps < 1:
         raise ValueError("need 0 < --device-fraction < 1 and --steps >= 1")
     for mode in ("copy", "in_place"):  # a bad option fails before any run
-        EngineConfig.from_kwargs(**options, pool="memnode", codec=ns.pool_codec, link=ns.pool_link,
-                                 kv_read=mode)
+        check_names(EngineConfig.from_kwargs(**options, pool="memnode", codec=ns.pool_codec,
+                                             link=ns.pool_link, kv_read=mode))
     loaded = load_model(EngineConfig.from_kwargs(**options).model)
     rows: list[dict[str, Any]] = []
     n_steps = 2 * (ns.steps + 1) * len(selectors) + 4

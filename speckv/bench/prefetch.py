@@ -25,8 +25,6 @@ import json
 import sys
 from typing import Any
 
-import torch
-
 from speckv.bench.common import bench_text, parse_ints, publish
 from speckv.bench.steps import make_engine as _engine, prefill as _prefill, time_steps as _time_steps
 from speckv.bench.steps import working_set_bytes as _working_set_bytes
@@ -52,8 +50,9 @@ def add_parser(sub, add_engine_options) -> None:
 
 
 def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
-    from speckv.config import EngineConfig, PrefetchConfig
+    from speckv.config import EngineConfig
     from speckv.models.loaded import load_model
+    from speckv.plugins import check_names
     from speckv.pool.link import parse_link
 
     tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
@@ -61,7 +60,7 @@ def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
         raise ValueError(f"--tasks wants stall and/or quality, got {ns.tasks!r}")
     predictor_sets = [p.strip() for p in ns.predictors.split(";") if p.strip()]
     for p in predictor_sets:
-        PrefetchConfig(predictor=p)
+        check_names(EngineConfig.from_kwargs(**options, predictor=p))
     links = [link.strip() for link in ns.links.split(",") if link.strip()]
     for link in links:
         if parse_link(link) is None:

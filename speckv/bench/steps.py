@@ -28,6 +28,11 @@ def prefill(llm, batch: int, context: int, decode_steps: int) -> None:
         outs = engine.step()
         if len(outs) == batch and all(o.num_generated_tokens >= 1 for o in outs):
             return
+        if any(o.finished for o in outs) or not engine.has_unfinished():
+            admitted = engine.cache.num_sequences()
+            raise ValueError(f"only {admitted} of {batch} sequences of {context} tokens fit in "
+                             "the DEVICE tier at once: give it more room (a larger budget or "
+                             "fraction), or a smaller batch")
 
 
 def time_steps(llm, steps: int) -> dict[str, Any]:

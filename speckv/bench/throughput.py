@@ -114,11 +114,12 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     from tqdm.auto import tqdm
 
     from speckv.config import EngineConfig
+    from speckv.plugins import check_names
 
     engines = [("speckv", _run_speckv, options)]
     for variant in ns.variant:
         changed = parse_options(variant)
-        EngineConfig.from_kwargs(**{**options, **changed})  # a bad variant fails before any run
+        check_names(EngineConfig.from_kwargs(**{**options, **changed}))  # fails before any run
         engines.append((f"speckv[{variant}]", _run_speckv, {**options, **changed}))
     if not ns.no_hf:
         engines.append(("hf", _run_hf, options))

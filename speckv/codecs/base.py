@@ -12,7 +12,7 @@ and it is what the engine accounts and what a link model charges.
         ▼                                          │
     EncodedPages(data uint8 [n, slot_bytes], nbytes int64 [n])
 
-A new codec is one subclass with `@register_codec("name")`; `make_codec("int8+zstd")`
+A new codec is one subclass plus one line in `CODECS`; `make_codec("int8+zstd")`
 builds a codec with an optional lossless stage on top.
 """
 
@@ -108,19 +108,19 @@ class Codec(ABC):
         return f"{self.name}: {self.slot_bytes} bytes/page slot, raw {self.shape.raw_bytes}"
 
 
-def _load_builtin() -> None:
-    # the built-in codecs register themselves on import
-    from speckv.codecs import kivi, quant, seed, zstd  # noqa: F401
-
-
-CODECS: Registry[type[Codec]] = Registry("codec", _load_builtin)
-STAGES: Registry[Callable[[Codec], Codec]] = Registry("codec stage", _load_builtin)
+CODECS: Registry[type[Codec]] = Registry("codec", {
+    "none": "speckv.codecs.quant:NoneCodec",
+    "fp16": "speckv.codecs.quant:Fp16Codec",
+    "bf16": "speckv.codecs.quant:Bf16Codec",
+    "int8": "speckv.codecs.quant:Int8Codec",
+    "kivi4": "speckv.codecs.kivi:Kivi4Codec",
+    "kivi2": "speckv.codecs.kivi:Kivi2Codec",
+    "seed": "speckv.codecs.seed:SeedCodec",
+})
+STAGES: Registry[Callable[[Codec], Codec]] = Registry("codec stage", {
+    "zstd": "speckv.codecs.zstd:ZstdStage",  # a lossless stage on top of any codec
+})
 register_codec = CODECS.register
-
-
-def register_stage(name: str, wrap: Callable[[Codec], Codec]) -> None:
-    """Registers a lossless stage applied on top of any codec (`int8+zstd`)."""
-    STAGES.add(name, wrap)
 
 
 def known_codecs() -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from speckv.codecs.base import (Codec, EncodedPages, PageShape, align8, pack_rows,
-                                register_codec, unpack_rows)
+                                unpack_rows)
 
 
 def quantize_asymmetric(x: torch.Tensor, dim: int, bits: int
@@ -108,7 +108,6 @@ class _Kivi(Codec):
         return out
 
 
-@register_codec("kivi4")
 class Kivi4Codec(_Kivi):
     """KIVI with 4-bit codes."""
 
@@ -119,7 +118,6 @@ class Kivi4Codec(_Kivi):
         return "kivi4" if self.shape.dtype == torch.float32 else None
 
 
-@register_codec("kivi2")
 class Kivi2Codec(_Kivi):
     """KIVI with 2-bit codes."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from speckv.codecs.base import (Codec, EncodedPages, PageShape, align8, pack_rows,
-                                register_codec, unpack_rows)
+                                unpack_rows)
 
 
 class _Cast(Codec):
@@ -55,7 +55,6 @@ class _Cast(Codec):
         return out[0].copy_(k), out[1].copy_(v)
 
 
-@register_codec("none")
 class NoneCodec(_Cast):
     """The page's bytes as they are in the device dtype. Lossless."""
 
@@ -70,14 +69,12 @@ class NoneCodec(_Cast):
         return "raw" if self.shape.dtype == torch.float32 else None
 
 
-@register_codec("fp16")
 class Fp16Codec(_Cast):
     """IEEE half precision: relative rounding 2**-11, range +-65504."""
 
     store_dtype = torch.float16
 
 
-@register_codec("bf16")
 class Bf16Codec(_Cast):
     """bfloat16: relative rounding 2**-8, the float32 range."""
 
@@ -102,7 +99,6 @@ def symmetric_bound(x: torch.Tensor, dim: int, bits: int = 8) -> torch.Tensor:
     return (step / 2 + step * qmax * 2.0 ** -11 + x.float().abs() * 2.0 ** -20).expand_as(x)
 
 
-@register_codec("int8")
 class Int8Codec(Codec):
     """Symmetric 8-bit codes with one fp16 scale per group.
 

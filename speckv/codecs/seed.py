@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from speckv.codecs.base import (Codec, EncodedPages, PageShape, align8, pack_rows,
-                                register_codec, unpack_rows)
+                                unpack_rows)
 from speckv.codecs.quant import Int8Codec
 
 _HEADER = 4
@@ -55,7 +55,6 @@ def run_length_encode(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return counts, flat[starts], runs_per_row
 
 
-@register_codec("seed")
 class SeedCodec(Codec):
     """int8 (see `Int8Codec`) + modular delta + run-length; variable size, int8's error."""
 

@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 
 from speckv.config import EngineConfig, PrefetchConfig, format_size
+from speckv.plugins import check_names
 from speckv.engine.trace import StepTrace
 from speckv.engine.model_runner import ModelRunner
 from speckv.engine.outputs import RequestOutput
@@ -24,7 +25,8 @@ from speckv.engine.scheduler import Scheduler
 from speckv.engine.threads import ThreadPolicy
 from speckv.util import is_int
 from speckv.engine.sequence import FinishReason, Sequence
-from speckv.kv.attention import (AttentionKernels, ScheduledChunk, cpu_kernel_decode_attention,
+from speckv.engine.step import ScheduledChunk
+from speckv.kv.attention import (AttentionKernels, cpu_kernel_decode_attention,
                                  cpu_kernel_quest_attention, cpu_kernel_sparse_decode_attention)
 from speckv.kv.cpu_kernels import load_cpu_kernels
 from speckv.kv.cache import KVCacheManager, RequestId
@@ -45,10 +47,13 @@ class LLMEngine:
     """Owns the model, the paged KV cache and the scheduler; advanced by `step()`."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        """Builds the engine; `loaded` reuses weights already loaded with `config.model`."""
-        self.config = config
+        """Builds the engine; `loaded` reuses weights already loaded with `config.model`.
+
+        Raises:
+            ValueError: a bad option, or a plugin name that is not registered.
+        """
+        self.config = check_names(config)
         self.threads = ThreadPolicy(config.model.threads)
-        cc = config.cache
         attention, self._kernels = self._attention_kernels(config)  # fails fast
         if loaded is None:
             loaded = load_model(config.model)
@@ -261,7 +266,7 @@ class LLMEngine:
                 f"once) but the DEVICE tier holds {cache.pool.num_pages} pages: raise "
                 "device_kv_bytes (or use a pool), or lower max_tokens")
         if cache.store is not None:
-            pool_pages = num_tokens // cache.page_size * self.args.num_layers
+            pool_pages = cache.worst_pool_pages(num_tokens)  # what admission reserves
             if pool_pages > cache.store.backend.num_slots:
                 raise ValueError(
                     f"request needs up to {pool_pages} pool pages but the pool holds "

@@ -6,7 +6,8 @@ import torch
 
 from speckv.engine.sampler import SampleError, Sampler
 from speckv.engine.scheduler import SchedulerOutput
-from speckv.kv.attention import AttentionKernels, ScheduledChunk, StepAttention
+from speckv.engine.step import ScheduledChunk, StepAttention
+from speckv.kv.attention import AttentionKernels
 from speckv.kv.cache import KVCacheManager
 from speckv.models.llama import LlamaModel
 from speckv.selection.step import Choice, PageSelection

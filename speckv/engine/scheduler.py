@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from speckv.config import SchedulerConfig
 from speckv.engine.sequence import Sequence, Status
-from speckv.kv.attention import ScheduledChunk
+from speckv.engine.step import ScheduledChunk
 from speckv.kv.cache import KVCacheManager, RequestId
 
 logger = logging.getLogger(__name__)

@@ -129,6 +129,10 @@ class KVCacheManager:
         stored = min(num_pages, self.store.target_stored(max(0, num_tokens - self.page_size)))
         return self.requirement(num_pages, stored)
 
+    def worst_pool_pages(self, num_tokens: int) -> int:
+        """The most pool pages one request of `num_tokens` holds (0 without a pool)."""
+        return 0 if self.store is None else self._pool_pages(-(-num_tokens // self.page_size))
+
     def fitting_tokens(self, request_id: RequestId, start: int, want: int) -> int:
         """The most tokens <= `want` after `start` that the sequence can grow by now
         (whole pages, or `want` itself); 0 if not even one more page fits."""
@@ -214,7 +218,7 @@ class KVCacheManager:
         if self.store is None:
             return 0, 0
         reserved = self.worst_requirement(num_tokens)
-        reserved_pool = self._pool_pages(-(-num_tokens // self.page_size))
+        reserved_pool = self.worst_pool_pages(num_tokens)
         table = self._tables.get(request_id)
         req, res, pages, res_pool = (0, 0, 0, 0) if table is None else \
             (table.requirement, table.reserved, self._pool_pages(table.num_pages),
@@ -315,6 +319,25 @@ class KVCacheManager:
             self._add_pool_pages(table, self._pool_pages(table.num_pages), 0)
             self._pool_held -= table.reserved_pool
         self.pool.free(resident)
+
+    # ------------------------------------------------------------ append
+
+    def append(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               sealed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Writes one layer's new keys and values into their DEVICE slots.
+
+        Args:
+            slot_mapping: [T] DEVICE slot * page_size + offset of each token.
+            k, v: [T, Hkv, D].
+            sealed: (summary slots [S], DEVICE slots [S]) of the pages these tokens
+                fill: their key summaries are written.
+        """
+        pool = self.pool
+        pool.k_pages.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        pool.v_pages.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        if sealed is not None and self.summaries is not None:
+            summary_ids, slots = sealed
+            self.summaries.summarize(summary_ids, pool.k_pages[slots])
 
     # ------------------------------------------------------------ tiers
 

@@ -8,7 +8,7 @@ the single-page forms loop over them, as LMCache's backends do.
     allocate(n) -> keys | None   store_batch(keys, rows, nbytes)   load_batch(keys) -> rows
     contains(key)                free(keys)                        stats()
 
-A new backend is one subclass plus `@register_pool("name")`.
+A new backend is one subclass plus one line in `POOLS`.
 """
 
 from __future__ import annotations
@@ -217,9 +217,8 @@ class ArenaPool(PoolBackend):
             self.counters.link_wait_seconds += time.perf_counter() - before
 
 
-def _load_builtin() -> None:
-    from speckv.pool import local, memnode  # noqa: F401  (they register themselves)
-
-
-POOLS: Registry[type[PoolBackend]] = Registry("pool backend", _load_builtin)
+POOLS: Registry[type[PoolBackend]] = Registry("pool backend", {
+    "local": "speckv.pool.local:LocalPool",
+    "memnode": "speckv.pool.memnode:MemNodePool",
+})
 register_pool = POOLS.register

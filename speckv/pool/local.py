@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from speckv.pool.base import ArenaPool, PoolKey, register_pool
+from speckv.pool.base import ArenaPool, PoolKey
 from speckv.pool.slots import SlotAllocator
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ def bind_to_numa_node(tensor: torch.Tensor, node: int) -> None:
         raise ValueError(f"mbind to NUMA node {node} failed: {os.strerror(ctypes.get_errno())}")
 
 
-@register_pool("local")
 class LocalPool(ArenaPool):
     """Slots in one host tensor of this process."""
 

@@ -35,7 +35,7 @@ import weakref
 import torch
 
 from speckv.pool import wire
-from speckv.pool.base import ArenaPool, PoolKey, PoolUnavailable, register_pool
+from speckv.pool.base import ArenaPool, PoolKey, PoolUnavailable
 from speckv.pool.link import parse_link
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,6 @@ def _stop(proc: subprocess.Popen, directory: str | None) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@register_pool("memnode")
 class MemNodePool(ArenaPool):
     """Slots in a memory node's shared memory; allocation over its control socket."""
 

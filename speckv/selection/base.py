@@ -65,11 +65,12 @@ class Selector(ABC):
         """-> [B, Q, Hkv, P] float scores; only candidate pages' scores matter."""
 
 
-def _load_builtin() -> None:
-    from speckv.selection import selectors  # noqa: F401  (they register themselves)
-
-
-SELECTORS: Registry[type[Selector]] = Registry("selector", _load_builtin)
+SELECTORS: Registry[type[Selector]] = Registry("selector", {
+    "full": "speckv.selection.selectors:Full",
+    "quest": "speckv.selection.selectors:Quest",
+    "sink_recent": "speckv.selection.selectors:SinkRecent",
+    "oracle": "speckv.selection.selectors:Oracle",
+})
 register_selector = SELECTORS.register
 
 

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from speckv.selection.base import SelectionInputs, Selector, register_selector
+from speckv.kv.attention import grouped
+from speckv.selection.base import SelectionInputs, Selector
 
 
-def grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """[B, Q, H, D] -> [B, Hkv, Q*G, D]: the G query heads of a KV head as rows."""
-    batch, num_q, num_heads, dim = q.shape
-    group = num_heads // num_kv_heads
-    q = q.view(batch, num_q, num_kv_heads, group, dim).permute(0, 2, 1, 3, 4)
-    return q.reshape(batch, num_kv_heads, num_q * group, dim)
-
-
-@register_selector("full")
 class Full(Selector):
     """Every page (dense attention)."""
 
@@ -25,7 +17,6 @@ class Full(Selector):
         raise RuntimeError("bug: the full selector scores nothing")
 
 
-@register_selector("quest")
 class Quest(Selector):
     """Quest / TinyServe: the upper bound of q.k over a page from its key bounding box,
 
@@ -53,7 +44,6 @@ class Quest(Selector):
         return bound.permute(0, 3, 1, 2)
 
 
-@register_selector("sink_recent")
 class SinkRecent(Selector):
     """StreamingLLM: the most recent pages (with `keep_sink`, the first page too)."""
 
@@ -63,7 +53,6 @@ class SinkRecent(Selector):
         return page.expand(batch, num_q, inputs.num_kv_heads, inputs.num_pages)
 
 
-@register_selector("oracle")
 class Oracle(Selector):
     """The true best pages: each page's share of the full softmax attention mass, summed
     over the query heads of the group. Reads every key; for evaluation only."""

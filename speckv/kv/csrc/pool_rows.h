@@ -130,11 +130,6 @@ inline void decode_kivi4(const uint8_t* row, const PageGeometry& g, int64_t h0, 
   }
 }
 
-// Bytes of a row's codes per token and KV head, and of its scales (for prefetching).
-inline int64_t code_bytes_per_head(int64_t format, int64_t D) {
-  return format == kRaw ? 4 * D : format == kInt8 ? D : D / 2;
-}
-
 // The K and V pages of `entry` for KV heads [h0, h1): pointers into DEVICE or into a
 // raw pool row (no copy), or into `scratch_k` / `scratch_v` ([T, H, D] floats each),
 // where a coded row is decoded.
@@ -163,31 +158,23 @@ inline void read_page(int64_t entry, const float* k_pages, const float* v_pages,
   *v = scratch_v;
 }
 
-// Software prefetch of what `read_page` will read of `entry` for heads [h0, h1).
+// Software prefetch of what `read_page` will read of `entry` for heads [h0, h1): float32
+// pages only (DEVICE slots, raw rows), whose rows of a head are strided. A coded row is
+// one contiguous run of a few KB, which the hardware prefetcher follows by itself:
+// prefetching it too made int8 decode at 8 x 4,096 tokens 11% slower and changed
+// nothing at 32 x 1,024 (`speckv bench kvread`, BENCHMARKS.md F7).
 inline void prefetch_page(int64_t entry, const float* k_pages, const float* v_pages,
                           const PoolRows& pool, const PageGeometry& g, int64_t h0, int64_t h1) {
+  if (entry < 0 && pool.format != kRaw) return;
   const int64_t hd = g.H * g.D;
-  if (entry >= 0 || pool.format == kRaw) {
-    const float* k = entry >= 0 ? k_pages + entry * g.elems()
-                                : reinterpret_cast<const float*>(pool.row(entry));
-    const float* v = entry >= 0 ? v_pages + entry * g.elems() : k + g.elems();
-    for (int64_t t = 0; t < g.T; ++t)
-      for (int64_t off = 0; off < (h1 - h0) * g.D; off += 16) {
-        __builtin_prefetch(k + t * hd + h0 * g.D + off);
-        __builtin_prefetch(v + t * hd + h0 * g.D + off);
-      }
-    return;
-  }
-  const uint8_t* row = pool.row(entry);
-  const int64_t per_head = code_bytes_per_head(pool.format, g.D);
-  const int64_t codes = per_head * g.T * g.H;  // one of K or V
+  const float* k = entry >= 0 ? k_pages + entry * g.elems()
+                              : reinterpret_cast<const float*>(pool.row(entry));
+  const float* v = entry >= 0 ? v_pages + entry * g.elems() : k + g.elems();
   for (int64_t t = 0; t < g.T; ++t)
-    for (int64_t off = 0; off < (h1 - h0) * per_head; off += 64) {
-      const int64_t at = (t * g.H + h0) * per_head + off;
-      __builtin_prefetch(row + at);
-      __builtin_prefetch(row + codes + at);
+    for (int64_t off = 0; off < (h1 - h0) * g.D; off += 16) {
+      __builtin_prefetch(k + t * hd + h0 * g.D + off);
+      __builtin_prefetch(v + t * hd + h0 * g.D + off);
     }
-  for (int64_t off = 2 * codes; off < pool.width; off += 64) __builtin_prefetch(row + off);
 }
 
 }  // namespace speckv
