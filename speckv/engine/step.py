@@ -1,6 +1,6 @@
 """One engine step, per layer: five narrow calls over one `StepMetadata`.
 
-    cache.append(layer, slots, k, v)        new K/V into their DEVICE slots; pages
+    cache.append(slots, k, v, sealed)       new K/V into their DEVICE slots; pages
                                             sealed this step get their summaries
     selection.select(...)                   which pages each decode query reads (none:
                                             all), or, fused, selection and attention
