@@ -182,6 +182,9 @@ def test_budget_below_one_step_fails_at_start_with_the_minimum(make_llm):
     (dict(pool="local", residual_tokens=-1), r"residual_tokens must be >= 0"),
     (dict(pool="local", link="cxl2-x16"), r"apply to pool='memnode' only"),
     (dict(pool="local", pool_numa_node=7), r"NUMA nodes \[0"),
+    (dict(pool="local", codec="fp16", kv_read="in_place"),
+     r"kv_read='in_place' needs .*a codec they read \(.*int8.*; not 'fp16'\).*use kv_read='copy'"),
+    (dict(pool="local", kv_read="sideways"), r"kv_read='sideways' is not one of auto, in_place, copy"),
 ])
 def test_bad_pool_options_are_refused_clearly(make_llm, options, message):
     with pytest.raises(ValueError, match=message):

@@ -33,9 +33,9 @@ from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.kv.eviction import make_eviction
 from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.summaries import SummaryStore
-from speckv.kv.tiers import TieredStore, TierOptions
+from speckv.kv.tiers import TieredStore, TierOptions, kernel_row_format
 from speckv.codecs.base import PageShape, make_codec
-from speckv.pool.base import POOLS, ArenaPool, PoolUnavailable
+from speckv.pool.base import POOLS, PoolUnavailable
 from speckv.models.loaded import LoadedModel, load_model, resolve_device
 from speckv.models.tokenizer import IncrementalDetokenizer
 from speckv.prefetch.prefetcher import Prefetcher
@@ -130,8 +130,8 @@ class LLMEngine:
                 "page itself)")
         if kv_read != "auto":
             return kv_read == "in_place"
-        return (not predictors and self._kernels is not None and codec.row_format is not None
-                and isinstance(backend, ArenaPool))
+        return not predictors and \
+            kernel_row_format(self._kernels, codec, backend, self.device) is not None
 
     def _build_prefetcher(self, config: EngineConfig) -> Prefetcher | None:
         """The prefetcher, with a pool (it moves pages out of it); else None.

@@ -31,6 +31,9 @@ from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.selection.step import StepSelection
 
 
+_UNSET = object()
+
+
 @dataclass(slots=True)
 class PrefillGroup:
     """The step's multi-token chunks, their queries padded to the longest chunk."""
@@ -146,6 +149,7 @@ class StepAttention:
         self.select_prefill = select_prefill
         self.meta = m = StepMetadata.build(cache, chunks, device)
         self.positions = m.positions  # the model reads them
+        self._quest_budget = _UNSET  # [B] page budgets or None, once known: `_fused_budget`
         self.prefetch = None  # the prefetcher's view of this step, when one runs
         if cache.prefetcher is not None and cache.prefetcher.active:
             from speckv.prefetch.step import StepPrefetch
@@ -163,7 +167,8 @@ class StepAttention:
         if self.prefetch is not None:
             self.prefetch.finish()
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D] of the step's tokens -> attention output [T, H, D]."""
         m = self.meta
         sealed = None
@@ -183,15 +188,14 @@ class StepAttention:
     # ------------------------------------------------------------ dense
 
     def _dense(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        pool = self.cache.pool
+        pool, m = self.cache.pool, self.meta
         # decode tokens are the flat tokens [0, n): one query per sequence, no padding
-        n, tables, lens = self.meta.num_decode, self.meta.block_tables[layer], self.meta.context_lens
-        if self.cache.store is not None:  # attention reads DEVICE only: fetch what is missing
-            tables = self.cache.ensure_resident(layer, self.meta.request_ids, tables, self.meta.built_at)
-            if self.prefetch is not None:
-                self.prefetch.after_read(layer, None)
+        n, lens = m.num_decode, m.context_lens
+        tables = self._resident(layer, m.block_tables[layer], None)
+        if self.prefetch is not None:
+            self.prefetch.after_read(layer, None)
         started = time.perf_counter()
-        if self.meta.prefill is None:
+        if m.prefill is None:
             out = self.kernels.decode(q, pool.k_pages, pool.v_pages, tables, lens, self.rows,
                                       self.row_format)
         else:
@@ -262,7 +266,8 @@ class StepAttention:
         started = time.perf_counter()
         out = torch.empty_like(q)
         if n:
-            out[:n] = self._sparse_decode(q[:n], tables[:n], self.meta.context_lens[:n], decode_mask)
+            out[:n] = self._sparse_decode(q[:n], tables[:n], self.meta.context_lens[:n],
+                                          decode_mask)
         if g is not None:
             self._prefill(q, tables, out, prefill_mask)
         self._read_in_place(tables, needed, started)
@@ -270,12 +275,16 @@ class StepAttention:
 
     def _fused_budget(self, sel: StepSelection) -> torch.Tensor | None:
         """[B] page budgets of the decode rows when one kernel call can select and attend
-        (a fused selector, nothing copied into DEVICE first, prefill chunks dense)."""
-        if (self.kernels.quest is None or not self.meta.num_decode
-                or (self.cache.store is not None and not self.in_place)
-                or (self.meta.prefill is not None and self.select_prefill)):
-            return None
-        return sel.fused_budget(self.meta.positions[:self.meta.num_decode])
+        (a fused selector, nothing copied into DEVICE first, prefill chunks dense); the
+        same for every layer of the step, so worked out once."""
+        if self._quest_budget is _UNSET:
+            m = self.meta
+            fusable = (self.kernels.quest is not None and m.num_decode
+                       and (self.cache.store is None or self.in_place)
+                       and (m.prefill is None or not self.select_prefill))
+            self._quest_budget = sel.fused_budget(m.positions[:m.num_decode]) if fusable \
+                else None
+        return self._quest_budget
 
     def _fused_sparse(self, layer: int, q: torch.Tensor, sel: StepSelection,
                       budget: torch.Tensor) -> torch.Tensor:
@@ -291,7 +300,7 @@ class StepAttention:
         sel.count(layer, decode_mask, self.meta.positions[:n, None])
         if self.meta.prefill is not None:
             self._prefill(q, tables, out, None)
-        if self.cache.store is not None:
+        if self.in_place:
             self._read_in_place(tables, self._needed(decode_mask, None), started)
         return out
 
@@ -327,10 +336,13 @@ class StepAttention:
                 parts.append((prefill_mask & valid).any(2).any(1))
         return torch.cat(parts)
 
-    def _resident(self, layer: int, tables: torch.Tensor, needed: torch.Tensor | None) -> torch.Tensor:
+    def _resident(self, layer: int, tables: torch.Tensor,
+                  needed: torch.Tensor | None) -> torch.Tensor:
+        """`ensure_resident` (with a pool): the pages attention will read, readable."""
         if self.cache.store is None:
             return tables
-        return self.cache.ensure_resident(layer, self.meta.request_ids, tables, self.meta.built_at, needed)
+        m = self.meta
+        return self.cache.ensure_resident(layer, m.request_ids, tables, m.built_at, needed)
 
     def _sparse_decode(self, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:

@@ -171,30 +171,24 @@ class KVCacheManager:
             return (new, 0, 0) if fits else None
         new_req = self.requirement(have + new, stored)
         pages_before, pages_after = self._pool_pages(have), self._pool_pages(have + new)
-        if self._held - max(res, req) + max(res, new_req) > self.pool.num_pages:
+        if self._held + _held_change(res, req, new_req) > self.pool.num_pages:
             return None
-        pool_held = self._pool_held - max(res_pool, pages_before) + max(res_pool, pages_after)
+        pool_held = self._pool_held + _held_change(res_pool, pages_before, pages_after)
         if pool_held > self.store.backend.num_slots:
             return None
         return new, new_req, pages_after - pages_before
 
     def _set_requirement(self, table: PageTable, new_req: int) -> None:
-        self._held += max(table.reserved, new_req) - max(table.reserved, table.requirement)
+        self._held += _held_change(table.reserved, table.requirement, new_req)
         self._committed += new_req - table.requirement
         table.requirement = new_req
 
     def _add_pool_pages(self, table: PageTable, before: int, after: int) -> None:
         """The table's pooled pages (stored or promised) go from `before` to `after`."""
-        r = table.reserved_pool
-        self._pool_held += max(r, after) - max(r, before)
+        self._pool_held += _held_change(table.reserved_pool, before, after)
         self._pool_reserved += after - before
 
     # ------------------------------------------------------------ admission
-
-    def can_admit(self, request_id: RequestId, num_tokens: int) -> bool:
-        """Whether a sequence of at most `num_tokens` tokens fits beside what every
-        admitted sequence may need at its longest (always True without a pool)."""
-        return self._admission(request_id, num_tokens) is not None
 
     def admit(self, request_id: RequestId, num_tokens: int) -> bool:
         """Reserves, for a sequence that will hold at most `num_tokens` tokens, the DEVICE
@@ -206,29 +200,29 @@ class KVCacheManager:
             return False
         if self.store is None:
             return True
-        reserved, reserved_pool = room
+        reserved, reserved_pool, held, pool_held = room
         table = self._tables.get(request_id) or self._new_table(request_id)
-        self._held += max(reserved, table.requirement) - max(table.reserved, table.requirement)
-        pages = self._pool_pages(table.num_pages)
-        self._pool_held += max(reserved_pool, pages) - max(table.reserved_pool, pages)
+        self._held, self._pool_held = held, pool_held
         table.reserved, table.reserved_pool = reserved, reserved_pool
         return True
 
-    def _admission(self, request_id: RequestId, num_tokens: int) -> tuple[int, int] | None:
+    def _admission(self, request_id: RequestId,
+                   num_tokens: int) -> tuple[int, int, int, int] | None:
+        """(DEVICE and pool reservation, held DEVICE and pool pages after it) if they fit."""
         if self.store is None:
-            return 0, 0
+            return 0, 0, 0, 0
         reserved = self.worst_requirement(num_tokens)
         reserved_pool = self.worst_pool_pages(num_tokens)
         table = self._tables.get(request_id)
         req, res, pages, res_pool = (0, 0, 0, 0) if table is None else \
             (table.requirement, table.reserved, self._pool_pages(table.num_pages),
              table.reserved_pool)
-        if self._held - max(res, req) + max(reserved, req) > self.pool.num_pages:
+        # the reservation changes; what the table holds now (req, pages) stays
+        held = self._held + max(reserved, req) - max(res, req)
+        pool_held = self._pool_held + max(reserved_pool, pages) - max(res_pool, pages)
+        if held > self.pool.num_pages or pool_held > self.store.backend.num_slots:
             return None
-        pool_held = self._pool_held - max(res_pool, pages) + max(reserved_pool, pages)
-        if pool_held > self.store.backend.num_slots:
-            return None
-        return reserved, reserved_pool
+        return reserved, reserved_pool, held, pool_held
 
     # ------------------------------------------------------------ grow and free
 
@@ -488,3 +482,9 @@ class KVCacheManager:
 
     def all_tables(self) -> list[PageTable]:
         return list(self._tables.values())
+
+
+def _held_change(reserved: int, before: int, after: int) -> int:
+    """How much a table's hold, max(its reservation, what it needs), changes when what it
+    needs goes from `before` to `after`."""
+    return max(reserved, after) - max(reserved, before)

@@ -97,13 +97,9 @@ class TieredStore:
         self.first_stored = 1 if options.keep_sink_page else 0
         n = device_pool.num_slots  # PREFETCH pages promoted into DEVICE keep their slot ids
         self._staging: dict[str, torch.Tensor] = {}  # reused fetch buffers, grown on demand
-        self._kernels = None
-        self.row_format = 0  # the kernels' number for the codec's rows (with `_kernels`)
-        if (kernels is not None and codec.row_format is not None
-                and device_pool.kv.device.type == "cpu" and isinstance(backend, ArenaPool)):
-            from speckv.kv.cpu_kernels import FORMATS
-
-            self._kernels, self.row_format = kernels, FORMATS[codec.row_format]
+        row_format = kernel_row_format(kernels, codec, backend, device_pool.kv.device)
+        self._kernels = None if row_format is None else kernels
+        self.row_format = row_format or 0  # the kernels' number for the codec's rows
         if in_place and self._kernels is None:
             raise ValueError(f"kv_read='in_place' needs the CPU kernels (CPU, float32), a "
                              f"codec they read ({', '.join(readable_codecs())}; not "
@@ -249,6 +245,18 @@ class TieredStore:
         victims = self.eviction.victims(candidates, n)
         self.counters.evictions += len(victims)
         return victims
+
+
+def kernel_row_format(kernels: ModuleType | None, codec: Codec, backend: PoolBackend,
+                      device: torch.device) -> int | None:
+    """The CPU kernels' number for `codec`'s rows (`cpu_kernels.FORMATS`) when they can
+    read them where they lie in `backend` (a host arena) for pages on `device`; else None."""
+    if (kernels is None or codec.row_format is None or device.type != "cpu"
+            or not isinstance(backend, ArenaPool)):
+        return None
+    from speckv.kv.cpu_kernels import FORMATS
+
+    return FORMATS[codec.row_format]
 
 
 def readable_codecs() -> list[str]:

@@ -17,18 +17,11 @@
 
 namespace {
 
-void check_arena(const torch::Tensor& arena, int64_t format, const torch::Tensor& k_pages,
-                 const torch::Tensor& v_pages) {
-  TORCH_CHECK(arena.dtype() == torch::kUInt8 && arena.dim() == 2 && arena.is_contiguous(),
-              "fetch: the arena must be a contiguous uint8 [N, W] tensor");
-  TORCH_CHECK(format >= speckv::kRaw && format <= speckv::kKivi4, "fetch: unknown row format");
+void check_page_pools(const torch::Tensor& k_pages, const torch::Tensor& v_pages,
+                      const char* who) {
   TORCH_CHECK(k_pages.dtype() == torch::kFloat32 && k_pages.is_contiguous() &&
                   v_pages.is_contiguous() && k_pages.sizes() == v_pages.sizes(),
-              "fetch: page pools must be contiguous float32 and alike");
-}
-
-speckv::PoolRows rows_of(const torch::Tensor& arena, int64_t format) {
-  return {arena.data_ptr<uint8_t>(), arena.size(1), format};
+              who, ": page pools must be contiguous float32 and alike");
 }
 
 // Decodes the page of `entry` (all heads) into k, v ([T, H, D] floats each).
@@ -48,7 +41,9 @@ void decode_into(int64_t entry, const float* k_pages, const float* v_pages,
 // DEVICE slot slots[i] of k_pages / v_pages ([S, T, H, D] float32).
 void fetch_pages(torch::Tensor arena, int64_t format, torch::Tensor keys, torch::Tensor k_pages,
                  torch::Tensor v_pages, torch::Tensor slots) {
-  check_arena(arena, format, k_pages, v_pages);
+  const auto pool = speckv::pool_rows(arena, format, "fetch_pages");
+  TORCH_CHECK(pool.base != nullptr, "fetch_pages: no pool rows to fetch from");
+  check_page_pools(k_pages, v_pages, "fetch_pages");
   TORCH_CHECK(keys.dtype() == torch::kInt64 && slots.dtype() == torch::kInt64 &&
                   keys.numel() == slots.numel() && keys.is_contiguous() && slots.is_contiguous(),
               "fetch_pages: keys and slots must be contiguous int64 of one length");
@@ -59,7 +54,6 @@ void fetch_pages(torch::Tensor arena, int64_t format, torch::Tensor keys, torch:
     TORCH_CHECK(slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < k_pages.size(0),
                 "fetch_pages: slot out of range");
   }
-  const auto pool = rows_of(arena, format);
   float* k = k_pages.data_ptr<float>();
   float* v = v_pages.data_ptr<float>();
   const int64_t* key = keys.data_ptr<int64_t>();
@@ -77,14 +71,9 @@ std::vector<torch::Tensor> gather_pages(torch::Tensor k_pages, torch::Tensor v_p
   TORCH_CHECK(entries.dtype() == torch::kInt64 && entries.dim() == 1,
               "gather_pages: entries must be int64 [n]");
   entries = entries.contiguous();
-  const bool has_pool = arena.numel() > 0;
-  if (has_pool) {
-    check_arena(arena, format, k_pages, v_pages);
-  } else {
-    TORCH_CHECK(k_pages.dtype() == torch::kFloat32 && k_pages.is_contiguous() &&
-                    v_pages.is_contiguous(),
-                "gather_pages: page pools must be contiguous float32");
-  }
+  const auto pool = speckv::pool_rows(arena, format, "gather_pages");
+  const bool has_pool = pool.base != nullptr;
+  check_page_pools(k_pages, v_pages, "gather_pages");
   const speckv::PageGeometry g{k_pages.size(1), k_pages.size(2), k_pages.size(3)};
   const int64_t n = entries.numel();
   if (n > 0) {  // every entry names a slot or a row that exists
@@ -94,7 +83,6 @@ std::vector<torch::Tensor> gather_pages(torch::Tensor k_pages, torch::Tensor v_p
   }
   auto k_out = torch::empty({n, g.T, g.H, g.D}, k_pages.options());
   auto v_out = torch::empty({n, g.T, g.H, g.D}, k_pages.options());
-  const speckv::PoolRows pool = has_pool ? rows_of(arena, format) : speckv::PoolRows{};
   const float* kp = k_pages.data_ptr<float>();
   const float* vp = v_pages.data_ptr<float>();
   const int64_t* e = entries.data_ptr<int64_t>();

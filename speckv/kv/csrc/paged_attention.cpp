@@ -30,6 +30,20 @@ std::atomic<bool> g_software_prefetch{true};
 // under which true infinities are not allowed.
 constexpr float kNegBig = -1e30f;
 
+// What one thread's `attend` calls work in: the online-softmax state of `rows` query
+// rows, a page of scores for each, and, when pool rows are read, a K and a V page to
+// decode a coded row into.
+struct TaskBuffers {
+  TaskBuffers(int64_t rows, int64_t D, const speckv::PageGeometry& geo, bool decodes)
+      : acc(rows * D), running_max(rows), running_sum(rows), scores(rows * geo.T),
+        scratch(decodes ? 2 * geo.elems() : 0), elems(geo.elems()) {}
+  float* scratch_k() { return scratch.data(); }
+  float* scratch_v() { return scratch.data() + elems; }
+
+  std::vector<float> acc, running_max, running_sum, scores, scratch;
+  int64_t elems;
+};
+
 // One task: the query rows of KV heads [h0, h1) of one sequence (G rows per KV head)
 // against the first `ctx` tokens of its listed pages. Pages are read front to back,
 // all the task's heads together, so each page streams from memory once, wherever it
@@ -38,9 +52,12 @@ constexpr float kNegBig = -1e30f;
 template <int64_t kDim>
 void attend(const float* qb, const float* kp, const float* vp, const speckv::PoolRows& pool,
             const int64_t* pages, int64_t ctx, int64_t h0, int64_t h1,
-            const speckv::PageGeometry& geo, int64_t G, float scale, float* ob, float* acc,
-            float* scores, float* running_max, float* running_sum, float* scratch_k,
-            float* scratch_v) {
+            const speckv::PageGeometry& geo, int64_t G, float scale, float* ob,
+            TaskBuffers& buf) {
+  float* acc = buf.acc.data();
+  float* scores = buf.scores.data();
+  float* running_max = buf.running_max.data();
+  float* running_sum = buf.running_sum.data();
   const int64_t D = kDim > 0 ? kDim : geo.D;
   const int64_t page_size = geo.T, token_stride = geo.H * geo.D;
   const int64_t rows = (h1 - h0) * G;  // query rows, row r = (h - h0) * G + g
@@ -54,7 +71,8 @@ void attend(const float* qb, const float* kp, const float* vp, const speckv::Poo
       speckv::prefetch_page(pages[p + 1], kp, vp, pool, geo, h0, h1);
     const float* kpage;
     const float* vpage;
-    speckv::read_page(pages[p], kp, vp, pool, geo, h0, h1, scratch_k, scratch_v, &kpage, &vpage);
+    speckv::read_page(pages[p], kp, vp, pool, geo, h0, h1, buf.scratch_k(), buf.scratch_v(),
+                      &kpage, &vpage);
     // scores[r * page_size + t] = q_r . k_t * scale
     for (int64_t t = 0; t < ntok; ++t) {
       for (int64_t h = h0; h < h1; ++h) {
@@ -106,19 +124,6 @@ void attend(const float* qb, const float* kp, const float* vp, const speckv::Poo
   }
 }
 
-// The pool arena a kernel reads coded rows from: uint8 [N, W], or an empty tensor.
-speckv::PoolRows pool_rows(const torch::Tensor& arena, int64_t format, const char* who) {
-  speckv::PoolRows pool;
-  if (arena.numel() == 0) return pool;
-  TORCH_CHECK(arena.dtype() == torch::kUInt8 && arena.dim() == 2 && arena.is_contiguous(),
-              who, ": the pool arena must be a contiguous uint8 [N, W] tensor");
-  TORCH_CHECK(format >= speckv::kRaw && format <= speckv::kKivi4, who, ": unknown row format");
-  pool.base = arena.data_ptr<uint8_t>();
-  pool.width = arena.size(1);
-  pool.format = format;
-  return pool;
-}
-
 void check_pages(const torch::Tensor& q, const torch::Tensor& k_pages,
                  const torch::Tensor& v_pages, const torch::Tensor& table,
                  const torch::Tensor& lens, const char* who) {
@@ -144,7 +149,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pages,
                                      torch::Tensor context_lens, double scale,
                                      torch::Tensor arena, int64_t format) {
   check_pages(q, k_pages, v_pages, block_table, context_lens, "paged_decode_attention");
-  const auto pool = pool_rows(arena, format, "paged_decode_attention");
+  const auto pool = speckv::pool_rows(arena, format, "paged_decode_attention");
   q = q.contiguous();
   block_table = block_table.contiguous();
   context_lens = context_lens.contiguous();
@@ -169,16 +174,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pages,
   const int64_t heads_per_task = B >= 2 * at::get_num_threads() ? Hkv : 1;
   const int64_t tasks_per_seq = Hkv / heads_per_task;
   at::parallel_for(0, B * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows = heads_per_task * G;
-    std::vector<float> acc(rows * D), running_max(rows), running_sum(rows), scores(rows * geo.T);
-    std::vector<float> scratch(pool.base != nullptr ? 2 * geo.elems() : 0);
+    TaskBuffers buf(heads_per_task * G, D, geo, pool.base != nullptr);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tasks_per_seq;
       const int64_t h0 = (task % tasks_per_seq) * heads_per_task, h1 = h0 + heads_per_task;
       const int64_t ctx = std::min(cl[b], P * geo.T);
       run(qp + (b * H + h0 * G) * D, kp, vp, pool, bt + b * P, ctx, h0, h1, geo, G, fscale,
-          op + (b * H + h0 * G) * D, acc.data(), scores.data(), running_max.data(),
-          running_sum.data(), scratch.data(), scratch.data() + geo.elems());
+          op + (b * H + h0 * G) * D, buf);
     }
   });
   return out;
@@ -195,7 +197,7 @@ torch::Tensor sparse_decode_attention(torch::Tensor q, torch::Tensor k_pages,
                                       torch::Tensor selected_lens, double scale,
                                       torch::Tensor arena, int64_t format) {
   check_pages(q, k_pages, v_pages, head_tables, selected_lens, "sparse_decode_attention");
-  const auto pool = pool_rows(arena, format, "sparse_decode_attention");
+  const auto pool = speckv::pool_rows(arena, format, "sparse_decode_attention");
   q = q.contiguous();
   head_tables = head_tables.contiguous();
   selected_lens = selected_lens.contiguous();
@@ -214,14 +216,12 @@ torch::Tensor sparse_decode_attention(torch::Tensor q, torch::Tensor k_pages,
   const float fscale = static_cast<float>(scale);
   const Attend run = attend_for(D);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(G * D), running_max(G), running_sum(G), scores(G * geo.T);
-    std::vector<float> scratch(pool.base != nullptr ? 2 * geo.elems() : 0);
+    TaskBuffers buf(G, D, geo, pool.base != nullptr);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const int64_t ctx = std::min(sl[b], K * geo.T);
       run(qp + (b * H + h * G) * D, kp, vp, pool, ht + task * K, ctx, h, h + 1, geo, G, fscale,
-          op + (b * H + h * G) * D, acc.data(), scores.data(), running_max.data(),
-          running_sum.data(), scratch.data(), scratch.data() + geo.elems());
+          op + (b * H + h * G) * D, buf);
     }
   });
   return out;
@@ -296,7 +296,7 @@ std::vector<torch::Tensor> quest_decode_attention(
   TORCH_CHECK(summaries.dtype() == torch::kFloat32 && summaries.is_contiguous() &&
                   summary_table.dtype() == torch::kInt64 && page_budget.dtype() == torch::kInt64,
               "quest_decode_attention: float32 summaries, int64 tables and budgets");
-  const auto pool = pool_rows(arena, format, "quest_decode_attention");
+  const auto pool = speckv::pool_rows(arena, format, "quest_decode_attention");
   q = q.contiguous();
   block_table = block_table.contiguous();
   summary_table = summary_table.contiguous();
@@ -323,8 +323,8 @@ std::vector<torch::Tensor> quest_decode_attention(
   const float fscale = static_cast<float>(scale);
   const Attend run = attend_for(D);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(G * D), running_max(G), running_sum(G), scores(std::max(G * geo.T, P));
-    std::vector<float> page_scores(P), scratch(pool.base != nullptr ? 2 * geo.elems() : 0);
+    TaskBuffers buf(G, D, geo, pool.base != nullptr);
+    std::vector<float> page_scores(P);
     std::vector<int64_t> order(P), listed(P);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
@@ -336,8 +336,7 @@ std::vector<torch::Tensor> quest_decode_attention(
       const int64_t own = (ctx - 1) / geo.T;
       const int64_t selected_len = (count - 1) * geo.T + (ctx - own * geo.T);
       run(qh, kp, vp, pool, listed.data(), selected_len, h, h + 1, geo, G, fscale,
-          op + (b * H + h * G) * D, acc.data(), scores.data(), running_max.data(),
-          running_sum.data(), scratch.data(), scratch.data() + geo.elems());
+          op + (b * H + h * G) * D, buf);
     }
   });
   return {out, selected};

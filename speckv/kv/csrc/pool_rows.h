@@ -12,7 +12,7 @@
 // read it from there; the fetch kernel decodes straight into a DEVICE slot.
 #pragma once
 
-#include <c10/util/Half.h>
+#include <torch/extension.h>
 
 #include <cstdint>
 #include <cstring>
@@ -33,6 +33,20 @@ struct PoolRows {
   int64_t format = kRaw;
   const uint8_t* row(int64_t entry) const { return base + (-entry - 1) * width; }
 };
+
+// The pool arena a kernel reads coded rows from: uint8 [N, W], or an empty tensor (no
+// pool: `base` stays null).
+inline PoolRows pool_rows(const torch::Tensor& arena, int64_t format, const char* who) {
+  PoolRows pool;
+  if (arena.numel() == 0) return pool;
+  TORCH_CHECK(arena.dtype() == torch::kUInt8 && arena.dim() == 2 && arena.is_contiguous(),
+              who, ": the pool arena must be a contiguous uint8 [N, W] tensor");
+  TORCH_CHECK(format >= kRaw && format <= kKivi4, who, ": unknown row format");
+  pool.base = arena.data_ptr<uint8_t>();
+  pool.width = arena.size(1);
+  pool.format = format;
+  return pool;
+}
 
 inline float half_to_float(const at::Half& h) { return static_cast<float>(h); }
 
