@@ -10,6 +10,7 @@ import torch
 from speckv import LLM
 from speckv.config import ModelConfig
 from speckv.engine.llm_engine import LLMEngine
+from speckv.kv.tiers import Tier
 from speckv.models.loaded import LoadedModel, load_model
 from speckv.models.loader import bundled_model_path
 
@@ -80,8 +81,8 @@ def assert_no_leak(engine: LLMEngine) -> None:
         assert backend.stats().encoded_bytes == 0
         assert cache.committed_pages == 0 and cache.num_evicted == 0
         assert cache.reserved_pool_pages == 0
-        assert not cache.store.evictable.any() and (cache.store.owner == -1).all()
-    prefetcher = cache.prefetcher
+        assert cache.num_pooled_resident == 0 and cache.num_slots_held() == 0
+    prefetcher = engine.prefetcher
     if prefetcher is not None and prefetcher.buffer is not None:
         prefetcher.drain()  # transfers in flight complete (or release) first
         assert prefetcher.buffer.num_used == 0, f"{prefetcher.buffer.num_used} PREFETCH pages leaked"
@@ -96,7 +97,7 @@ def check_tier_invariants(engine: LLMEngine) -> None:
     backend = store.backend
     first = store.first_stored
     resident = 0
-    for table in cache.all_tables():
+    for rid, table in zip(cache.request_ids(), cache.all_tables()):
         n = table.num_pages
         slots, keys = table.slots[:, :n], table.pool_keys[:, :n]
         stored = slice(first, first + table.num_stored)
@@ -106,6 +107,7 @@ def check_tier_invariants(engine: LLMEngine) -> None:
         assert all(s >= 0 for row in pinned for s in row), "an unstored page left DEVICE"
         assert (keys[:, first + table.num_stored:] == -1).all()
         resident += int((slots >= 0).sum())
+        assert ((cache.tiers(rid) == Tier.DEVICE) == (slots >= 0)).all()
     assert resident == cache.pool.num_used_pages <= cache.pool.num_pages
     assert cache.committed_pages <= cache.held_pages <= cache.pool.num_pages
     assert cache.reserved_pool_pages <= backend.num_slots
@@ -118,7 +120,7 @@ def check_tier_invariants(engine: LLMEngine) -> None:
             assert (table.slots[:, :n][stored_now] == -1 - table.pool_keys[:, :n][stored_now]).all()
     assert (engine.cache.pool.num_used_pages * engine.page_bytes
             <= engine.config.cache.device_kv_bytes)
-    prefetcher = cache.prefetcher
+    prefetcher = engine.prefetcher
     if prefetcher is not None and prefetcher.buffer is not None:  # its own budget
         assert prefetcher.buffer.num_used * engine.page_bytes <= engine.config.prefetch.prefetch_bytes
 

@@ -112,7 +112,6 @@ def test_unknown_codec_lists_the_known_ones():
 def test_fused_cpu_fetch_decodes_exactly_like_the_torch_path(real_pages, name):
     """The C++ fetch (pool row -> DEVICE slot in one pass) equals gather + decode + scatter."""
     from speckv.kv.cpu_kernels import load_cpu_kernels
-    from speckv.kv.eviction import make_eviction
     from speckv.kv.page_pool import DevicePagePool
     from speckv.kv.tiers import TieredStore, TierOptions
 
@@ -124,8 +123,7 @@ def test_fused_cpu_fetch_decodes_exactly_like_the_torch_path(real_pages, name):
                                 device=torch.device("cpu"))
         codec = make_codec(name, _shape(k))
         backend = LocalPool(codec.slot_bytes, codec.slot_bytes * n, device=torch.device("cpu"))
-        store = TieredStore(device, backend, codec, make_eviction("lru", 2 * n), TierOptions(),
-                            kernels=kernels)
+        store = TieredStore(device, backend, codec, TierOptions(), kernels=kernels)
         slots = device.allocate(n)
         device.k_pages[torch.from_numpy(slots)] = k
         device.v_pages[torch.from_numpy(slots)] = v

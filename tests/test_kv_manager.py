@@ -20,7 +20,7 @@ from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.kv.cpu_kernels import load_cpu_kernels
 from speckv.kv.eviction import make_eviction
 from speckv.kv.page_pool import DevicePagePool
-from speckv.kv.tiers import TieredStore, TierOptions
+from speckv.kv.tiers import Tier, TieredStore, TierOptions
 from speckv.pool.local import LocalPool
 from speckv.pool.slots import SlotAllocator
 
@@ -33,9 +33,10 @@ def make_cache(device_pages: int, *, in_place: bool, pool_pages: int = 64,
     pool = DevicePagePool(device_pages, PS, HEADS, DIM, dtype=torch.float32, device=CPU)
     c = make_codec(codec, PageShape(PS, HEADS, DIM, torch.float32))
     backend = LocalPool(c.slot_bytes, c.slot_bytes * pool_pages, device=CPU)
-    store = TieredStore(pool, backend, c, make_eviction("lru", pool.num_slots), TierOptions(),
+    store = TieredStore(pool, backend, c, TierOptions(),
                         kernels=load_cpu_kernels() if in_place else None, in_place=in_place)
-    return KVCacheManager(pool, LAYERS, max_model_len=64, store=store)
+    return KVCacheManager(pool, LAYERS, max_model_len=64, store=store,
+                          eviction=make_eviction("lru", pool.num_slots))
 
 
 def make_seq(name: str, prompt_len: int, max_tokens: int) -> Sequence:
@@ -88,6 +89,49 @@ def test_copy_evicts_the_least_recently_read_pooled_pages_and_fetches_them_back(
     assert (view >= 0).all() and cache.store.counters.pages_fetched == 2  # came back
     cache.free(a)
     assert cache.pool.num_free_pages == 8 and cache.committed_pages == 0
+
+
+def test_a_load_plan_takes_slots_for_missing_pages_and_fetches_only_those_not_promoted():
+    """prepare_load -> (a prefetcher promotes) -> complete_load, as the engine step does."""
+    cache = make_cache(8, in_place=False)
+    a, b = RequestId("a"), RequestId("b")
+    assert cache.allocate(a, 9)  # slots [[0, 2, 4], [1, 3, 5]]
+    cache.pool.kv[:, :6] = torch.randn(2, 6, PS, HEADS, DIM)
+    cache.store_sealed([(a, 9)])  # keys [[0, 1], [2, 3]]
+    truth = cache.pool.k_pages[[0, 2]].clone()  # layer 0's pooled pages (decoded int8)
+    cache.ensure_resident(1, [a], cache.block_tables([a], 3)[1], cache.eviction_count)
+    assert cache.allocate(b, 5)  # evicts layer 0's pages 0 and 1 (slots 0, 2)
+    assert cache.tiers(a).tolist() == [[Tier.POOL, Tier.POOL, Tier.DEVICE], [Tier.DEVICE] * 3]
+    cache.free(b)
+    cache.pool.k_pages[[0, 2, 6, 7]] = 0  # what b left there
+    plan = cache.prepare_load(0, [a], cache.block_tables([a], 3)[0], cache.eviction_count)
+    assert plan.keys.tolist() == [0, 1]  # layer 0's pages 0 and 1, in the pool only
+    slots = plan.slots.tolist()
+    assert len(set(slots)) == 2 and set(slots) <= {0, 2, 6, 7}  # free ones: nothing evicted
+    assert cache.store.counters.evictions == 2
+    cache.pool.k_pages[slots[1]] = truth[1]  # as if promoted: already in its slot
+    plan.promoted[1] = True
+    view = cache.complete_load(plan)
+    assert view.tolist() == [[slots[0], slots[1], 4]]
+    assert cache.store.counters.pages_fetched == 1  # only the page not promoted
+    assert torch.equal(cache.pool.k_pages[slots], truth)
+    assert cache.num_pooled_resident == 4  # all four pooled pages resident again
+    freed = []
+    cache.on_keys_freed(freed.append)
+    cache.free(a)
+    assert freed == [[0, 1, 2, 3]] and cache.num_slots_held() == 0
+
+
+def test_in_place_a_load_plan_is_empty_and_the_table_is_read_as_it_is():
+    cache = make_cache(16, in_place=True)
+    a = RequestId("a")
+    assert cache.allocate(a, 9)
+    cache.store_sealed([(a, 9)])
+    table = cache.block_tables([a], 3)[0]
+    plan = cache.prepare_load(0, [a], table, cache.eviction_count)
+    assert plan.keys.size == 0 and cache.complete_load(plan) is table
+    assert cache.tiers(a).tolist() == [[Tier.POOL, Tier.POOL, Tier.DEVICE]] * 2
+    cache.free(a)
 
 
 def _step(cache: KVCacheManager, scheduler: Scheduler) -> list[str]:

@@ -19,7 +19,6 @@ from conftest import assert_no_leak, check_tier_invariants
 from speckv import SamplingParams
 from speckv.codecs.base import PageShape, make_codec
 from speckv.config import PrefetchConfig
-from speckv.kv.eviction import make_eviction
 from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.tiers import TieredStore, TierOptions
 from speckv.pool.link import parse_link
@@ -141,14 +140,13 @@ def scripted():
     device = DevicePagePool(16, 16, 3, 64, dtype=torch.float32, device=torch.device("cpu"),
                             spare=4)
     store = TieredStore(device, LocalPool(codec.slot_bytes, 1 << 20, device=torch.device("cpu")),
-                        codec, make_eviction("lru", device.num_slots), TierOptions())
+                        codec, TierOptions())
     slots = device.allocate(8)
     device.k_pages[slots] = torch.randn(8, 16, 3, 64)
     device.v_pages[slots] = torch.randn(8, 16, 3, 64)
     keys = store.store(slots)
     truth = (device.k_pages[slots].clone(), device.v_pages[slots].clone())
     device.free(slots)
-    store.release(slots)
     prefetcher = Prefetcher(store, PrefetchConfig(prefetch_bytes=4 * PAGE), LAYERS)
     yield prefetcher, keys, truth
     prefetcher.close()
@@ -181,7 +179,7 @@ def test_accounting_is_exact_on_a_scripted_scenario(scripted):
     store, device = prefetcher.store, prefetcher.store.device_pool
     k = [int(x) for x in keys]
 
-    def demand(wanted):  # what KVCacheManager._fetch_missing does for a step's missing pages
+    def demand(wanted):  # what promote does between prepare_load and complete_load
         dst = device.allocate(len(wanted))
         taken = dst.copy()
         hit = prefetcher.adopt(np.array(wanted), dst)  # promoted: dst now the PREFETCH slots

@@ -69,7 +69,7 @@ class LLMEngine:
         self.selection = self._build_selection(config)
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.runner = ModelRunner(self.model, self.cache, Sampler(config.sampler.engine_seed),
-                                  attention, self.selection)
+                                  attention, self.selection, self.prefetcher)
         self._sequences: dict[RequestId, Sequence] = {}
         self._ids = itertools.count()
         self._trace = None if config.prefetch.trace is None else StepTrace(config.prefetch.trace)
@@ -90,12 +90,7 @@ class LLMEngine:
                 f"of one sequence needs {pinned} page(s) in each of {args.num_layers} layers: "
                 f"the minimum is {minimum * self.page_bytes} bytes "
                 f"({format_size(minimum * self.page_bytes)})")
-        # the PREFETCH tier's pages share DEVICE's tensor (a promotion hands a page over
-        # without a copy); it is there whenever there is a pool to prefetch from
-        spare = 0 if pc.pool == "none" else config.prefetch.prefetch_bytes // self.page_bytes
-        pool = DevicePagePool(num_pages, cc.page_size, args.num_kv_heads, args.head_dim,
-                              dtype=self.dtype, device=self.device, spare=spare)
-        store = None
+        store = eviction = backend = None
         if pc.pool != "none":
             codec = make_codec(pc.codec, PageShape(cc.page_size, args.num_kv_heads,
                                                    args.head_dim, self.dtype))
@@ -103,15 +98,29 @@ class LLMEngine:
                                           numa_node=pc.pool_numa_node,
                                           socket=pc.memnode_socket, link=pc.link,
                                           timeout=pc.memnode_timeout)
-            eviction = make_eviction(pc.eviction, pool.num_slots)
-            store = TieredStore(pool, backend, codec, eviction,
-                                TierOptions(pc.residual_tokens, pc.keep_sink_page),
-                                kernels=self._kernels,
-                                in_place=self._reads_in_place(config, codec, backend))
+            try:
+                in_place = self._reads_in_place(config, codec, backend)
+                # the PREFETCH tier's pages share DEVICE's tensor (a promotion hands a page
+                # over without a copy): there when pooled pages are copied back to be read
+                spare = 0 if in_place else config.prefetch.prefetch_bytes // self.page_bytes
+                pool = DevicePagePool(num_pages, cc.page_size, args.num_kv_heads,
+                                      args.head_dim, dtype=self.dtype, device=self.device,
+                                      spare=spare)
+                eviction = make_eviction(pc.eviction, pool.num_slots)
+                store = TieredStore(pool, backend, codec,
+                                    TierOptions(pc.residual_tokens, pc.keep_sink_page),
+                                    kernels=self._kernels, in_place=in_place)
+            except ValueError:
+                backend.close()  # e.g. the memory node this engine spawned
+                raise
+        else:
+            pool = DevicePagePool(num_pages, cc.page_size, args.num_kv_heads, args.head_dim,
+                                  dtype=self.dtype, device=self.device)
         live_pages = num_pages + (0 if store is None else store.backend.num_slots)
         summaries = SummaryStore(live_pages, args.num_kv_heads, args.head_dim,
                                  dtype=self.dtype, device=self.device)
-        return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries)
+        return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries,
+                              eviction)
 
     def _reads_in_place(self, config: EngineConfig, codec, backend) -> bool:
         """Whether attention reads pool rows in place: `in_place`, or `auto` where the
@@ -146,7 +155,7 @@ class LLMEngine:
                                  "pool='none': choose pool='local' or pool='memnode'")
             return None
         prefetcher = Prefetcher(self.cache.store, pc, self.args.num_layers)
-        self.cache.prefetcher = prefetcher
+        self.cache.on_keys_freed(prefetcher.forget)
         return prefetcher
 
     def set_prefetch(self, predictor: str) -> None:
@@ -501,7 +510,7 @@ class LLMEngine:
             stats["device_pages_committed"] = self.cache.committed_pages
             stats["device_pages_held"] = self.cache.held_pages
             stats["pool_pages_reserved"] = self.cache.reserved_pool_pages
-            stats["device_pages_pooled_resident"] = int(store.evictable.sum())
+            stats["device_pages_pooled_resident"] = self.cache.num_pooled_resident
             stats.update({f"pool_{k}": v for k, v in store.backend.stats().as_dict().items()})
             stats.update({f"tier_{k}": v for k, v in store.counters.as_dict().items()})
         stats["summary_bytes"] = self.cache.summaries.bytes_used

@@ -10,13 +10,16 @@ from speckv.engine.step import ScheduledChunk, StepAttention
 from speckv.kv.attention import AttentionKernels
 from speckv.kv.cache import KVCacheManager
 from speckv.models.llama import LlamaModel
+from speckv.prefetch.prefetcher import Prefetcher
 from speckv.selection.step import Choice, PageSelection
 
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, cache: KVCacheManager, sampler: Sampler,
-                 kernels: AttentionKernels, selection: PageSelection) -> None:
+                 kernels: AttentionKernels, selection: PageSelection,
+                 prefetcher: Prefetcher | None = None) -> None:
         self.model = model
+        self.prefetcher = prefetcher
         self.kernels = kernels
         self.selection = selection
         self.cache = cache
@@ -37,8 +40,8 @@ class ModelRunner:
         flat = torch.tensor([t for ids in token_ids for t in ids], device=self.device)
         attention = StepAttention(self.cache, chunks, self.device, self.kernels,
                                   self.selection.plan(choices), select_prefill,
-                                  query_for=self.model.project_query)
-        reads_inputs = attention.prefetch is not None and self.cache.prefetcher.reads_inputs
+                                  query_for=self.model.project_query, prefetcher=self.prefetcher)
+        reads_inputs = attention.prefetch is not None and self.prefetcher.reads_inputs
         hidden = self.model.forward(flat, attention.positions, attention,
                                     attention.layer_input if reads_inputs else None)
         attention.finish()

@@ -5,9 +5,10 @@
     selection.select(...)                   which pages each decode query reads (none:
                                             all), or, fused, selection and attention
                                             in one kernel call
-    cache.ensure_resident(layer, ...)       where each of those pages lives: a DEVICE
+    cache.prepare_load / complete_load      where each of those pages lives: a DEVICE
                                             slot, or a pool row read in place (copy:
-                                            pooled pages are fetched into DEVICE first)
+                                            pooled pages are fetched into DEVICE first,
+                                            the prefetched ones promoted in between)
     prefetch.after_read(layer, needed)      the prefetcher's hint for what comes next
     kernels.decode / sparse_decode(...)     one attention call over that view
 
@@ -22,13 +23,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from speckv.kv.attention import NO_ROWS, AttentionKernels, paged_attention
 from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.selection.step import StepSelection
+
+if TYPE_CHECKING:
+    from speckv.prefetch.prefetcher import Prefetcher
 
 
 _UNSET = object()
@@ -131,7 +135,8 @@ class StepAttention:
     def __init__(self, cache: KVCacheManager, chunks: list[ScheduledChunk],
                  device: torch.device, kernels: AttentionKernels | None = None,
                  selection: StepSelection | None = None, select_prefill: bool = False,
-                 query_for: Callable | None = None) -> None:
+                 query_for: Callable | None = None,
+                 prefetcher: Prefetcher | None = None) -> None:
         """`chunks` must list single-token (decode) chunks first, in flat token order.
 
         Args:
@@ -139,6 +144,8 @@ class StepAttention:
             select_prefill: apply the selection to multi-token chunks too, each query
                 to its own pages (scoring and evaluation; serving prefills densely).
             query_for: the model's `project_query`, for the speculative-query predictor.
+            prefetcher: the engine's `speckv.prefetch.Prefetcher` (with a pool), told what
+                each layer reads and handed the pages a layer must load.
         """
         self.cache = cache
         self.kernels = kernels or AttentionKernels()
@@ -150,13 +157,14 @@ class StepAttention:
         self.meta = m = StepMetadata.build(cache, chunks, device)
         self.positions = m.positions  # the model reads them
         self._quest_budget = _UNSET  # [B] page budgets or None, once known: `_fused_budget`
+        self._prefetcher = prefetcher
         self.prefetch = None  # the prefetcher's view of this step, when one runs
-        if cache.prefetcher is not None and cache.prefetcher.active:
+        if prefetcher is not None and prefetcher.active:
             from speckv.prefetch.step import StepPrefetch
 
-            self.prefetch = StepPrefetch(cache, m.request_ids, m.context_lens.tolist(),
-                                         m.num_pages, m.num_decode, selection, m.positions,
-                                         m.summary_tables, query_for)
+            self.prefetch = StepPrefetch(prefetcher, cache, m.request_ids,
+                                         m.context_lens.tolist(), m.num_pages, m.num_decode,
+                                         selection, m.positions, m.summary_tables, query_for)
 
     def layer_input(self, layer: int, x: torch.Tensor) -> None:
         """The model's hook before each layer (set when a predictor reads layer inputs)."""
@@ -338,11 +346,16 @@ class StepAttention:
 
     def _resident(self, layer: int, tables: torch.Tensor,
                   needed: torch.Tensor | None) -> torch.Tensor:
-        """`ensure_resident` (with a pool): the pages attention will read, readable."""
+        """The pages attention will read, readable (with a pool): the cache takes DEVICE
+        slots for those it must load, the prefetcher promotes the ones it holds, the cache
+        fetches the rest."""
         if self.cache.store is None:
             return tables
         m = self.meta
-        return self.cache.ensure_resident(layer, m.request_ids, tables, m.built_at, needed)
+        plan = self.cache.prepare_load(layer, m.request_ids, tables, m.built_at, needed)
+        if plan.keys.size and self._prefetcher is not None:
+            self._prefetcher.promote(plan)
+        return self.cache.complete_load(plan)
 
     def _sparse_decode(self, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:

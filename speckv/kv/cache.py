@@ -6,7 +6,8 @@ evict, fetch and select pages per layer. For each (layer, page) the table keeps
 a page *entry* and the pool key (-1 until stored)::
 
     entry >= 0     the page is in DEVICE slot `entry`
-    entry <  0     the page is only in the pool, in row -entry - 1 (= its key)
+    entry <  0     the page is only in the pool, in arena row -entry - 1 (`ArenaPool.rows`
+                   of its key; keys themselves are the backend's, opaque here)
 
 so a stacked page table is, as it is, what the attention kernels read: a DEVICE
 slot or a pool row in place (`--kv-read in_place`).
@@ -25,6 +26,19 @@ is what guarantees a step can always run: any page beyond it is evictable. When
 pages are read in place, a page leaves DEVICE as soon as it is stored: a pool
 row is what attention reads (for int8 a quarter of the float32 page's bytes).
 
+The manager is the only owner of placement: which table holds each DEVICE slot, which
+resident pages may leave (already pooled), the eviction policy and its clock (one
+tick per layer attended). `TieredStore` only moves and counts. A copy-mode read is
+two calls, so that a prefetcher can hand over pages it already holds in between:
+
+    plan = cache.prepare_load(layer, ...)   DEVICE slots taken for the pooled pages
+                                            the read needs (evicting others)
+    prefetcher.promote(plan)                prefetched ones swap in their own slots
+    cache.complete_load(plan)               the rest fetched; the block table to read
+
+(`ensure_resident` is the two without a prefetcher). Freed pool keys are announced
+to whoever subscribed (`on_keys_freed`): the cache holds no pointer to a prefetcher.
+
 Admission with a pool is batch-aware: a sequence is admitted only when what it
 needs at its longest (prompt + max_tokens) fits beside what every admitted one
 holds at its longest (`admit`), so that admitted sequences all decode every step
@@ -33,14 +47,17 @@ and none is preempted for room another one took.
 
 from __future__ import annotations
 
-from typing import NewType
+from dataclasses import dataclass
+from typing import Callable, NewType
 
 import numpy as np
 import torch
 
+from speckv.kv.eviction import EvictionPolicy, make_eviction
 from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.summaries import SummaryStore
-from speckv.kv.tiers import TieredStore
+from speckv.kv.tiers import Tier, TieredStore
+from speckv.pool.base import ArenaPool
 
 RequestId = NewType("RequestId", str)
 
@@ -50,7 +67,7 @@ class PageTable:
 
     def __init__(self, uid: int, num_layers: int, max_pages: int, device: torch.device) -> None:
         self.uid = uid
-        # page entry: DEVICE slot, or -1 - pool key; 0 past num_pages (valid padding)
+        # page entry: DEVICE slot, or -1 - arena row; 0 past num_pages (valid padding)
         self.slots = np.zeros((num_layers, max_pages), dtype=np.int64)
         self.pool_keys = np.full((num_layers, max_pages), -1, dtype=np.int64)
         self.summary_ids = np.zeros((num_layers, max_pages), dtype=np.int64)  # 0 past num_pages
@@ -85,11 +102,32 @@ class PageTable:
         return used[used >= 0]
 
 
+@dataclass(slots=True, eq=False)
+class LoadPlan:
+    """The pooled pages one layer's read needs back in DEVICE, from `prepare_load` to
+    `complete_load`. Empty when nothing is missing or pages are read in place."""
+
+    layer: int
+    keys: np.ndarray  # [n] their pool keys
+    slots: np.ndarray  # [n] the DEVICE slots taken for them (a promoter swaps in its own)
+    promoted: np.ndarray  # [n] bool: already in its slot, not to be fetched
+    tables: list[PageTable]
+    block_table: torch.Tensor  # [B, P] as the caller built it
+    built_at: int  # the eviction count it was built at
+    missing: list[tuple[PageTable, np.ndarray]]  # per table, the pages of `layer` missing
+    wanted: np.ndarray | None  # [B, P] bool, the pages read (None: all)
+
+
+_NONE = np.zeros(0, dtype=np.int64)
+
+
 class KVCacheManager:
-    """Allocates pages for sequences as they grow, moves them between tiers, frees them."""
+    """Allocates pages for sequences as they grow, places them in the tiers, frees them."""
 
     def __init__(self, pool: DevicePagePool, num_layers: int, max_model_len: int,
-                 store: TieredStore | None = None, summaries: SummaryStore | None = None) -> None:
+                 store: TieredStore | None = None, summaries: SummaryStore | None = None,
+                 eviction: EvictionPolicy | None = None) -> None:
+        """`eviction`: which pooled pages leave DEVICE first (with a pool; default LRU)."""
         self.pool = pool
         self.store = store
         self.summaries = summaries
@@ -104,8 +142,16 @@ class KVCacheManager:
         self._held = 0  # sum over tables of max(reserved, requirement): DEVICE
         self._pool_held = 0  # sum over tables of max(reserved_pool, pool pages): pool
         self.num_evicted = 0  # pages of live tables currently not resident
-        self.prefetcher = None  # `speckv.prefetch.Prefetcher`, set by the engine with a pool
         self.reads_in_place = store is not None and store.in_place
+        # placement of DEVICE slots (slot ids of the whole tensor: PREFETCH pages promoted
+        # into DEVICE keep theirs)
+        n = pool.num_slots
+        self.eviction = None if store is None else eviction or make_eviction("lru", n)
+        self._owner = np.full(n, -1, dtype=np.int64)  # uid of the table holding the slot
+        self._where = np.zeros(n, dtype=np.int64)  # flat [layer, page] index in that table
+        self._evictable = np.zeros(n, dtype=bool)  # resident and already in the pool
+        self._clock = 0  # one tick per layer attended
+        self._keys_freed: list[Callable[[list[int]], None]] = []
 
     # ------------------------------------------------------------ accounting
 
@@ -247,7 +293,7 @@ class KVCacheManager:
         if self.store is not None:
             width = self.max_pages_per_seq
             where = np.arange(self.num_layers)[:, None] * width + np.arange(first, first + new)
-            self.store.claim(slots.reshape(-1), table.uid, where.reshape(-1))
+            self._claim(slots.reshape(-1), table.uid, where.reshape(-1))
             self._set_requirement(table, new_req)
             before = self._pool_pages(first)
             self._add_pool_pages(table, before, before + pool_new)
@@ -267,30 +313,32 @@ class KVCacheManager:
         if short > 0:
             if self.store is None:
                 raise RuntimeError("bug: DEVICE pages were promised but are not free")
-            self._evict(self.store.choose_victims(short, protected))
+            self._evict(self._choose_victims(short, protected))
         slots = self.pool.allocate(n)
         if slots is None:
             raise RuntimeError("bug: DEVICE pages still missing after eviction")
         return slots
 
     def _evict(self, victims: np.ndarray) -> None:
-        owners = self.store.owner[victims]
+        owners = self._owner[victims]
         width = self.max_pages_per_seq
         for uid in np.unique(owners):
-            where = self.store.where[victims[owners == uid]]
+            where = self._where[victims[owners == uid]]
             self._leave_device(self._by_uid[int(uid)], where // width, where % width)
-        self.store.release(victims)
+        self._release(victims)
         self.pool.free(victims)
         self.num_evicted += len(victims)
 
-    @staticmethod
-    def _leave_device(table: PageTable, layers: np.ndarray | slice,
+    def _leave_device(self, table: PageTable, layers: np.ndarray | slice,
                       pages: np.ndarray | slice) -> None:
-        """The pages' entries name their pool rows: they are only in the pool now."""
+        """The pages' entries name their pool rows: they are only in the pool now. (Pool
+        keys are the backend's; only an arena backend says which row holds one.)"""
         keys = table.pool_keys[layers, pages]
         if (keys < 0).any():
             raise RuntimeError("bug: a page left DEVICE before it was stored in the pool")
-        table.set_slots(layers, pages, -1 - keys)
+        backend = self.store.backend
+        rows = backend.rows(keys) if isinstance(backend, ArenaPool) else keys
+        table.set_slots(layers, pages, -1 - rows)
 
     def free(self, request_id: RequestId) -> None:
         table = self._tables.pop(request_id, None)
@@ -302,11 +350,11 @@ class KVCacheManager:
             self.summaries.free(table.summary_ids[:, :table.num_pages].reshape(-1))
         if self.store is not None:
             self.num_evicted -= table.num_pages * self.num_layers - len(resident)
-            self.store.release(resident)
+            self._release(resident)
             keys = table.pool_keys[:, :table.num_pages]
             keys = keys[keys >= 0].tolist()
-            if self.prefetcher is not None:  # before the keys can be reused
-                self.prefetcher.forget(keys)
+            for listener in self._keys_freed:  # before the keys can be reused
+                listener(keys)
             self.store.backend.free(keys)
             self._set_requirement(table, 0)
             self._held -= table.reserved
@@ -362,86 +410,165 @@ class KVCacheManager:
                 self._leave_device(table, slice(None), cols)
             self._set_requirement(table, self.requirement(table.num_pages, target))
         if self.reads_in_place:
-            self.store.release(slots)
+            self._release(slots)
             self.pool.free(slots)
             self.num_evicted += len(slots)
+        else:  # in the pool now: may leave DEVICE
+            self._evictable[slots] = True
 
     @property
     def eviction_count(self) -> int:
         """Evictions so far: a block table built before the last one may be stale."""
         return 0 if self.store is None else self.store.counters.evictions
 
+    def on_keys_freed(self, listener: Callable[[list[int]], None]) -> None:
+        """Calls `listener(keys)` with the pool keys of every freed sequence, before the
+        keys can be reused (the prefetcher drops its copies of those pages)."""
+        self._keys_freed.append(listener)
+
     def ensure_resident(self, layer: int, request_ids: list[RequestId],
                         block_table: torch.Tensor, built_at: int,
                         needed: torch.Tensor | None = None) -> torch.Tensor:
-        """Makes the pages of `layer` that the batch reads readable; returns its block table.
+        """Makes the pages of `layer` that the batch reads readable; returns its block table
+        (`prepare_load` then `complete_load`, with nothing promoted in between)."""
+        return self.complete_load(self.prepare_load(layer, request_ids, block_table, built_at,
+                                                    needed))
 
-        Copy: pages only in the pool are fetched into DEVICE slots first. In place: the
-        table is returned as it is, its pool entries read where they lie (the caller
+    def prepare_load(self, layer: int, request_ids: list[RequestId],
+                     block_table: torch.Tensor, built_at: int,
+                     needed: torch.Tensor | None = None) -> LoadPlan:
+        """The pooled pages of `layer` that the batch reads and DEVICE lacks, each given a
+        DEVICE slot (evicting other pooled pages for room, never one this read needs).
+
+        Copy: those pages must come back before attention. In place: nothing moves (the
+        plan is empty; the table's pool entries are read where they lie, and the caller
         accounts those reads with `TieredStore.read_in_place`).
 
         Args:
-            block_table: [B, P] DEVICE slots of the batch's pages in this layer (-1
-                where a page is only in the pool; columns past a sequence's pages
-                are padding), built when `eviction_count` was `built_at`.
+            block_table: [B, P] page entries of the batch in this layer (columns past a
+                sequence's pages are padding), built when `eviction_count` was `built_at`.
             needed: [B, P] bool, the pages attention will read (a selection); default
                 every page. Pages left out are not fetched, and counted as skipped.
         """
-        store = self.store
-        if self.reads_in_place:  # nothing moves: the table already says where pages are
-            return block_table
-        store.clock += 1
+        if self.reads_in_place:  # the table already says where pages are
+            return LoadPlan(layer, _NONE, _NONE, _NONE.astype(bool), [], block_table,
+                            built_at, [], None)
+        self._clock += 1
         tables = [self._tables[r] for r in request_ids]
-        if self.eviction_count != built_at:  # slots may have been reused since
-            block_table = self.block_table(layer, tables, block_table.shape[1])
         wanted = None if needed is None else needed.cpu().numpy()
-        if self.num_evicted:
-            block_table = self._fetch_missing(layer, tables, block_table, wanted)
-        used = block_table.cpu().numpy() if block_table.device.type != "cpu" else block_table.numpy()
-        used = used if wanted is None else used[wanted]
-        store.eviction.on_use(used.reshape(-1), store.clock)
-        return block_table
-
-    def _fetch_missing(self, layer: int, tables: list[PageTable], block_table: torch.Tensor,
-                       wanted: np.ndarray | None) -> torch.Tensor:
         missing = []
-        for row, t in enumerate(tables):
-            absent = t.slots[layer, :t.num_pages] < 0
-            if wanted is not None:
-                skipped = absent & ~wanted[row, :t.num_pages]
-                if skipped.any():
-                    self._count_skipped(t.pool_keys[layer, :t.num_pages][skipped])
-                absent &= wanted[row, :t.num_pages]
-            if absent.any():
-                missing.append((t, np.flatnonzero(absent)))
+        if self.num_evicted:
+            for row, t in enumerate(tables):
+                absent = t.slots[layer, :t.num_pages] < 0
+                if wanted is not None:
+                    skipped = absent & ~wanted[row, :t.num_pages]
+                    if skipped.any():
+                        self._count_skipped(t.pool_keys[layer, :t.num_pages][skipped])
+                    absent &= wanted[row, :t.num_pages]
+                if absent.any():
+                    missing.append((t, np.flatnonzero(absent)))
         if not missing:
-            return block_table
-        n = sum(idx.size for _, idx in missing)
-        needed = np.concatenate([t.slots[layer, :t.num_pages] for t in tables])
-        keys = np.concatenate([t.pool_keys[layer, idx] for t, idx in missing])
-        if (keys < 0).any():
-            raise RuntimeError("bug: a page left DEVICE before it was stored in the pool")
-        slots = self._take_device_pages(n, protected=needed[needed >= 0])
-        # prefetched pages: DEVICE takes their PREFETCH slots in exchange for these
-        promoted = np.zeros(n, dtype=bool) if self.prefetcher is None else \
-            self.prefetcher.adopt(keys, slots)
-        offset, width = 0, self.max_pages_per_seq
-        for table, idx in missing:
-            mine = slots[offset:offset + idx.size]
-            offset += idx.size
-            table.set_slots(layer, idx, mine)
-            self.store.claim(mine, table.uid, layer * width + idx)
-        self.num_evicted -= n
-        if promoted.any():  # evictable again: they are in the pool
-            self.store.arrived(slots[promoted])
-        if not promoted.all():  # demand fetches: the step waits
-            self.store.fetch(keys[~promoted].tolist(), slots[~promoted])
-        return self.block_table(layer, tables, block_table.shape[1])
+            keys = slots = _NONE
+        else:
+            keys = np.concatenate([t.pool_keys[layer, idx] for t, idx in missing])
+            if (keys < 0).any():
+                raise RuntimeError("bug: a page left DEVICE before it was stored in the pool")
+            here = np.concatenate([t.slots[layer, :t.num_pages] for t in tables])
+            slots = self._take_device_pages(len(keys), protected=here[here >= 0])
+        return LoadPlan(layer, keys, slots, np.zeros(len(keys), dtype=bool), tables,
+                        block_table, built_at, missing, wanted)
+
+    def complete_load(self, plan: LoadPlan) -> torch.Tensor:
+        """Fetches the plan's pages not promoted (a demand fetch: the step waits), records
+        where every page now is, and returns the layer's block table to read."""
+        if self.reads_in_place:
+            return plan.block_table
+        layer, tables, block_table = plan.layer, plan.tables, plan.block_table
+        if plan.missing:
+            offset, width = 0, self.max_pages_per_seq
+            for table, idx in plan.missing:
+                mine = plan.slots[offset:offset + idx.size]
+                offset += idx.size
+                table.set_slots(layer, idx, mine)
+                self._claim(mine, table.uid, layer * width + idx)
+            self.num_evicted -= len(plan.keys)
+            promoted = plan.promoted
+            if promoted.any():  # evictable again: they are in the pool
+                self._arrived(plan.slots[promoted])
+            if not promoted.all():
+                fetched = plan.slots[~promoted]
+                self.store.fetch(plan.keys[~promoted].tolist(), fetched)
+                self._arrived(fetched)
+            block_table = self.block_table(layer, tables, block_table.shape[1])
+        elif self.eviction_count != plan.built_at:  # slots may have been reused since
+            block_table = self.block_table(layer, tables, block_table.shape[1])
+        used = block_table.cpu().numpy() if block_table.device.type != "cpu" else block_table.numpy()
+        used = used if plan.wanted is None else used[plan.wanted]
+        self.eviction.on_use(used.reshape(-1), self._clock)
+        return block_table
 
     def _count_skipped(self, keys: np.ndarray) -> None:
         counters = self.store.counters
         counters.fetches_skipped += len(keys)
         counters.fetch_bytes_skipped += self.store.backend.stored_bytes(keys)
+
+    # ------------------------------------------------------------ DEVICE placement
+
+    def _claim(self, slots: np.ndarray, uid: int, where: np.ndarray) -> None:
+        """Table `uid` holds `slots` at flat positions `where` (not evictable yet)."""
+        self._owner[slots] = uid
+        self._where[slots] = where
+        self._evictable[slots] = False
+        self.eviction.on_arrival(slots, self._clock)
+
+    def _release(self, slots: np.ndarray) -> None:
+        self._owner[slots] = -1
+        self._evictable[slots] = False
+
+    def _arrived(self, slots: np.ndarray) -> None:
+        """Pooled pages brought back into DEVICE `slots` (fetched or promoted)."""
+        self._evictable[slots] = True
+        self.eviction.on_arrival(slots, self._clock)
+
+    def _choose_victims(self, n: int, protected: np.ndarray | None = None) -> np.ndarray:
+        """`n` evictable slots, none of `protected` (slots the current layer reads)."""
+        candidates = self._evictable.copy()
+        if protected is not None:
+            candidates[protected] = False
+        if candidates.sum() < n:
+            raise RuntimeError(f"bug: need {n} DEVICE pages but only {int(candidates.sum())} "
+                               "can be evicted; the cache's commitment accounting is wrong")
+        victims = self.eviction.victims(candidates, n)
+        self.store.counters.evictions += len(victims)
+        return victims
+
+    @property
+    def num_pooled_resident(self) -> int:
+        """Resident pages that are also in the pool (may leave DEVICE when room is needed)."""
+        return int(self._evictable.sum())
+
+    def num_slots_held(self) -> int:
+        """DEVICE slots some table holds."""
+        return int((self._owner >= 0).sum())
+
+    def tiers(self, request_id: RequestId) -> np.ndarray:
+        """[num_layers, num_pages] `Tier` of each of the sequence's pages: DEVICE where
+        resident (pooled too, or not yet), POOL where read from the pool."""
+        table = self._tables[request_id]
+        return _tiers(table.slots[:, :table.num_pages])
+
+    def pool_keys(self, layer: int, request_ids: list[RequestId],
+                  num_pages: int) -> tuple[np.ndarray, np.ndarray]:
+        """([B, num_pages] pool keys (-1: not stored), their `Tier`) of a batch's pages of
+        `layer`; columns past a sequence's pages are padding (DEVICE, key -1)."""
+        keys = np.full((len(request_ids), num_pages), -1, dtype=np.int64)
+        tiers = np.full(keys.shape, Tier.DEVICE, dtype=np.int64)
+        for row, rid in enumerate(request_ids):
+            t = self._tables[rid]
+            n = min(t.num_pages, num_pages)
+            keys[row, :n] = t.pool_keys[layer, :n]
+            tiers[row, :n] = _tiers(t.slots[layer, :n])
+        return keys, tiers
 
     # ------------------------------------------------------------ lookups
 
@@ -482,6 +609,15 @@ class KVCacheManager:
 
     def all_tables(self) -> list[PageTable]:
         return list(self._tables.values())
+
+    def request_ids(self) -> list[RequestId]:
+        """The sequences with a page table, in the order `all_tables` lists them."""
+        return list(self._tables)
+
+
+def _tiers(entries: np.ndarray) -> np.ndarray:
+    """The `Tier` each page entry is read from."""
+    return np.where(entries >= 0, Tier.DEVICE, Tier.POOL)
 
 
 def _held_change(reserved: int, before: int, after: int) -> int:

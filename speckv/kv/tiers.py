@@ -12,7 +12,8 @@ decoding it as it streams (what a CPU can do with host memory, a memory node's
 mapped segment or a CXL expander); the page leaves DEVICE as soon as it is stored,
 and each read is accounted here, link model included (`read_in_place`).
 
-`TieredStore` does the moves and counts them; `KVCacheManager` decides when. A
+`TieredStore` does the moves and counts them; `KVCacheManager` decides when, and is
+the only owner of placement (which page is where, the eviction policy, its clock). A
 sealed page is stored once, when it leaves the residual window; from then on its
 DEVICE copy may be evicted (pages never change after sealing, so nothing is
 written back). For a lossy codec, the DEVICE copy is replaced by the decoded page
@@ -32,13 +33,13 @@ import numpy as np
 import torch
 
 from speckv.codecs.base import Codec
-from speckv.kv.eviction import EvictionPolicy
 from speckv.kv.page_pool import DevicePagePool
 from speckv.pool.base import ArenaPool, PoolBackend, PoolKey
 
 
 class Tier(IntEnum):
-    """Where a page's data lives, fastest first (so `Tier.DEVICE < Tier.POOL`)."""
+    """Where a page is read from, fastest first (so `Tier.DEVICE < Tier.POOL`): what
+    `KVCacheManager.tiers` reports; PREFETCH pages are the prefetcher's until promoted."""
 
     DEVICE = 0
     PREFETCH = 1
@@ -80,8 +81,8 @@ class TieredStore:
     """Encodes pages into the pool and fetches them back into DEVICE slots."""
 
     def __init__(self, device_pool: DevicePagePool, backend: PoolBackend, codec: Codec,
-                 eviction: EvictionPolicy, options: TierOptions,
-                 kernels: ModuleType | None = None, in_place: bool = False) -> None:
+                 options: TierOptions, kernels: ModuleType | None = None,
+                 in_place: bool = False) -> None:
         """`kernels`: the compiled CPU kernels, which read the codec's rows where they lie
         (`Codec.row_format`), to fetch them and, with `in_place`, to attend them.
 
@@ -91,11 +92,9 @@ class TieredStore:
         self.device_pool = device_pool
         self.backend = backend
         self.codec = codec
-        self.eviction = eviction
         self.options = options
         self.counters = TierCounters()
         self.first_stored = 1 if options.keep_sink_page else 0
-        n = device_pool.num_slots  # PREFETCH pages promoted into DEVICE keep their slot ids
         self._staging: dict[str, torch.Tensor] = {}  # reused fetch buffers, grown on demand
         row_format = kernel_row_format(kernels, codec, backend, device_pool.kv.device)
         self._kernels = None if row_format is None else kernels
@@ -106,10 +105,6 @@ class TieredStore:
                              f"{codec.name!r}) and a local or memnode pool: use kv_read="
                              "'copy' or 'auto'")
         self.in_place = in_place
-        self.evictable = np.zeros(n, dtype=bool)  # resident and already in the pool
-        self.owner = np.full(n, -1, dtype=np.int64)  # PageTable uid holding the slot
-        self.where = np.zeros(n, dtype=np.int64)  # flat [layer, page] index in that table
-        self.clock = 0
 
     def target_stored(self, num_tokens: int) -> int:
         """Pages (after the sink) that must be in the pool for a sequence of `num_tokens`."""
@@ -137,7 +132,6 @@ class TieredStore:
             k, v = self.codec.decode(encoded.data)
             pool.k_pages.index_copy_(0, index, k)
             pool.v_pages.index_copy_(0, index, v)
-        self.evictable[slots] = True
         c = self.counters
         c.pages_stored += len(slots)
         c.raw_bytes_stored += len(slots) * self.codec.shape.raw_bytes
@@ -153,17 +147,11 @@ class TieredStore:
         started = time.perf_counter()
         pool = self.device_pool
         nbytes = self.read_into(keys, pool, slots, self._staging)
-        self.arrived(slots)
         c = self.counters
         c.fetches += 1
         c.pages_fetched += len(keys)
         c.bytes_fetched += nbytes
         c.stall_seconds += time.perf_counter() - started
-
-    def arrived(self, slots: np.ndarray) -> None:
-        """Pages brought back into DEVICE `slots` (fetched or promoted): evictable again."""
-        self.evictable[slots] = True
-        self.eviction.on_arrival(slots, self.clock)
 
     def read_into(self, keys: list[PoolKey], dst: DevicePagePool, slots: np.ndarray,
                   staging: dict[str, torch.Tensor]) -> int:
@@ -220,31 +208,6 @@ class TieredStore:
                 buf = torch.empty(n_alloc, *kv.shape[2:], dtype=kv.dtype, device=kv.device)
             staging[name] = buf
         return buf[:n]
-
-    # ------------------------------------------------------------ DEVICE slots
-
-    def claim(self, slots: np.ndarray, uid: int, where: np.ndarray) -> None:
-        """Records that table `uid` holds `slots` at flat positions `where` (pinned)."""
-        self.owner[slots] = uid
-        self.where[slots] = where
-        self.evictable[slots] = False
-        self.eviction.on_arrival(slots, self.clock)
-
-    def release(self, slots: np.ndarray) -> None:
-        self.owner[slots] = -1
-        self.evictable[slots] = False
-
-    def choose_victims(self, n: int, protected: np.ndarray | None = None) -> np.ndarray:
-        """`n` evictable slots, none of `protected` (slots the current layer reads)."""
-        candidates = self.evictable.copy()
-        if protected is not None:
-            candidates[protected] = False
-        if candidates.sum() < n:
-            raise RuntimeError(f"bug: need {n} DEVICE pages but only {int(candidates.sum())} "
-                               "can be evicted; the cache's commitment accounting is wrong")
-        victims = self.eviction.victims(candidates, n)
-        self.counters.evictions += len(victims)
-        return victims
 
 
 def kernel_row_format(kernels: ModuleType | None, codec: Codec, backend: PoolBackend,

@@ -146,6 +146,12 @@ class ArenaPool(PoolBackend):
     def num_slots(self) -> int:
         return 0 if self.arena is None else self.arena.shape[0]
 
+    @staticmethod
+    def rows(keys: np.ndarray) -> np.ndarray:
+        """The arena rows that hold `keys`, for kernels that read them in place (an arena's
+        keys are its row numbers; callers other than this class treat keys as opaque)."""
+        return keys
+
     def _forget(self, keys: list[PoolKey]) -> None:
         index = np.asarray(keys, dtype=np.int64)
         self.counters.encoded_bytes -= int(self._nbytes[index].sum())

@@ -3,8 +3,9 @@ pages to the steps that demand them, and counts everything.
 
     StepAttention ── begin_step / layer_input / after_read ──► Prefetcher ──► predictors
                                                                    │  hints: pool keys of
-                                                                   ▼  pages not resident
-    KVCacheManager._fetch_missing ── adopt(keys) ◄── PREFETCH tier ◄── TransferWorker
+                                                                   ▼  pages in Tier.POOL
+    cache.prepare_load ─► promote(plan) ◄── PREFETCH tier ◄── TransferWorker
+                              └─► cache.complete_load (fetches what was not promoted)
 
 Counted per predictor (the one whose hint issued a page), and overall with
 `demand_misses` (pool pages a step fetched itself) and `hit_rate` = used / (used +
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 from speckv.config import PrefetchConfig
-from speckv.kv.tiers import TieredStore
+from speckv.kv.cache import KVCacheManager, LoadPlan
+from speckv.kv.tiers import Tier, TieredStore
 from speckv.prefetch.buffer import PrefetchBuffer, Transfer
 from speckv.prefetch.predictors import Hint, Predictor, StepView, make_predictors
 from speckv.prefetch.worker import TransferWorker
@@ -82,7 +84,7 @@ class Prefetcher:
         self._buffer: PrefetchBuffer | None = None
         self.worker: TransferWorker | None = None  # made with the PREFETCH tier
         self._view: StepView | None = None
-        self._tables: list = []
+        self._cache: KVCacheManager | None = None
         self._pending: dict[tuple[int, int], list[tuple[str, list[str], np.ndarray]]] = {}
         self._step = 0
         self.set_predictors(config.predictors, config.prefetch_depth)
@@ -146,10 +148,10 @@ class Prefetcher:
 
     # ------------------------------------------------------------ the step's hooks
 
-    def begin_step(self, view: StepView, tables: list) -> None:
+    def begin_step(self, view: StepView, cache: KVCacheManager) -> None:
         self._step += 1
         view.step = self._step
-        self._view, self._tables = view, tables
+        self._view, self._cache = view, cache
         for p in self.predictors:
             p.begin_step(view)
 
@@ -169,7 +171,7 @@ class Prefetcher:
             self._issue(p.name, p.after_read(view, layer, read))
 
     def end_step(self) -> None:
-        self._view, self._tables = None, []
+        self._view, self._cache = None, None
         stale = [k for k in self._pending if k[0] < self._step + 1]
         for k in stale:  # hints whose target layer never ran (e.g. the batch changed)
             del self._pending[k]
@@ -204,11 +206,10 @@ class Prefetcher:
         return issued
 
     def _absent_keys(self, hint: Hint) -> np.ndarray:
-        """Pool keys of the hinted pages that are in the pool and not in DEVICE."""
+        """Pool keys of the hinted pages that are read from the pool (`Tier.POOL`)."""
         P = hint.pages.shape[1]
-        slots = np.stack([t.slots[hint.layer, :P] for t in self._tables])
-        keys = np.stack([t.pool_keys[hint.layer, :P] for t in self._tables])
-        return keys[hint.pages & (slots < 0) & (keys >= 0)]
+        keys, tiers = self._cache.pool_keys(hint.layer, self._view.request_ids, P)
+        return keys[hint.pages & (tiers == Tier.POOL)]
 
     def _transferred(self, transfer: Transfer, pages: int, nbytes: int, ok: bool) -> None:
         with self._lock:
@@ -226,6 +227,11 @@ class Prefetcher:
                     setattr(c, name, getattr(c, name) + n)
 
     # ------------------------------------------------------------ demand side
+
+    def promote(self, plan: LoadPlan) -> None:
+        """Between `cache.prepare_load` and `complete_load`: the plan's pages that are
+        prefetched go to DEVICE in their PREFETCH slots (`adopt`), marked promoted."""
+        plan.promoted[:] = self.adopt(plan.keys, plan.slots)
 
     def adopt(self, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Hands the prefetched pages among demanded pool `keys` over to DEVICE, without a

@@ -7,7 +7,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from speckv.kv.cache import KVCacheManager
 from speckv.prefetch.predictors import StepView
+from speckv.prefetch.prefetcher import Prefetcher
 from speckv.selection.step import StepSelection
 
 QueryFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -18,11 +20,12 @@ class StepPrefetch:
     """Tells the prefetcher what the step reads, layer by layer, and answers its
     predictors' questions about the step (dense rows, estimated selections)."""
 
-    def __init__(self, cache, request_ids: list, context_lens: list[int], max_pages: int,
-                 num_decode: int, selection: StepSelection | None, positions: torch.Tensor,
+    def __init__(self, prefetcher: Prefetcher, cache: KVCacheManager, request_ids: list,
+                 context_lens: list[int], max_pages: int, num_decode: int,
+                 selection: StepSelection | None, positions: torch.Tensor,
                  summary_tables: torch.Tensor | None, query_for: QueryFn | None) -> None:
         self.cache = cache
-        self.prefetcher = cache.prefetcher
+        self.prefetcher = prefetcher
         self.selection = selection
         self.positions = positions
         self.summary_tables = summary_tables
@@ -36,7 +39,7 @@ class StepPrefetch:
         can_predict = selection is not None and query_for is not None and summary_tables is not None
         self.view = StepView(0, list(request_ids), num_pages, max_pages, cache.num_layers,
                              self._dense, self._predict if can_predict else None, num_decode)
-        self.prefetcher.begin_step(self.view, [cache.table(r) for r in request_ids])
+        self.prefetcher.begin_step(self.view, cache)
 
     def _dense(self, layer: int) -> np.ndarray:
         if self.selection is None or not self.selection.sparse(layer):
