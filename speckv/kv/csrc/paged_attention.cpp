@@ -57,9 +57,10 @@ struct TaskBuffers {
 // through the same code, so both give the same numbers bit for bit. With AVX-512 and
 // a head dim that is a multiple of 16, the scores of 16 tokens come out of one
 // transposing sum (`sum_lanes_16`) instead of one horizontal sum per token, and each
-// query row's accumulator stays in registers across a page's tokens; measured on
-// 8 x 4,096 tokens x 30 layers (BENCHMARKS.md F7): float32 pages 1.13x faster, int8 rows
-// 1.38x, the fused quest kernel at 1/8 2.3x (with the prefetch of its summaries).
+// query row's accumulator stays in registers across a page's tokens. Measured against
+// the previous loops (`benchmarks/kernels_f7.py --kv-bound`, BENCHMARKS.md F7): a step's
+// attention at 8 x 4,096 tokens 1.11x faster on float32 pages, 1.30x on int8 rows; fused
+// quest at 1/8 of 8 x 8,192 tokens 2.0x (with its summaries prefetched, below).
 
 template <int64_t kDim>
 inline void page_scores_generic(const float* qb, const float* kpage, int64_t ntok, int64_t h0,
@@ -222,16 +223,27 @@ void attend(const float* qb, const float* kp, const float* vp, const speckv::Poo
   float* running_max = buf.running_max.data();
   float* running_sum = buf.running_sum.data();
   const int64_t D = kDim > 0 ? kDim : geo.D;
-  const int64_t page_size = geo.T;
+  const int64_t page_size = geo.T, token_stride = geo.H * D;
   const int64_t rows = (h1 - h0) * G;  // query rows, row r = (h - h0) * G + g
   std::fill(acc, acc + rows * D, 0.f);
   std::fill(running_max, running_max + rows, kNegBig);
   std::fill(running_sum, running_sum + rows, 0.f);
+  const bool prefetch = g_software_prefetch.load(std::memory_order_relaxed);
   for (int64_t p = 0; p * page_size < ctx; ++p) {
     const int64_t ntok = std::min(page_size, ctx - p * page_size);
-    if ((p + 1) * page_size < ctx && g_software_prefetch.load(std::memory_order_relaxed))
-      // pages lie anywhere: prefetch the next one's rows
-      speckv::prefetch_page(pages[p + 1], kp, vp, pool, geo, h0, h1);
+    const float* knext;
+    const float* vnext;
+    if (prefetch && (p + 1) * page_size < ctx &&
+        speckv::float_page(pages[p + 1], kp, vp, pool, geo, &knext, &vnext)) {
+      // pages lie anywhere: the next one's rows of these heads, while this one is read
+      // (written out here, head dim known at compile time: measured 15-25% faster
+      // decode at 32 x 576 tokens than the same prefetches behind a call)
+      for (int64_t t = 0; t < page_size; ++t)
+        for (int64_t off = 0; off < (h1 - h0) * D; off += 16) {
+          __builtin_prefetch(knext + t * token_stride + h0 * D + off);
+          __builtin_prefetch(vnext + t * token_stride + h0 * D + off);
+        }
+    }
     const float* kpage;
     const float* vpage;
     speckv::read_page(pages[p], kp, vp, pool, geo, h0, h1, buf.scratch_k(), buf.scratch_v(),

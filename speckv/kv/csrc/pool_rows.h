@@ -189,23 +189,23 @@ inline void read_page(int64_t entry, const float* k_pages, const float* v_pages,
   *v = scratch_v;
 }
 
-// Software prefetch of what `read_page` will read of `entry` for heads [h0, h1): float32
-// pages only (DEVICE slots, raw rows), whose rows of a head are strided. A coded row is
-// one contiguous run of a few KB, which the hardware prefetcher follows by itself:
-// prefetching it too made int8 decode at 8 x 4,096 tokens 11% slower and changed
-// nothing at 32 x 1,024 (`speckv bench kvread`, BENCHMARKS.md F7).
-inline void prefetch_page(int64_t entry, const float* k_pages, const float* v_pages,
-                          const PoolRows& pool, const PageGeometry& g, int64_t h0, int64_t h1) {
-  if (entry < 0 && pool.format != kRaw) return;
-  const int64_t hd = g.H * g.D;
-  const float* k = entry >= 0 ? k_pages + entry * g.elems()
-                              : reinterpret_cast<const float*>(pool.row(entry));
-  const float* v = entry >= 0 ? v_pages + entry * g.elems() : k + g.elems();
-  for (int64_t t = 0; t < g.T; ++t)
-    for (int64_t off = 0; off < (h1 - h0) * g.D; off += 16) {
-      __builtin_prefetch(k + t * hd + h0 * g.D + off);
-      __builtin_prefetch(v + t * hd + h0 * g.D + off);
-    }
+// The float32 K and V pages of `entry` (a DEVICE slot, or a raw pool row), for a
+// software prefetch; false for a coded row. A coded row is one contiguous run of a few
+// KB, which the hardware prefetcher follows by itself: prefetching it too made int8
+// decode at 8 x 4,096 tokens 11% slower and changed nothing at 32 x 1,024, and 1-6
+// pages ahead gained nothing later either (`speckv bench kvread`, BENCHMARKS.md F7).
+inline bool float_page(int64_t entry, const float* k_pages, const float* v_pages,
+                       const PoolRows& pool, const PageGeometry& g, const float** k,
+                       const float** v) {
+  if (entry >= 0) {
+    *k = k_pages + entry * g.elems();
+    *v = v_pages + entry * g.elems();
+    return true;
+  }
+  if (pool.format != kRaw) return false;
+  *k = reinterpret_cast<const float*>(pool.row(entry));
+  *v = *k + g.elems();
+  return true;
 }
 
 }  // namespace speckv
