@@ -13,7 +13,8 @@ shape (9 query heads, 3 KV heads, 64 dims). Median of 15 calls after 3 warm-ups.
 tables over 61,440 distinct pages (1.5 GB of float32 K and V, far past any cache),
 one call per layer, timed as a step (median of 7). Per build: float32 DEVICE pages,
 the same pages as int8 pool rows read in place (identical decoded values: the two
-outputs must match exactly), and dense vs fused quest at 1/8 on 8 x 8,192 tokens.
+outputs must match exactly), dense vs fused quest at 1/8 on 8 x 8,192 tokens, and
+dense on 32 x 576 tokens (F1's batch 32; median of 9).
 `--sources` compiles each kernel source directory given (e.g. an older checkout's) as
 a module of its own and times them interleaved, so that machine drift hits all alike.
 """
@@ -159,14 +160,33 @@ def kv_bound(sources: list[Path]) -> None:
                 started = time.perf_counter()
                 fn(k)
                 results[name].setdefault(label, []).append(time.perf_counter() - started)
+    kp = vp = summaries = None
+
+    # 32 x 576: many short sequences, float32 DEVICE pages (F1's batch 32)
+    batch, num_pages = 32, 36
+    kp, vp = pages(batch * num_pages * LAYERS)
+    tables = layer_tables(batch, num_pages)
+    lens = torch.full((batch,), num_pages * PS - 3)
+    q32 = torch.randn(batch, HEADS, DIM)
+
+    def dense_32(k):
+        for t in tables:
+            k.paged_decode_attention(q32, kp, vp, t, lens, 0.125, NO_ROWS, 0)
+
+    for _ in range(9):
+        for name, k in builds.items():
+            started = time.perf_counter()
+            dense_32(k)
+            results[name].setdefault("dense 32", []).append(time.perf_counter() - started)
     print("| build | 8 x 4k float32 DEVICE | 8 x 4k int8 rows | f32 / int8 | 8 x 8k dense | "
-          "8 x 8k fused quest 1/8 | dense / quest |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "8 x 8k fused quest 1/8 | dense / quest | 32 x 576 dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         ms = {label: 1000 * sorted(t)[len(t) // 2] for label, t in r.items()}
         print(f"| {name} | {ms['f32']:.1f} ms | {ms['int8']:.1f} ms | "
               f"{ms['f32'] / ms['int8']:.2f}x | {ms['dense 8k']:.1f} ms | "
-              f"{ms['quest 8k']:.1f} ms | {ms['dense 8k'] / ms['quest 8k']:.2f}x |")
+              f"{ms['quest 8k']:.1f} ms | {ms['dense 8k'] / ms['quest 8k']:.2f}x | "
+              f"{ms['dense 32']:.1f} ms |")
 
 
 def main() -> None:

@@ -58,9 +58,9 @@ struct TaskBuffers {
 // a head dim that is a multiple of 16, the scores of 16 tokens come out of one
 // transposing sum (`sum_lanes_16`) instead of one horizontal sum per token, and each
 // query row's accumulator stays in registers across a page's tokens. Measured against
-// the previous loops (`benchmarks/kernels_f7.py --kv-bound`, BENCHMARKS.md F7): a step's
-// attention at 8 x 4,096 tokens 1.11x faster on float32 pages, 1.30x on int8 rows; fused
-// quest at 1/8 of 8 x 8,192 tokens 2.0x (with its summaries prefetched, below).
+// the previous loops, with this file's next-page prefetch (`benchmarks/kernels_f7.py
+// --kv-bound`, BENCHMARKS.md F7): a step's attention at 8 x 4,096 tokens 1.41x faster on
+// float32 pages, 1.38x on int8 rows; fused quest at 1/8 of 8 x 8,192 tokens 2.5x.
 
 template <int64_t kDim>
 inline void page_scores_generic(const float* qb, const float* kpage, int64_t ntok, int64_t h0,
