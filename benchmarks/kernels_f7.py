@@ -84,6 +84,18 @@ def build(source: Path):
                 build_directory=str(directory), verbose=False)
 
 
+def time_interleaved(builds: dict, fns: dict, rounds: int,
+                     results: dict[str, dict[str, list[float]]]) -> None:
+    """`rounds` rounds of every build running every fn once (so drift hits all alike);
+    appends each call's seconds to results[build][label]."""
+    for _ in range(rounds):
+        for name, k in builds.items():
+            for label, fn in fns.items():
+                started = time.perf_counter()
+                fn(k)
+                results[name].setdefault(label, []).append(time.perf_counter() - started)
+
+
 def kv_bound(sources: list[Path]) -> None:
     builds = {str(s): build(s) for s in sources} if sources else \
         {"this build": load_cpu_kernels()}
@@ -119,16 +131,11 @@ def kv_bound(sources: list[Path]) -> None:
         return [k.paged_decode_attention(q, kp, vp, -1 - t, lens, 0.125, rows, fmt)
                 for t in tables]
 
-    results: dict[str, dict[str, float]] = {name: {} for name in builds}
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in builds}
     for name, k in builds.items():
         same = all(torch.equal(a, b) for a, b in zip(dense_f32(k), dense_int8(k)))
         print(f"{name}: int8 rows read in place == the same values in DEVICE: {same}")
-    for _ in range(7):
-        for name, k in builds.items():
-            for label, fn in (("f32", dense_f32), ("int8", dense_int8)):
-                started = time.perf_counter()
-                fn(k)
-                results[name].setdefault(label, []).append(time.perf_counter() - started)
+    time_interleaved(builds, {"f32": dense_f32, "int8": dense_int8}, 7, results)
     kp = vp = rows = None  # free 1.9 GB before the next shape
 
     # 8 x 8,192: dense vs fused quest at 1/8, float32 DEVICE pages
@@ -154,12 +161,7 @@ def kv_bound(sources: list[Path]) -> None:
             k.quest_decode_attention(q, kp, vp, summaries, s, t, lens, budget, True, 0.125,
                                      NO_ROWS, 0)
 
-    for _ in range(5):
-        for name, k in builds.items():
-            for label, fn in (("dense 8k", dense_8k), ("quest 8k", quest_8k)):
-                started = time.perf_counter()
-                fn(k)
-                results[name].setdefault(label, []).append(time.perf_counter() - started)
+    time_interleaved(builds, {"dense 8k": dense_8k, "quest 8k": quest_8k}, 5, results)
     kp = vp = summaries = None
 
     # 32 x 576: many short sequences, float32 DEVICE pages (F1's batch 32)
@@ -173,11 +175,7 @@ def kv_bound(sources: list[Path]) -> None:
         for t in tables:
             k.paged_decode_attention(q32, kp, vp, t, lens, 0.125, NO_ROWS, 0)
 
-    for _ in range(9):
-        for name, k in builds.items():
-            started = time.perf_counter()
-            dense_32(k)
-            results[name].setdefault("dense 32", []).append(time.perf_counter() - started)
+    time_interleaved(builds, {"dense 32": dense_32}, 9, results)
     print("| build | 8 x 4k float32 DEVICE | 8 x 4k int8 rows | f32 / int8 | 8 x 8k dense | "
           "8 x 8k fused quest 1/8 | dense / quest | 32 x 576 dense |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

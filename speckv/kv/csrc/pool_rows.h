@@ -161,37 +161,10 @@ inline void decode_kivi4(const uint8_t* row, const PageGeometry& g, int64_t h0, 
   }
 }
 
-// The K and V pages of `entry` for KV heads [h0, h1): pointers into DEVICE or into a
-// raw pool row (no copy), or into `scratch_k` / `scratch_v` ([T, H, D] floats each),
-// where a coded row is decoded.
-inline void read_page(int64_t entry, const float* k_pages, const float* v_pages,
-                      const PoolRows& pool, const PageGeometry& g, int64_t h0, int64_t h1,
-                      float* scratch_k, float* scratch_v, const float** k, const float** v) {
-  if (entry >= 0) {
-    *k = k_pages + entry * g.elems();
-    *v = v_pages + entry * g.elems();
-    return;
-  }
-  const uint8_t* row = pool.row(entry);
-  switch (pool.format) {
-    case kRaw:
-      *k = reinterpret_cast<const float*>(row);
-      *v = *k + g.elems();
-      return;
-    case kInt8:
-      decode_int8(row, g, h0, h1, scratch_k, scratch_v);
-      break;
-    default:
-      decode_kivi4(row, g, h0, h1, scratch_k, scratch_v);
-      break;
-  }
-  *k = scratch_k;
-  *v = scratch_v;
-}
-
-// The float32 K and V pages of `entry` (a DEVICE slot, or a raw pool row), for a
-// software prefetch; false for a coded row. A coded row is one contiguous run of a few
-// KB, which the hardware prefetcher follows by itself: prefetching it too made int8
+// The float32 K and V pages of `entry` (a DEVICE slot, or a raw pool row), read as
+// they lie; false for a coded row, which must be decoded first (`read_page`). The
+// attention kernels software-prefetch only these: a coded row is one contiguous run of
+// a few KB, which the hardware prefetcher follows by itself: prefetching it too made int8
 // decode at 8 x 4,096 tokens 11% slower and changed nothing at 32 x 1,024, and 1-6
 // pages ahead gained nothing later either (`speckv bench kvread`, BENCHMARKS.md F7).
 inline bool float_page(int64_t entry, const float* k_pages, const float* v_pages,
@@ -206,6 +179,26 @@ inline bool float_page(int64_t entry, const float* k_pages, const float* v_pages
   *k = reinterpret_cast<const float*>(pool.row(entry));
   *v = *k + g.elems();
   return true;
+}
+
+// The K and V pages of `entry` for KV heads [h0, h1): pointers into DEVICE or into a
+// raw pool row (no copy), or into `scratch_k` / `scratch_v` ([T, H, D] floats each),
+// where a coded row is decoded.
+inline void read_page(int64_t entry, const float* k_pages, const float* v_pages,
+                      const PoolRows& pool, const PageGeometry& g, int64_t h0, int64_t h1,
+                      float* scratch_k, float* scratch_v, const float** k, const float** v) {
+  if (float_page(entry, k_pages, v_pages, pool, g, k, v)) return;  // read as it lies
+  const uint8_t* row = pool.row(entry);
+  switch (pool.format) {
+    case kInt8:
+      decode_int8(row, g, h0, h1, scratch_k, scratch_v);
+      break;
+    default:
+      decode_kivi4(row, g, h0, h1, scratch_k, scratch_v);
+      break;
+  }
+  *k = scratch_k;
+  *v = scratch_v;
 }
 
 }  // namespace speckv
