@@ -212,7 +212,7 @@ def _info(ns: argparse.Namespace) -> int:
     llm = _make_llm(ns)
     engine = llm.engine
     args = engine.args
-    element = engine.model.embed.element_size()
+    element = engine.model.element_size
     rows = {
         "model": str(engine.loaded.path),
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(args)},

@@ -21,6 +21,7 @@ from speckv.util import format_size, is_int, parse_size  # noqa: F401  (re-expor
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16"]
+WeightQuant = Literal["auto", "none", "int8", "int4"]
 AttentionBackend = Literal["auto", "torch", "cpu_kernel"]
 KVRead = Literal["auto", "in_place", "copy"]
 
@@ -43,6 +44,12 @@ class ModelConfig:
     dtype: DType = field(default="float32", metadata={
         "help": "compute and KV dtype; float32 is the measured fastest on CPU "
                 "(see BENCHMARKS.md), bfloat16 halves weight and KV memory"})
+    weight_quant: WeightQuant = field(default="auto", metadata={
+        "help": "weights: auto (default) keeps a GGUF's Q4_0 / Q4_1 / Q8_0 matrices as "
+                "stored and multiplies them with a weight-only kernel, activations in "
+                "float32 (CPU, float32 dtype; elsewhere: as none); none expands every "
+                "weight to dtype at load; int8 / int4 also quantize float weights "
+                "(Q8_0 / Q4_1, 32 weights per scale)"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "context window in tokens (prompt + generated); default: the model's"})
     threads: int = field(default=0, metadata={
@@ -55,6 +62,7 @@ class ModelConfig:
             raise ValueError(f"threads must be an integer >= 0 (0: automatic), got {self.threads!r}")
         _choice(self.device, "device", ("auto", "cpu", "cuda"))
         _choice(self.dtype, "dtype", ("float32", "bfloat16"))
+        _choice(self.weight_quant, "weight_quant", ("auto", "none", "int8", "int4"))
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -159,7 +159,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     for _, pool in configs:
         check_names(EngineConfig.from_kwargs(**{**options, **pool}))  # fails before any run
     loaded = load_model(EngineConfig.from_kwargs(**options).model)
-    seq_bytes = ns.seq_len * loaded.args.kv_bytes_per_token(loaded.model.embed.element_size())
+    seq_bytes = ns.seq_len * loaded.args.kv_bytes_per_token(loaded.model.element_size)
     budget = ns.base_seqs * seq_bytes
     prompt_len = ns.seq_len - ns.new_tokens
     results: list[dict[str, Any]] = []

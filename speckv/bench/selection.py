@@ -299,7 +299,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
              + len(speed_ctx) * len(_numbers(ns.batch_sizes, int)))
     with tqdm(total=total, desc="selection", file=sys.stderr) as bar:
         llm = LLM(**{"max_model_len": longest, **options})
-        kv_bytes = llm.engine.args.kv_bytes_per_token(llm.engine.model.embed.element_size())
+        kv_bytes = llm.engine.args.kv_bytes_per_token(llm.engine.model.element_size)
         need = int(1.1 * batch * longest * kv_bytes) + (64 << 20)
         if llm.engine.config.cache.device_kv_bytes < need:
             llm.close()

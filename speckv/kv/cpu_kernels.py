@@ -1,7 +1,9 @@
 """The CPU kernels (`csrc/`), compiled once per machine: decode attention reading every
 page where it lies, a DEVICE slot or a coded pool row (`paged_attention.cpp`), and
 pool rows decoded into DEVICE slots or fresh pages (`page_fetch.cpp`); both decode
-rows with `pool_rows.h`, the codecs' `decode` written out element by element.
+rows with `pool_rows.h`, the codecs' `decode` written out element by element. The
+same module holds the weight-only matmul over GGUF blocks
+(`speckv/models/csrc/quant_matmul.cpp`, used through `speckv.models.quant`).
 
 `make setup` builds them right after installing; otherwise the first engine that
 needs them builds them (~30 s, announced on stderr). The build goes to a directory
@@ -35,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 NAME = "speckv_cpu_kernels"
 BUILD_WAIT_S = 600.0  # longest wait for another process's build
-_SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("paged_attention.cpp", "page_fetch.cpp")]
+_SOURCES = [*(Path(__file__).parent / "csrc" / name
+              for name in ("paged_attention.cpp", "page_fetch.cpp")),
+            Path(__file__).parent.parent / "models" / "csrc" / "quant_matmul.cpp"]
 _HEADERS = [Path(__file__).parent / "csrc" / "pool_rows.h"]
 FORMATS = {"raw": 0, "int8": 1, "kivi4": 2}
 """Pool row formats the kernels read in place (`Codec.row_format`; csrc/pool_rows.h)."""

@@ -5,9 +5,10 @@ the projections and the MLP run once over [T, hidden]; only attention needs to
 know which token belongs to which sequence, and that is the job of the
 `LayerAttention` passed in (it appends K/V to the paged cache and attends).
 
-Weights are kept fused and transposed for `x @ W` ([in, out], measured faster than
-`F.linear` for small batches on CPU): `wqkv` [hidden, (H + 2*Hkv) * D],
-`w_gate_up` [hidden, 2 * I].
+Projections are fused (`wqkv`: q, k and v; `w_gate_up`: gate and up) and multiplied
+through `quant.linear`: a float weight is kept transposed for `x @ W` ([in, out],
+measured faster than `F.linear` for small batches on CPU), a quantized one as its
+GGUF blocks ([out, in], see `speckv.models.quant`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from speckv.models import quant
 from speckv.models.args import ModelArgs
+from speckv.models.quant import QuantWeight, Weight, linear
 
 
 class LayerAttention(Protocol):
@@ -32,11 +35,16 @@ class LayerAttention(Protocol):
 @dataclass(slots=True)
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
-    wqkv: torch.Tensor  # [hidden, (H + 2*Hkv) * D]
-    wo: torch.Tensor  # [H * D, hidden]
+    wqkv: Weight  # hidden -> (H + 2*Hkv) * D
+    wo: Weight  # H * D -> hidden
     mlp_norm: torch.Tensor  # [hidden]
-    w_gate_up: torch.Tensor  # [hidden, 2 * I]
-    w_down: torch.Tensor  # [I, hidden]
+    w_gate_up: Weight  # hidden -> 2 * I
+    w_down: Weight  # I -> hidden
+
+
+def leading_outputs(w: Weight, n: int) -> Weight:
+    """The first n output features of a weight (q of a fused qkv)."""
+    return w.rows(0, n) if isinstance(w, QuantWeight) else w[:, :n]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,40 +74,88 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaModel:
     """Weights and the forward pass of a Llama-family decoder."""
 
-    def __init__(self, args: ModelArgs, state_dict: dict[str, torch.Tensor], *,
-                 device: torch.device, dtype: torch.dtype, max_len: int) -> None:
-        """Converts `state_dict` (HF names; consumed: tensors are popped as converted)."""
+    def __init__(self, args: ModelArgs, state_dict: dict[str, torch.Tensor | QuantWeight], *,
+                 device: torch.device, dtype: torch.dtype, max_len: int,
+                 weight_quant: str = "none") -> None:
+        """Converts `state_dict` (HF names; consumed: tensors are popped as converted).
+
+        `weight_quant` (see `speckv.models.quant`): with "none" any `QuantWeight` is
+        expanded to `dtype`; otherwise quantized matrices stay quantized (and with
+        int8 / int4 float ones are quantized) where the kernel runs (CPU, float32)."""
         self.args = args
         self.device = device
         self.dtype = dtype
         self.max_len = max_len
+        keep = quant.check_weight_quant(weight_quant, device, dtype)
+        quantize_to = quant.QUANTIZE_TO.get(weight_quant)
 
-        def take(name: str) -> torch.Tensor:
+        def pop(name: str) -> torch.Tensor | QuantWeight:
             # pop: each source tensor is freed once converted, halving peak memory at load
             if name not in state_dict:
                 raise ValueError(f"checkpoint is missing tensor {name!r}")
-            return state_dict.pop(name).to(device=device, dtype=dtype)
+            return state_dict.pop(name)
 
-        def transposed(*names: str) -> torch.Tensor:
-            return torch.cat([take(n) for n in names], dim=0).t().contiguous()
+        def dense(t: torch.Tensor | QuantWeight) -> torch.Tensor:  # [out, in] floats
+            t = quant.dequantize(t) if isinstance(t, QuantWeight) else t
+            return t.to(device=device, dtype=dtype)
+
+        def take(name: str) -> torch.Tensor:
+            return dense(pop(name))
+
+        def projection(*names: str) -> Weight:
+            """A (fused) projection: quantized blocks where kept, else [in, out] floats."""
+            parts = [pop(n) for n in names]
+            if keep and all(isinstance(p, QuantWeight) for p in parts) and (
+                    len({(p.format, p.in_features) for p in parts}) == 1):
+                return quant.concat(parts)
+            merged = torch.cat([dense(p) for p in parts], dim=0)  # [out, in]
+            if keep and quantize_to is not None:
+                return quant.quantize(merged, quantize_to)
+            return merged.t().contiguous()
+
+        def table(name: str) -> Weight:  # an embedding table [V, hidden]
+            t = pop(name)
+            if keep and isinstance(t, QuantWeight):
+                return t
+            t = dense(t)
+            return quant.quantize(t, quantize_to) if keep and quantize_to else t
 
         self.layers: list[LayerWeights] = []
         for i in range(args.num_layers):
             p = f"model.layers.{i}."
             self.layers.append(LayerWeights(
                 attn_norm=take(p + "input_layernorm.weight"),
-                wqkv=transposed(*(p + f"self_attn.{x}_proj.weight" for x in "qkv")),
-                wo=transposed(p + "self_attn.o_proj.weight"),
+                wqkv=projection(*(p + f"self_attn.{x}_proj.weight" for x in "qkv")),
+                wo=projection(p + "self_attn.o_proj.weight"),
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
-                w_gate_up=transposed(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                w_down=transposed(p + "mlp.down_proj.weight"),
+                w_gate_up=projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                w_down=projection(p + "mlp.down_proj.weight"),
             ))
-        self.embed = take("model.embed_tokens.weight")  # [V, hidden]
+        self.embed = table("model.embed_tokens.weight")  # [V, hidden]
         self.norm = take("model.norm.weight")
-        self.lm_head = (self.embed.t().contiguous() if args.tie_word_embeddings
-                        else transposed("lm_head.weight"))  # [hidden, V]
+        if not args.tie_word_embeddings:
+            self.lm_head = projection("lm_head.weight")
+        elif isinstance(self.embed, QuantWeight):
+            self.lm_head = self.embed  # [V, hidden] blocks: already the [out, in] layout
+        else:
+            self.lm_head = self.embed.t().contiguous()  # [hidden, V]
         self.cos, self.sin = rope_tables(args, max_len, device, dtype)
         self._q_dim = args.num_heads * args.head_dim
+        self._wq = [leading_outputs(w.wqkv, self._q_dim) for w in self.layers]
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per element of activations and KV (`dtype`)."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one step streams (every matrix once, the embedding rows aside)."""
+        def size(w: Weight) -> int:
+            return w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size()
+        layers = sum(size(w.wqkv) + size(w.wo) + size(w.w_gate_up) + size(w.w_down)
+                     for w in self.layers)
+        return layers + size(self.lm_head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: LayerAttention,
                 layer_input: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -108,7 +164,7 @@ class LlamaModel:
         `layer_input(i, x)`, if given, sees each layer's input x: [T, hidden] first (the
         prefetcher's speculative query reads it)."""
         a = self.args
-        x = F.embedding(input_ids, self.embed)  # [T, hidden]
+        x = quant.embedding(input_ids, self.embed)  # [T, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         num_tokens = input_ids.shape[0]
@@ -116,15 +172,15 @@ class LlamaModel:
             if layer_input is not None:
                 layer_input(i, x)
             h = rms_norm(x, w.attn_norm, a.rms_norm_eps)
-            qkv = (h @ w.wqkv).view(num_tokens, -1, a.head_dim)  # [T, H + 2*Hkv, D]
+            qkv = linear(h, w.wqkv).view(num_tokens, -1, a.head_dim)  # [T, H + 2*Hkv, D]
             qk = apply_rope(qkv[:, :a.num_heads + a.num_kv_heads], cos, sin)  # q and k at once
             q, k = qk.split([a.num_heads, a.num_kv_heads], dim=1)
             v = qkv[:, a.num_heads + a.num_kv_heads:]
             o = attention(i, q, k, v)  # [T, H, D]
-            x = x + o.reshape(num_tokens, self._q_dim) @ w.wo
+            x = x + linear(o.reshape(num_tokens, self._q_dim), w.wo)
             h = rms_norm(x, w.mlp_norm, a.rms_norm_eps)
-            gate, up = (h @ w.w_gate_up).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ w.w_down
+            gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, w.w_down)
         return rms_norm(x, self.norm, a.rms_norm_eps)
 
     def project_query(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -132,9 +188,9 @@ class LlamaModel:
         RoPE at `positions`). Fed another layer's input, an estimate (InfiniGen)."""
         a, w = self.args, self.layers[layer]
         h = rms_norm(x, w.attn_norm, a.rms_norm_eps)
-        q = (h @ w.wqkv[:, :self._q_dim]).view(x.shape[0], a.num_heads, a.head_dim)
+        q = linear(h, self._wq[layer]).view(x.shape[0], a.num_heads, a.head_dim)
         return apply_rope(q, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, V] in float32."""
-        return (hidden @ self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

@@ -15,6 +15,7 @@ from speckv.config import ModelConfig
 from speckv.models.args import ModelArgs
 from speckv.models.llama import LlamaModel
 from speckv.models.loader import load_checkpoint
+from speckv.models.quant import check_weight_quant
 from speckv.models.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,8 +42,8 @@ class LoadedModel:
 
     def serves(self, config: ModelConfig) -> bool:
         """Whether an engine configured with `config` can run on these weights."""
-        return (config.model, config.device, config.dtype) == (
-            self.config.model, self.config.device, self.config.dtype)
+        return (config.model, config.device, config.dtype, config.weight_quant) == (
+            self.config.model, self.config.device, self.config.dtype, self.config.weight_quant)
 
     def context_window(self, config: ModelConfig) -> int:
         """The engine's context window: `max_model_len`, at most what the model supports."""
@@ -57,8 +58,10 @@ class LoadedModel:
 def load_model(config: ModelConfig) -> LoadedModel:
     """Loads and converts the weights named by `config.model` onto its device and dtype."""
     device = resolve_device(config.device)
-    checkpoint = load_checkpoint(config.model)
-    model = LlamaModel(checkpoint.args, checkpoint.state_dict, device=device,
-                       dtype=DTYPES[config.dtype],
-                       max_len=checkpoint.args.max_position_embeddings)
+    dtype = DTYPES[config.dtype]
+    keep = check_weight_quant(config.weight_quant, device, dtype)
+    checkpoint = load_checkpoint(config.model, keep_quantized=keep)
+    model = LlamaModel(checkpoint.args, checkpoint.state_dict, device=device, dtype=dtype,
+                       max_len=checkpoint.args.max_position_embeddings,
+                       weight_quant=config.weight_quant)
     return LoadedModel(config, model, checkpoint.tokenizer, checkpoint.path)

@@ -2,7 +2,9 @@
 
 Both formats end as one state dict in Hugging Face's naming and layout
 (`model.layers.0.self_attn.q_proj.weight`, rows = output features), so the model
-has one conversion path. GGUF weights are dequantized once, here.
+has one conversion path. GGUF weights in a format the weight-only kernel reads (Q4_0,
+Q4_1, Q8_0) can be kept as they are (`keep_quantized`, a `QuantWeight` of the same
+name); every other tensor is dequantized once, here.
 
 The GGUF converter permutes the rows of the Q and K projections so that llama.cpp
 can use the interleaved RoPE form; we undo that permutation and use the HF
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from speckv.models.args import ModelArgs
+from speckv.models.quant import FORMATS, QuantWeight
 from speckv.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ class Checkpoint:
     """What a loader returns: the model's shape, weights, tokenizer and where it came from."""
 
     args: ModelArgs
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor | QuantWeight]
     tokenizer: Tokenizer
     path: Path
     format: str  # "gguf" | "safetensors"
@@ -78,12 +81,15 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-def load_checkpoint(model: str | None) -> Checkpoint:
-    """Loads a Llama-family checkpoint (GGUF file or HF safetensors directory)."""
+def load_checkpoint(model: str | None, keep_quantized: bool = False) -> Checkpoint:
+    """Loads a Llama-family checkpoint (GGUF file or HF safetensors directory).
+
+    `keep_quantized`: GGUF matrices in Q4_0 / Q4_1 / Q8_0 come back as `QuantWeight`s,
+    their blocks untouched, instead of float32."""
     path = resolve_model_path(model)
     if path.is_dir():
         return _load_hf_dir(path)
-    return _load_gguf(path)
+    return _load_gguf(path, keep_quantized)
 
 
 # ---------------------------------------------------------------- GGUF
@@ -130,7 +136,7 @@ def gguf_model_args(reader) -> ModelArgs:
     )
 
 
-def _load_gguf(path: Path) -> Checkpoint:
+def _load_gguf(path: Path, keep_quantized: bool) -> Checkpoint:
     import gguf
 
     try:
@@ -138,9 +144,13 @@ def _load_gguf(path: Path) -> Checkpoint:
     except Exception as exc:  # the gguf package raises bare ValueError/struct errors
         raise ValueError(f"{path} is not a readable GGUF file: {exc}") from exc
     args = gguf_model_args(reader)
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | QuantWeight] = {}
     for tensor in reader.tensors:
-        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        kept = keep_quantized and tensor.tensor_type.name in FORMATS and len(tensor.shape) == 2
+        if kept:  # [out, in / 32 * B] blocks: whole rows, so the row permutation applies
+            data = np.asarray(tensor.data)
+        else:
+            data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         name = tensor.name
         if name.startswith("blk."):
             _, layer, kind, _ = name.split(".", 3)
@@ -155,7 +165,10 @@ def _load_gguf(path: Path) -> Checkpoint:
             name = {"token_embd.weight": "model.embed_tokens.weight",
                     "output_norm.weight": "model.norm.weight",
                     "output.weight": "lm_head.weight"}.get(name, name)
-        state[name] = torch.from_numpy(np.ascontiguousarray(data))
+        # kept blocks are copied out of the reader's map (read-only, and the file may go)
+        weight = torch.from_numpy(np.array(data) if kept else np.ascontiguousarray(data))
+        state[name] = (QuantWeight(weight, tensor.tensor_type.name, int(tensor.shape[0]))
+                       if kept else weight)
     return Checkpoint(args=args, state_dict=state, tokenizer=Tokenizer.from_gguf(reader, path),
                       path=path, format="gguf")
 

@@ -565,6 +565,10 @@ std::vector<torch::Tensor> gather_pages(torch::Tensor k_pages, torch::Tensor v_p
 
 // The GIL is released inside every kernel: the prefetch worker's fetches and the
 // server's HTTP thread run while the model's thread computes.
+// speckv/models/csrc/quant_matmul.cpp
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor weight, int64_t format);
+torch::Tensor dequantize_rows(torch::Tensor weight, int64_t format, torch::Tensor rows);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("set_software_prefetch", [](bool on) { g_software_prefetch.store(on); },
@@ -586,4 +590,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_pages", &gather_pages,
         "page entries (DEVICE slots or pool rows) -> contiguous decoded K and V pages",
         release());
+  m.def("quant_matmul", &quant_matmul,
+        "x @ W^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0), float32 activations (CPU)",
+        release());
+  m.def("dequantize_rows", &dequantize_rows,
+        "rows of a GGUF-block weight expanded to float32 (empty rows: all of them)", release());
 }
