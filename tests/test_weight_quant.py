@@ -17,23 +17,27 @@ from speckv.models.quant import QuantWeight
 FORMATS = sorted(quant.FORMATS)
 
 
-def _reference(w: QuantWeight) -> torch.Tensor:
-    """gguf-py's own dequantization: the independent reference."""
+def _quantized(fmt: str, rows: int, cols: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
+    """A random weight quantized by gguf-py, and gguf-py's own dequantization of its
+    blocks: the independent reference."""
     from gguf import GGMLQuantizationType, quants
 
-    return torch.from_numpy(quants.dequantize(w.blocks.numpy(), GGMLQuantizationType[w.format])
-                            .astype(np.float32))
+    g = torch.Generator().manual_seed(seed)
+    qtype = GGMLQuantizationType[fmt]
+    blocks = quants.quantize(torch.randn(rows, cols, generator=g).numpy(), qtype)
+    reference = torch.from_numpy(quants.dequantize(blocks, qtype).astype(np.float32))
+    return QuantWeight.from_blocks(torch.from_numpy(blocks), fmt), reference
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantize_is_gguf_py_bit_for_bit(fmt):
-    g = torch.Generator().manual_seed(1)
-    w = quant.quantize(torch.randn(37, 96, generator=g), fmt)
-    ref = _reference(w)
-    assert w.blocks.shape == (37, 3 * {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[fmt])
+    w, ref = _quantized(fmt, 37, 96, seed=1)
+    assert (w.out_features, w.in_features, w.format) == (37, 96, fmt)
+    assert w.codes.shape == (37, 3 * {"Q4_0": 16, "Q4_1": 16, "Q8_0": 32}[fmt])
     assert torch.equal(quant.dequantize(w), ref)
     rows = torch.tensor([36, 0, 5, 5])
     assert torch.equal(quant.embedding(rows, w), ref[rows])
+    assert torch.equal(quant.dequantize(w.rows(5, 9)), ref[5:9])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -41,38 +45,41 @@ def test_dequantize_is_gguf_py_bit_for_bit(fmt):
 def test_quant_matmul_matches_a_float64_reference(fmt, tokens):
     # 37 rows: tiles of 4 rows and a remainder; 47 / 48 tokens: either side of the switch
     # to the GEMM path; 5, 9: token tiles of 4 and tails
-    g = torch.Generator().manual_seed(tokens)
-    w = quant.quantize(torch.randn(37, 160, generator=g), fmt)
-    x = torch.randn(tokens, 160, generator=g)
+    w, reference = _quantized(fmt, 37, 160, seed=tokens)
+    x = torch.randn(tokens, 160, generator=torch.Generator().manual_seed(0))
     y = quant.linear(x, w)
-    ref = x.double() @ _reference(w).double().t()
+    ref = x.double() @ reference.double().t()
     assert y.dtype == torch.float32 and y.shape == (tokens, 37)
     assert (y.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
 def test_quant_matmul_reads_a_non_contiguous_input_and_no_tokens():
-    g = torch.Generator().manual_seed(3)
-    w = quant.quantize(torch.randn(8, 64, generator=g), "Q4_1")
-    x = torch.randn(64, 6, generator=g).t()  # [6, 64], not contiguous
-    assert torch.allclose(quant.linear(x, w), x @ _reference(w).t(), atol=1e-4)
+    w, reference = _quantized("Q4_1", 8, 64, seed=3)
+    x = torch.randn(64, 6).t()  # [6, 64], not contiguous
+    assert torch.allclose(quant.linear(x, w), x @ reference.t(), atol=1e-4)
     assert quant.linear(torch.empty(0, 64), w).shape == (0, 8)
 
 
 def test_quant_matmul_rejects_bad_shapes_and_formats():
     kernels = quant._kernels()
     w = quant.quantize(torch.randn(8, 64), "Q8_0")
+    q8 = quant.FORMATS["Q8_0"]
     with pytest.raises(RuntimeError, match=r"x must be float32 \[T, 64\]"):
-        kernels.quant_matmul(torch.randn(2, 32), w.blocks, quant.FORMATS["Q8_0"])
+        kernels.quant_matmul(torch.randn(2, 32), w.codes, w.scales, q8)
     with pytest.raises(RuntimeError, match="x must be float32"):
-        kernels.quant_matmul(torch.randn(2, 64, dtype=torch.float64), w.blocks, 2)
+        kernels.quant_matmul(torch.randn(2, 64, dtype=torch.float64), w.codes, w.scales, q8)
     with pytest.raises(RuntimeError, match="unknown weight format 7"):
-        kernels.quant_matmul(torch.randn(2, 64), w.blocks, 7)
-    with pytest.raises(RuntimeError, match="not a whole number of 20-byte blocks"):
-        kernels.quant_matmul(torch.randn(2, 64), w.blocks, quant.FORMATS["Q4_1"])
+        kernels.quant_matmul(torch.randn(2, 64), w.codes, w.scales, 7)
+    with pytest.raises(RuntimeError, match=r"scales must be contiguous float16 \[N, 8\]"):
+        kernels.quant_matmul(torch.randn(2, 64), w.codes, w.scales, quant.FORMATS["Q4_1"])
     with pytest.raises(RuntimeError, match="row out of range"):
-        kernels.dequantize_rows(w.blocks, 2, torch.tensor([8]))
+        kernels.dequantize_rows(w.codes, w.scales, q8, torch.tensor([8]))
     with pytest.raises(ValueError, match="not a multiple of 32"):
         quant.quantize(torch.randn(4, 40), "Q8_0")
+    with pytest.raises(ValueError, match=r"Q4_1 blocks must be uint8 \[out, k \* 20\]"):
+        QuantWeight.from_blocks(torch.zeros(2, 30, dtype=torch.uint8), "Q4_1")
+    with pytest.raises(ValueError, match="weight format 'Q5_K' is not one of Q4_0, Q4_1, Q8_0"):
+        QuantWeight.from_blocks(torch.zeros(2, 40, dtype=torch.uint8), "Q5_K")
 
 
 def test_weight_quant_bad_values_are_rejected_with_the_known_ones():
@@ -91,9 +98,9 @@ def test_bundled_model_keeps_its_q4_1_blocks(loaded):
     assert layer.wqkv.out_features == (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
     assert layer.w_gate_up.out_features == 2 * a.intermediate_size
     assert isinstance(model.embed, QuantWeight) and model.embed.format == "Q8_0"
-    assert model.lm_head is model.embed  # tied: the same blocks
-    # the file holds ~94 MB of blocks; float32 would be ~538 MB
-    assert 80e6 < model.weight_bytes < 110e6
+    assert model.lm_head is model.embed  # tied: the same weight
+    # the file holds ~94 MB of blocks (codes and scales, split); float32 would be ~538 MB
+    assert 80e6 < model.weight_bytes < 100e6
 
 
 @pytest.fixture(scope="module")

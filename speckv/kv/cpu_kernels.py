@@ -3,7 +3,8 @@ page where it lies, a DEVICE slot or a coded pool row (`paged_attention.cpp`), a
 pool rows decoded into DEVICE slots or fresh pages (`page_fetch.cpp`); both decode
 rows with `pool_rows.h`, the codecs' `decode` written out element by element. The
 same module holds the weight-only matmul over GGUF blocks
-(`speckv/models/csrc/quant_matmul.cpp`, used through `speckv.models.quant`).
+(`speckv/models/csrc/quant_matmul.cpp`, used through `speckv.models.quant`) and the
+decoder's fused per-layer ops (`layer_ops.cpp`: RMSNorm with the residual add, RoPE).
 
 `make setup` builds them right after installing; otherwise the first engine that
 needs them builds them (~30 s, announced on stderr). The build goes to a directory
@@ -39,7 +40,8 @@ NAME = "speckv_cpu_kernels"
 BUILD_WAIT_S = 600.0  # longest wait for another process's build
 _SOURCES = [*(Path(__file__).parent / "csrc" / name
               for name in ("paged_attention.cpp", "page_fetch.cpp")),
-            Path(__file__).parent.parent / "models" / "csrc" / "quant_matmul.cpp"]
+            *(Path(__file__).parent.parent / "models" / "csrc" / name
+              for name in ("quant_matmul.cpp", "layer_ops.cpp"))]
 _HEADERS = [Path(__file__).parent / "csrc" / "pool_rows.h"]
 FORMATS = {"raw": 0, "int8": 1, "kivi4": 2}
 """Pool row formats the kernels read in place (`Codec.row_format`; csrc/pool_rows.h)."""

@@ -141,6 +141,7 @@ class LlamaModel:
             self.lm_head = self.embed.t().contiguous()  # [hidden, V]
         self.cos, self.sin = rope_tables(args, max_len, device, dtype)
         self._q_dim = args.num_heads * args.head_dim
+        self._ops = quant.fused_ops(device, dtype)  # None: torch's ops
         self._wq = [leading_outputs(w.wqkv, self._q_dim) for w in self.layers]
 
     @property
@@ -163,8 +164,10 @@ class LlamaModel:
 
         `layer_input(i, x)`, if given, sees each layer's input x: [T, hidden] first (the
         prefetcher's speculative query reads it)."""
-        a = self.args
         x = quant.embedding(input_ids, self.embed)  # [T, hidden]
+        if self._ops is not None:
+            return self._forward_fused(x, positions, attention, layer_input)
+        a = self.args
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         num_tokens = input_ids.shape[0]
@@ -182,6 +185,28 @@ class LlamaModel:
             gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, w.w_down)
         return rms_norm(x, self.norm, a.rms_norm_eps)
+
+    def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor, attention: LayerAttention,
+                       layer_input: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor:
+        """`forward` on the CPU in float32: the same arithmetic, with each residual add
+        fused into the next RMSNorm and RoPE applied in place (csrc/layer_ops.cpp)."""
+        a, ops = self.args, self._ops
+        eps, num_tokens, rotated = a.rms_norm_eps, x.shape[0], a.num_heads + a.num_kv_heads
+        delta = None  # the last MLP's output, added to x by the next norm
+        for i, w in enumerate(self.layers):
+            h = (ops.rms_norm(x, w.attn_norm, eps) if delta is None
+                 else ops.add_rms_norm_(x, delta, w.attn_norm, eps))
+            if layer_input is not None:
+                layer_input(i, x)
+            qkv = linear(h, w.wqkv).view(num_tokens, -1, a.head_dim)  # [T, H + 2*Hkv, D]
+            ops.rope_(qkv, self.cos, self.sin, positions, rotated)
+            q, k, v = qkv.split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)
+            o = attention(i, q, k, v)  # [T, H, D]
+            h = ops.add_rms_norm_(x, linear(o.reshape(num_tokens, self._q_dim), w.wo),
+                                  w.mlp_norm, eps)
+            gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
+            delta = linear(F.silu(gate).mul_(up), w.w_down)
+        return ops.add_rms_norm_(x, delta, self.norm, eps)
 
     def project_query(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s queries for the residual stream x: [T, hidden] -> [T, H, D] (with

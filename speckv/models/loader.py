@@ -167,8 +167,7 @@ def _load_gguf(path: Path, keep_quantized: bool) -> Checkpoint:
                     "output.weight": "lm_head.weight"}.get(name, name)
         # kept blocks are copied out of the reader's map (read-only, and the file may go)
         weight = torch.from_numpy(np.array(data) if kept else np.ascontiguousarray(data))
-        state[name] = (QuantWeight(weight, tensor.tensor_type.name, int(tensor.shape[0]))
-                       if kept else weight)
+        state[name] = QuantWeight.from_blocks(weight, tensor.tensor_type.name) if kept else weight
     return Checkpoint(args=args, state_dict=state, tokenizer=Tokenizer.from_gguf(reader, path),
                       path=path, format="gguf")
 

@@ -566,8 +566,16 @@ std::vector<torch::Tensor> gather_pages(torch::Tensor k_pages, torch::Tensor v_p
 // The GIL is released inside every kernel: the prefetch worker's fetches and the
 // server's HTTP thread run while the model's thread computes.
 // speckv/models/csrc/quant_matmul.cpp
-torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor weight, int64_t format);
-torch::Tensor dequantize_rows(torch::Tensor weight, int64_t format, torch::Tensor rows);
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                           int64_t format);
+torch::Tensor dequantize_rows(torch::Tensor codes, torch::Tensor scales, int64_t format,
+                              torch::Tensor rows);
+// speckv/models/csrc/layer_ops.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor weight,
+                            double eps);
+void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
+           int64_t n);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
@@ -591,8 +599,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "page entries (DEVICE slots or pool rows) -> contiguous decoded K and V pages",
         release());
   m.def("quant_matmul", &quant_matmul,
-        "x @ W^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0), float32 activations (CPU)",
+        "x @ W^T with W a GGUF-quantized weight (Q4_0, Q4_1, Q8_0: codes and float32 "
+        "scales), float32 activations (CPU)",
         release());
   m.def("dequantize_rows", &dequantize_rows,
-        "rows of a GGUF-block weight expanded to float32 (empty rows: all of them)", release());
+        "rows of a quantized weight expanded to float32 (empty rows: all of them)", release());
+  m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows, one pass", release());
+  m.def("add_rms_norm_", &add_rms_norm_,
+        "x += delta in place (the residual), then RMSNorm of x (float32)", release());
+  m.def("rope_", &rope_, "rotate-half RoPE in place on the first n heads (float32)", release());
 }

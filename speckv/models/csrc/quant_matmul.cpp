@@ -1,22 +1,30 @@
-// Weight-only matmul over GGUF blocks: y = x @ W^T with W kept as the checkpoint stores it.
+// Weight-only matmul over GGUF-quantized weights: y = x @ W^T, activations in float32.
 //
-// A weight is uint8 [N, K / 32 * B]: each of its N rows (output features) is K / 32
-// blocks of B bytes in one of ggml's formats, element j of a block being
+// ggml stores a weight [N, K] as N rows of K / 32 blocks, each block an fp16 scale (and
+// for Q4_1 an fp16 minimum) followed by its 32 codes. `speckv.models.quant` splits the
+// blocks once at load into the layout read here, the numbers and the bytes unchanged:
 //
-//     Q4_0  (B = 18)  fp16 d, 16 bytes of nibbles     w = (q - 8) * d
-//     Q4_1  (B = 20)  fp16 d, fp16 m, 16 nibble bytes w = q * d + m
-//     Q8_0  (B = 34)  fp16 d, 32 int8                 w = q * d
+//     codes  uint8 [N, K / 32 * Q]     the blocks' codes, Q = 16 (two nibbles a byte) or 32
+//     scales fp16 [N, S * K / 32]      per row, the blocks' scales d, then (Q4_1) their m
 //
-// where the low nibbles of the 16 bytes are elements 0..15 and the high ones 16..31.
-// Activations stay float32, so the numbers multiplied are the checkpoint's weights
-// (the dequantized value, as gguf-py computes it, up to the last bit of an FMA).
+//     Q4_0  S = 1  w = (q - 8) d = q d + (-8 d)   q = nibble: the low nibbles are
+//     Q4_1  S = 2  w = q d + m                    elements 0..15, the high ones 16..31
+//     Q8_0  S = 1  w = q d                        q = int8
+//
+// Every product here is exact in float32 (a 4- or 8-bit integer times an fp16 scale's
+// 11-bit mantissa, and -8 d), so each weight is the value gguf-py dequantizes, bit for
+// bit, whichever way the sum is rounded. A row's scales are planar so that the kernel
+// widens 16 blocks' scales with one F16C instruction into a small buffer and
+// broadcasts each from there (a load, no shuffle), instead of converting and
+// broadcasting two fp16 values per block. Decode streams the weights from DRAM (the
+// model is larger than this CPU's share of L3): bytes count, so they stay the file's.
 //
 // Small T (decode): each thread takes groups of 4 rows, expands a block of each into
 // registers once and multiplies it into up to 4 tokens at a time; for more than 4
 // tokens the group's rows are expanded once into a per-thread float scratch first
 // (L1/L2), so a weight is decoded once per step whatever the batch. Large T (prefill):
-// the weight is expanded to float32 and multiplied by torch's GEMM, which is blocked
-// for caches far better than a hand loop; the expansion costs a few percent there.
+// chunks of rows are expanded into an L2 scratch and multiplied by torch's GEMM, which
+// is blocked for caches far better than a hand loop.
 
 #include <torch/extension.h>
 
@@ -26,7 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -40,106 +48,118 @@ constexpr int64_t kTokens = 4;        // tokens per register tile
 constexpr int64_t kGemmTokens = 48;   // from this many tokens on: expand + torch GEMM
 constexpr int64_t kGemmRows = 64;     // rows expanded per GEMM call
 
-int64_t block_bytes(int64_t format) {
-  switch (format) {
-    case kQ4_0: return 18;
-    case kQ4_1: return 20;
-    case kQ8_0: return 34;
-  }
-  TORCH_CHECK(false, "quant_matmul: unknown weight format ", format);
-}
+constexpr int64_t kChunk = 16;        // blocks whose scales are widened at once
 
-inline float half_bits_to_float(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-#if defined(__F16C__)
-  return _cvtsh_ss(bits);
-#else
-  return c10::detail::fp16_ieee_to_fp32_value(bits);
-#endif
-}
-
-// One block -> 32 floats, element by element (the portable path and the reference).
 template <int64_t F>
-inline void expand_block(const uint8_t* b, float* out) {
-  const float d = half_bits_to_float(b);
+struct Layout {
+  static constexpr int64_t Q = F == kQ8_0 ? 32 : 16;  // code bytes per block
+  static constexpr int64_t S = F == kQ4_1 ? 2 : 1;    // scales per block
+};
+
+void check_format(int64_t format) {
+  TORCH_CHECK(format >= kQ4_0 && format <= kQ8_0, "unknown weight format ", format);
+}
+
+// One weight's rows: row r's codes at codes + r * code_stride, its scales (fp16 bits) at
+// scales + r * scale_stride; `blocks` per row.
+struct Rows {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  int64_t code_stride, scale_stride, blocks;
+  Rows offset(int64_t r) const {
+    return {codes + r * code_stride, scales + r * scale_stride, code_stride, scale_stride,
+            blocks};
+  }
+};
+
+inline float half_to_float(uint16_t bits) { return c10::detail::fp16_ieee_to_fp32_value(bits); }
+
+// Block b of a row -> 32 floats, element by element (the portable path).
+template <int64_t F>
+inline void expand_block(const Rows& row, int64_t b, float* out) {
+  const uint8_t* q = row.codes + b * Layout<F>::Q;
+  const float d = half_to_float(row.scales[b]);
   if constexpr (F == kQ8_0) {
-    const auto* q = reinterpret_cast<const int8_t*>(b + 2);
-    for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(q[j]) * d;
-  } else if constexpr (F == kQ4_1) {
-    const float m = half_bits_to_float(b + 2);
-    const uint8_t* q = b + 4;
-    for (int j = 0; j < 16; ++j) {
-      out[j] = static_cast<float>(q[j] & 0xF) * d + m;
-      out[j + 16] = static_cast<float>(q[j] >> 4) * d + m;
-    }
+    const auto* c = reinterpret_cast<const int8_t*>(q);
+    for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(c[j]) * d;
   } else {
-    const uint8_t* q = b + 2;
+    const float c = F == kQ4_1 ? half_to_float(row.scales[row.blocks + b]) : -8.f * d;
     for (int j = 0; j < 16; ++j) {
-      out[j] = static_cast<float>((q[j] & 0xF) - 8) * d;
-      out[j + 16] = static_cast<float>((q[j] >> 4) - 8) * d;
+      out[j] = static_cast<float>(q[j] & 0xF) * d + c;
+      out[j + 16] = static_cast<float>(q[j] >> 4) * d + c;
     }
   }
 }
 
 #if defined(__AVX512F__)
 
-// One block -> two registers (elements 0..15, 16..31).
+// Row scales of blocks [b0, b0 + n), n <= kChunk, widened: d[i], and c[i] (Q4_*: the
+// constant term, m or -8 d).
 template <int64_t F>
-inline void expand_block16(const uint8_t* b, __m512& lo, __m512& hi) {
-  const __m512 d = _mm512_set1_ps(half_bits_to_float(b));
+inline void widen_scales(const Rows& row, int64_t b0, int64_t n, float* d, float* c) {
+  const __mmask16 mask = n >= kChunk ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, row.scales + b0));
+  _mm512_store_ps(d, dv);
+  if constexpr (F == kQ4_1)
+    _mm512_store_ps(c, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, row.scales + row.blocks + b0)));
+  else if constexpr (F == kQ4_0)
+    _mm512_store_ps(c, _mm512_mul_ps(dv, _mm512_set1_ps(-8.f)));
+}
+
+// One block's codes -> two registers (elements 0..15, 16..31), w = q d + c.
+template <int64_t F>
+inline void expand_block16(const uint8_t* q, const float* d_, const float* c_, __m512& lo,
+                           __m512& hi) {
+  const __m512 d = _mm512_set1_ps(*d_);  // broadcast loads: no shuffle
   if constexpr (F == kQ8_0) {
-    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
-    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
     hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
   } else {
-    const uint8_t* qs = b + (F == kQ4_1 ? 4 : 2);
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i q_lo = _mm_and_si128(q, mask);
-    __m128i q_hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-    if constexpr (F == kQ4_1) {
-      const __m512 m = _mm512_set1_ps(half_bits_to_float(b + 2));
-      lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q_lo)), d, m);
-      hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q_hi)), d, m);
-    } else {
-      const __m128i eight = _mm_set1_epi8(8);
-      q_lo = _mm_sub_epi8(q_lo, eight);
-      q_hi = _mm_sub_epi8(q_hi, eight);
-      lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q_lo)), d);
-      hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q_hi)), d);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    const __m512 c = _mm512_set1_ps(*c_);
+    lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))), d, c);
+    hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), d, c);
+  }
+}
+
+template <int64_t F>
+void expand_row(const Rows& row, int64_t K, float* out) {
+  alignas(64) float d[kChunk], c[kChunk];
+  for (int64_t b0 = 0; b0 < K / kBlock; b0 += kChunk) {
+    const int64_t n = std::min(kChunk, K / kBlock - b0);
+    widen_scales<F>(row, b0, n, d, c);
+    for (int64_t i = 0; i < n; ++i) {
+      __m512 lo, hi;
+      expand_block16<F>(row.codes + (b0 + i) * Layout<F>::Q, d + i, c + i, lo, hi);
+      _mm512_storeu_ps(out + (b0 + i) * kBlock, lo);
+      _mm512_storeu_ps(out + (b0 + i) * kBlock + 16, hi);
     }
   }
 }
 
-template <int64_t F>
-void expand_row(const uint8_t* row, int64_t K, float* out) {
-  constexpr int64_t B = F == kQ4_0 ? 18 : F == kQ4_1 ? 20 : 34;
-  for (int64_t b = 0; b < K / kBlock; ++b) {
-    __m512 lo, hi;
-    expand_block16<F>(row + b * B, lo, hi);
-    _mm512_storeu_ps(out + b * kBlock, lo);
-    _mm512_storeu_ps(out + b * kBlock + 16, hi);
+// Where a tile's weights come from: codes expanded on the fly (their scales widened a
+// chunk at a time by `prepare`), or rows already expanded to floats.
+template <int64_t F, int64_t R>
+struct CodedRows {
+  Rows rows;
+  alignas(64) float d[R][kChunk];
+  alignas(64) float c[R][kChunk];
+  inline void prepare(int64_t b0, int64_t n) {
+    for (int64_t r = 0; r < R; ++r) widen_scales<F>(rows.offset(r), b0, n, d[r], c[r]);
   }
-}
-
-// Where a tile's weights come from: GGUF blocks expanded on the fly, or rows already
-// expanded to floats.
-template <int64_t F>
-struct BlockRows {
-  const uint8_t* w;  // the tile's first row
-  int64_t row_bytes;
-  static constexpr int64_t B = F == kQ4_0 ? 18 : F == kQ4_1 ? 20 : 34;
-  inline void load(int64_t r, int64_t b, __m512& lo, __m512& hi) const {
-    expand_block16<F>(w + r * row_bytes + b * B, lo, hi);
+  inline void load(int64_t r, int64_t b, int64_t i, __m512& lo, __m512& hi) const {
+    expand_block16<F>(rows.codes + r * rows.code_stride + b * Layout<F>::Q, &d[r][i], &c[r][i],
+                      lo, hi);
   }
 };
 
 struct FloatRows {
   const float* w;  // [R, K]
   int64_t K;
-  inline void load(int64_t r, int64_t b, __m512& lo, __m512& hi) const {
+  inline void prepare(int64_t, int64_t) {}
+  inline void load(int64_t r, int64_t b, int64_t, __m512& lo, __m512& hi) const {
     const float* p = w + r * K + b * kBlock;
     lo = _mm512_loadu_ps(p);
     hi = _mm512_loadu_ps(p + 16);
@@ -147,20 +167,25 @@ struct FloatRows {
 };
 
 // y[t * ldy + r] = sum_k x[t * K + k] * w[r, k] for r < R, t < NT.
-template <int64_t R, int64_t NT, class Rows>
-inline void tile(const Rows& rows, const float* x, int64_t K, float* y, int64_t ldy) {
+template <int64_t R, int64_t NT, class Src>
+inline void tile(Src& src, const float* x, int64_t K, float* y, int64_t ldy) {
   __m512 acc[R][NT];
   for (int64_t r = 0; r < R; ++r)
     for (int64_t t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / kBlock; ++b) {
-    __m512 lo[R], hi[R];
-    for (int64_t r = 0; r < R; ++r) rows.load(r, b, lo[r], hi[r]);
-    for (int64_t t = 0; t < NT; ++t) {
-      const __m512 x_lo = _mm512_loadu_ps(x + t * K + b * kBlock);
-      const __m512 x_hi = _mm512_loadu_ps(x + t * K + b * kBlock + 16);
-      for (int64_t r = 0; r < R; ++r) {
-        acc[r][t] = _mm512_fmadd_ps(x_lo, lo[r], acc[r][t]);
-        acc[r][t] = _mm512_fmadd_ps(x_hi, hi[r], acc[r][t]);
+  for (int64_t b0 = 0; b0 < K / kBlock; b0 += kChunk) {
+    const int64_t n = std::min(kChunk, K / kBlock - b0);
+    src.prepare(b0, n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = b0 + i;
+      __m512 lo[R], hi[R];
+      for (int64_t r = 0; r < R; ++r) src.load(r, b, i, lo[r], hi[r]);
+      for (int64_t t = 0; t < NT; ++t) {
+        const __m512 x_lo = _mm512_loadu_ps(x + t * K + b * kBlock);
+        const __m512 x_hi = _mm512_loadu_ps(x + t * K + b * kBlock + 16);
+        for (int64_t r = 0; r < R; ++r) {
+          acc[r][t] = _mm512_fmadd_ps(x_lo, lo[r], acc[r][t]);
+          acc[r][t] = _mm512_fmadd_ps(x_hi, hi[r], acc[r][t]);
+        }
       }
     }
   }
@@ -169,38 +194,35 @@ inline void tile(const Rows& rows, const float* x, int64_t K, float* y, int64_t 
 }
 
 // All T tokens against the rows of one tile (R rows, or fewer at the matrix's end).
-template <int64_t R, class Rows>
-void tokens(const Rows& rows, const float* x, int64_t T, int64_t K, float* y, int64_t ldy) {
+template <int64_t R, class Src>
+void tokens(Src&& src, const float* x, int64_t T, int64_t K, float* y, int64_t ldy) {
   int64_t t = 0;
-  for (; t + kTokens <= T; t += kTokens) tile<R, kTokens>(rows, x + t * K, K, y + t * ldy, ldy);
+  for (; t + kTokens <= T; t += kTokens) tile<R, kTokens>(src, x + t * K, K, y + t * ldy, ldy);
   switch (T - t) {
-    case 3: tile<R, 3>(rows, x + t * K, K, y + t * ldy, ldy); break;
-    case 2: tile<R, 2>(rows, x + t * K, K, y + t * ldy, ldy); break;
-    case 1: tile<R, 1>(rows, x + t * K, K, y + t * ldy, ldy); break;
+    case 3: tile<R, 3>(src, x + t * K, K, y + t * ldy, ldy); break;
+    case 2: tile<R, 2>(src, x + t * K, K, y + t * ldy, ldy); break;
+    case 1: tile<R, 1>(src, x + t * K, K, y + t * ldy, ldy); break;
   }
 }
 
 template <int64_t F>
-void matmul_rows(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t N, float* y) {
-  const int64_t row_bytes = K / kBlock * BlockRows<F>::B;
+void matmul_rows(const float* x, int64_t T, int64_t K, const Rows& w, int64_t N, float* y) {
   const int64_t groups = (N + kRows - 1) / kRows;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(T > kTokens ? kRows * K : 0);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = g * kRows, rows = std::min(kRows, N - n0);
-      const BlockRows<F> blocks{w + n0 * row_bytes, row_bytes};
       if (T > kTokens) {  // expand once, reuse for every token tile
         for (int64_t r = 0; r < rows; ++r)
-          expand_row<F>(w + (n0 + r) * row_bytes, K, scratch.data() + r * K);
-        const FloatRows expanded{scratch.data(), K};
-        if (rows == kRows) tokens<kRows>(expanded, x, T, K, y + n0, N);
+          expand_row<F>(w.offset(n0 + r), K, scratch.data() + r * K);
+        if (rows == kRows) tokens<kRows>(FloatRows{scratch.data(), K}, x, T, K, y + n0, N);
         else for (int64_t r = 0; r < rows; ++r)
           tokens<1>(FloatRows{scratch.data() + r * K, K}, x, T, K, y + n0 + r, N);
       } else if (rows == kRows) {
-        tokens<kRows>(blocks, x, T, K, y + n0, N);
+        tokens<kRows>(CodedRows<F, kRows>{w.offset(n0)}, x, T, K, y + n0, N);
       } else {
         for (int64_t r = 0; r < rows; ++r)
-          tokens<1>(BlockRows<F>{w + (n0 + r) * row_bytes, row_bytes}, x, T, K, y + n0 + r, N);
+          tokens<1>(CodedRows<F, 1>{w.offset(n0 + r)}, x, T, K, y + n0 + r, N);
       }
     }
   });
@@ -209,19 +231,16 @@ void matmul_rows(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t
 #else  // portable: each row expanded to floats, then plain dot products
 
 template <int64_t F>
-void expand_row(const uint8_t* row, int64_t K, float* out) {
-  constexpr int64_t B = F == kQ4_0 ? 18 : F == kQ4_1 ? 20 : 34;
-  for (int64_t b = 0; b < K / kBlock; ++b) expand_block<F>(row + b * B, out + b * kBlock);
+void expand_row(const Rows& row, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / kBlock; ++b) expand_block<F>(row, b, out + b * kBlock);
 }
 
 template <int64_t F>
-void matmul_rows(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t N, float* y) {
-  constexpr int64_t B = F == kQ4_0 ? 18 : F == kQ4_1 ? 20 : 34;
-  const int64_t row_bytes = K / kBlock * B;
+void matmul_rows(const float* x, int64_t T, int64_t K, const Rows& w, int64_t N, float* y) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t n = begin; n < end; ++n) {
-      expand_row<F>(w + n * row_bytes, K, row.data());
+      expand_row<F>(w.offset(n), K, row.data());
       for (int64_t t = 0; t < T; ++t) {
         const float* xt = x + t * K;
         float sum = 0.f;
@@ -234,81 +253,85 @@ void matmul_rows(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t
 
 #endif
 
+// The weight's rows and K (input features), checked.
 template <int64_t F>
-void expand_rows(const uint8_t* w, int64_t K, const int64_t* ids, int64_t n, float* out) {
-  constexpr int64_t B = F == kQ4_0 ? 18 : F == kQ4_1 ? 20 : 34;
-  const int64_t row_bytes = K / kBlock * B;
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      expand_row<F>(w + (ids ? ids[i] : i) * row_bytes, K, out + i * K);
-  });
-}
-
-// The weight's K (input features), checked against its row width.
-int64_t check_weight(const torch::Tensor& weight, int64_t format, const char* who) {
-  TORCH_CHECK(weight.dtype() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(),
-              who, ": the weight must be contiguous uint8 [N, K / 32 * block bytes]");
-  const int64_t bytes = block_bytes(format);
-  TORCH_CHECK(weight.size(1) % bytes == 0, who, ": a row of ", weight.size(1),
-              " bytes is not a whole number of ", bytes, "-byte blocks");
-  return weight.size(1) / bytes * kBlock;
+Rows weight_rows(const torch::Tensor& codes, const torch::Tensor& scales, int64_t& K,
+                 const char* who) {
+  using L = Layout<F>;
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous() &&
+                  codes.size(1) % L::Q == 0,
+              who, ": codes must be contiguous uint8 [N, K / 32 * ", L::Q, "]");
+  const int64_t blocks = codes.size(1) / L::Q;
+  TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() &&
+                  scales.dim() == 2 && scales.size(0) == codes.size(0) &&
+                  scales.size(1) == blocks * L::S,
+              who, ": scales must be contiguous float16 [N, ", blocks * L::S, "]");
+  K = blocks * kBlock;
+  return {codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+          codes.size(1), scales.size(1), blocks};
 }
 
 template <class Fn>
 void dispatch(int64_t format, Fn&& fn) {
+  check_format(format);
   switch (format) {
     case kQ4_0: fn(std::integral_constant<int64_t, kQ4_0>{}); return;
     case kQ4_1: fn(std::integral_constant<int64_t, kQ4_1>{}); return;
     case kQ8_0: fn(std::integral_constant<int64_t, kQ8_0>{}); return;
   }
-  TORCH_CHECK(false, "unknown weight format ", format);
 }
 
 }  // namespace
 
-// weight: uint8 [N, K / 32 * B] in `format`; rows: int64 [n] (or empty: all N rows)
+// codes, scales: a weight in `format` (above); rows: int64 [n] (or empty: all N rows)
 // -> float32 [n, K], the rows expanded (an embedding lookup, or the whole matrix).
-torch::Tensor dequantize_rows(torch::Tensor weight, int64_t format, torch::Tensor rows) {
-  const int64_t K = check_weight(weight, format, "dequantize_rows");
+torch::Tensor dequantize_rows(torch::Tensor codes, torch::Tensor scales, int64_t format,
+                              torch::Tensor rows) {
   const bool all = !rows.defined() || rows.numel() == 0;
   if (!all) {
     TORCH_CHECK(rows.dtype() == torch::kInt64 && rows.dim() == 1,
                 "dequantize_rows: rows must be int64 [n]");
     rows = rows.contiguous();
-    TORCH_CHECK(rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < weight.size(0),
+    TORCH_CHECK(rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < codes.size(0),
                 "dequantize_rows: row out of range");
   }
-  const int64_t n = all ? weight.size(0) : rows.numel();
-  auto out = torch::empty({n, K}, torch::kFloat32);
+  torch::Tensor out;
   dispatch(format, [&](auto f) {
-    expand_rows<decltype(f)::value>(weight.data_ptr<uint8_t>(), K,
-                                    all ? nullptr : rows.data_ptr<int64_t>(), n,
-                                    out.data_ptr<float>());
+    constexpr int64_t F = decltype(f)::value;
+    int64_t K = 0;
+    const Rows w = weight_rows<F>(codes, scales, K, "dequantize_rows");
+    const int64_t n = all ? codes.size(0) : rows.numel();
+    out = torch::empty({n, K}, torch::kFloat32);
+    const int64_t* ids = all ? nullptr : rows.data_ptr<int64_t>();
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) expand_row<F>(w.offset(ids ? ids[i] : i), K, o + i * K);
+    });
   });
   return out;
 }
 
-// x: float32 [T, K]; weight: uint8 [N, K / 32 * B] in `format` -> float32 [T, N] = x @ W^T.
-torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor weight, int64_t format) {
-  const int64_t K = check_weight(weight, format, "quant_matmul");
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K,
-              "quant_matmul: x must be float32 [T, ", K, "], got ", x.dtype(), " ", x.sizes());
-  const int64_t T = x.size(0), N = weight.size(0);
-  x = x.contiguous();
-  auto y = torch::empty({T, N}, torch::kFloat32);
-  if (T == 0) return y;
+// x: float32 [T, K]; codes, scales: a weight [N, K] in `format` -> float32 [T, N] = x @ W^T.
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                           int64_t format) {
+  torch::Tensor y;
   dispatch(format, [&](auto f) {
     constexpr int64_t F = decltype(f)::value;
+    int64_t K = 0;
+    const Rows w = weight_rows<F>(codes, scales, K, "quant_matmul");
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K,
+                "quant_matmul: x must be float32 [T, ", K, "], got ", x.dtype(), " ", x.sizes());
+    x = x.contiguous();
+    const int64_t T = x.size(0), N = codes.size(0);
+    y = torch::empty({T, N}, torch::kFloat32);
+    if (T == 0) return;
     if (T < kGemmTokens) {
-      matmul_rows<F>(x.data_ptr<float>(), T, K, weight.data_ptr<uint8_t>(), N,
-                     y.data_ptr<float>());
+      matmul_rows<F>(x.data_ptr<float>(), T, K, w, N, y.data_ptr<float>());
       return;
     }
     // chunks of rows expanded into a per-thread scratch (L2), each multiplied by torch's
     // GEMM (single-threaded inside the parallel region) straight into y's columns
-    const int64_t row_bytes = weight.size(1);
     const int64_t chunks = (N + kGemmRows - 1) / kGemmRows;
-    const uint8_t* w = weight.data_ptr<uint8_t>();
     const bool inference = c10::InferenceMode::is_enabled();  // worker threads: as the caller
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       c10::InferenceMode guard(inference);
@@ -316,7 +339,7 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor weight, int64_t format
       for (int64_t c = begin; c < end; ++c) {
         const int64_t n0 = c * kGemmRows, rows = std::min(kGemmRows, N - n0);
         float* s = scratch.data_ptr<float>();
-        for (int64_t r = 0; r < rows; ++r) expand_row<F>(w + (n0 + r) * row_bytes, K, s + r * K);
+        for (int64_t r = 0; r < rows; ++r) expand_row<F>(w.offset(n0 + r), K, s + r * K);
         auto out = y.narrow(1, n0, rows);
         at::mm_out(out, x, scratch.narrow(0, 0, rows).t());
       }
