@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# on a machine with a CUDA GPU (and a CUDA torch): the tests marked `cuda`
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m cuda
 
 bench: setup
 	$(BIN)/speckv bench throughput --json benchmarks/throughput.json

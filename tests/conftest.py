@@ -21,6 +21,16 @@ torch.set_num_threads(max(1, torch.get_num_threads()))
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA device: skipped, saying so, without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `make test-gpu` on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def loaded() -> LoadedModel:
     return load_model(ModelConfig(device="cpu"))

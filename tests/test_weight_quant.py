@@ -171,3 +171,16 @@ def _causal(model):
         return out.transpose(0, 1)
 
     return attend
+
+
+@pytest.mark.cuda
+def test_on_cuda_auto_expands_the_weights_and_int4_is_refused():
+    """The weight-only kernel is CPU code: on CUDA `auto` runs the float path (dense
+    weights in the dtype), and int8 / int4 say where they run."""
+    llm = LLM(device="cuda", weight_quant="auto", device_kv_bytes="64MiB")
+    layer = llm.engine.model.layers[0]
+    assert not isinstance(layer.wqkv, QuantWeight) and layer.wqkv.is_cuda
+    out = llm.generate("The sea is", SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8
+    with pytest.raises(ValueError, match="weight_quant=int4 runs on the CPU in float32 only"):
+        load_model(ModelConfig(device="cuda", weight_quant="int4"))

@@ -7,8 +7,8 @@ know which token belongs to which sequence, and that is the job of the
 
 Projections are fused (`wqkv`: q, k and v; `w_gate_up`: gate and up) and multiplied
 through `quant.linear`: a float weight is kept transposed for `x @ W` ([in, out],
-measured faster than `F.linear` for small batches on CPU), a quantized one as its
-GGUF blocks ([out, in], see `speckv.models.quant`).
+measured faster than `F.linear` for small batches on CPU), a quantized one as a
+`QuantWeight` ([out, in], see `speckv.models.quant`).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class LlamaModel:
             return dense(pop(name))
 
         def projection(*names: str) -> Weight:
-            """A (fused) projection: quantized blocks where kept, else [in, out] floats."""
+            """A (fused) projection: quantized where kept, else [in, out] floats."""
             parts = [pop(n) for n in names]
             if keep and all(isinstance(p, QuantWeight) for p in parts) and (
                     len({(p.format, p.in_features) for p in parts}) == 1):
@@ -136,7 +136,7 @@ class LlamaModel:
         if not args.tie_word_embeddings:
             self.lm_head = projection("lm_head.weight")
         elif isinstance(self.embed, QuantWeight):
-            self.lm_head = self.embed  # [V, hidden] blocks: already the [out, in] layout
+            self.lm_head = self.embed  # [V, hidden]: already the [out, in] layout
         else:
             self.lm_head = self.embed.t().contiguous()  # [hidden, V]
         self.cos, self.sin = rope_tables(args, max_len, device, dtype)
