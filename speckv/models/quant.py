@@ -1,11 +1,11 @@
-"""Quantized weights kept as GGUF blocks, and the one call that multiplies by any weight.
+"""Quantized weights as a GGUF file has them, and the one call that multiplies by any weight.
 
 A `QuantWeight` is a matrix [out, in] as a GGUF file quantizes it: each row is in / 32
 blocks of Q4_0, Q4_1 or Q8_0, split at load into their codes and their fp16 scales
-(the layout `csrc/quant_matmul.cpp` reads; no number or byte changes). `linear(x, w)` is `x @ w`
-for a dense weight ([in, out], the layout measured fastest on CPU) and the weight-only
-kernel for a quantized one, whose activations stay float32: the numbers multiplied
-are the checkpoint's own weights, so the quantized path and the path that
+(the layout `csrc/quant_matmul.cpp` reads; no number or byte changes). `linear(x, w)`
+is `x @ w` for a dense weight ([in, out], the layout measured fastest on CPU) and the
+weight-only kernel for a quantized one, whose activations stay float32: the numbers
+multiplied are the checkpoint's own weights, so the quantized path and the path that
 dequantizes once at load compute with the same model.
 
 `--weight-quant`:
