@@ -16,8 +16,8 @@
 // bit, whichever way the sum is rounded. A row's scales are planar so that the kernel
 // widens 16 blocks' scales with one F16C instruction into a small buffer and
 // broadcasts each from there (a load, no shuffle), instead of converting and
-// broadcasting two fp16 values per block. Decode streams the weights from DRAM (the
-// model is larger than this CPU's share of L3): bytes count, so they stay the file's.
+// broadcasting two fp16 values per block: as fast as float32 scales were (measured),
+// at the file's own size.
 //
 // Small T (decode): each thread takes groups of 4 rows, expands a block of each into
 // registers once and multiplies it into up to 4 tokens at a time; for more than 4
@@ -34,7 +34,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SPECKV_QUANT_AVX512 1  // masked 16-bit loads need BW + VL besides F
 #include <immintrin.h>
 #endif
 
@@ -92,7 +93,7 @@ inline void expand_block(const Rows& row, int64_t b, float* out) {
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(SPECKV_QUANT_AVX512)
 
 // Row scales of blocks [b0, b0 + n), n <= kChunk, widened: d[i], and c[i] (Q4_*: the
 // constant term, m or -8 d).
