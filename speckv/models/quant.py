@@ -137,6 +137,11 @@ def fused_ops(device: torch.device, dtype: torch.dtype):
     A machine that cannot build the kernels runs torch's ops, and says so once."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
+    return _kernels_if_built()
+
+
+@functools.cache  # one build attempt and one warning per process, not one per caller
+def _kernels_if_built():
     try:
         return _kernels()
     except RuntimeError as exc:
