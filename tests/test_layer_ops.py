@@ -45,6 +45,19 @@ def test_rope_in_place_rotates_only_the_first_heads(ops):
     assert torch.equal(qkv[:, 6:], expected[:, 6:])  # v untouched
 
 
+@pytest.mark.parametrize("tokens", [1, 9, 100])
+def test_silu_mul_of_the_fused_gate_up_projection(ops, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    gate_up = torch.randn(tokens, 2 * 1536, generator=g) * 6  # both tails of silu
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.allclose(ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up,
+                          rtol=1e-5, atol=1e-6)
+    wide = torch.randn(tokens, 2 * 1536 + 8, generator=g)  # rows with a stride: a view
+    gate, up = wide[:, :-8].chunk(2, dim=-1)
+    assert torch.allclose(ops.silu_mul(wide[:, :-8]), torch.nn.functional.silu(gate) * up,
+                          rtol=1e-5, atol=1e-6)
+
+
 def test_layer_ops_reject_bad_inputs(ops):
     with pytest.raises(RuntimeError, match=r"weight must be float32 \[hidden\]"):
         ops.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
@@ -53,3 +66,5 @@ def test_layer_ops_reject_bad_inputs(ops):
     cos = torch.ones(4, 16)
     with pytest.raises(RuntimeError, match="position 4 outside the tables"):
         ops.rope_(torch.randn(1, 2, 16), cos, cos, torch.tensor([4]), 2)
+    with pytest.raises(RuntimeError, match=r"gate_up must be float32 \[T, 2 \* intermediate\]"):
+        ops.silu_mul(torch.randn(2, 7))

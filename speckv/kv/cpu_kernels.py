@@ -96,8 +96,8 @@ def _build(directory: Path) -> None:
     from torch.utils.cpp_extension import load
 
     (directory / "lock").unlink(missing_ok=True)  # torch's, left by a killed build
-    logger.warning("building the CPU kernels (once per machine and version, ~30 s) in %s",
-                   directory)
+    logger.warning("building the CPU kernels (once per machine and version; 1-2 minutes on "
+                   "2 cores) in %s", directory)
     started = time.monotonic()
     try:
         load(name=NAME, sources=[str(p) for p in _SOURCES], extra_cflags=list(_CFLAGS),

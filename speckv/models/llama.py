@@ -189,7 +189,8 @@ class LlamaModel:
     def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor, attention: LayerAttention,
                        layer_input: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor:
         """`forward` on the CPU in float32: the same arithmetic, with each residual add
-        fused into the next RMSNorm and RoPE applied in place (csrc/layer_ops.cpp)."""
+        fused into the next RMSNorm, RoPE applied in place and the MLP's silu(gate) * up
+        in one pass (csrc/layer_ops.cpp)."""
         a, ops = self.args, self._ops
         eps, num_tokens, rotated = a.rms_norm_eps, x.shape[0], a.num_heads + a.num_kv_heads
         delta = None  # the last MLP's output, added to x by the next norm
@@ -204,8 +205,7 @@ class LlamaModel:
             o = attention(i, q, k, v)  # [T, H, D]
             h = ops.add_rms_norm_(x, linear(o.reshape(num_tokens, self._q_dim), w.wo),
                                   w.mlp_norm, eps)
-            gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
-            delta = linear(F.silu(gate).mul_(up), w.w_down)
+            delta = linear(ops.silu_mul(linear(h, w.w_gate_up)), w.w_down)
         return ops.add_rms_norm_(x, delta, self.norm, eps)
 
     def project_query(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

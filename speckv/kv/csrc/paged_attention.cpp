@@ -576,6 +576,7 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor 
                             double eps);
 void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
            int64_t n);
+torch::Tensor silu_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
@@ -608,4 +609,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_,
         "x += delta in place (the residual), then RMSNorm of x (float32)", release());
   m.def("rope_", &rope_, "rotate-half RoPE in place on the first n heads (float32)", release());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (float32)",
+        release());
 }

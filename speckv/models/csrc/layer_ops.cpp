@@ -6,6 +6,7 @@
 //   rms_norm(x, w, eps)            out = x * rsqrt(mean(x^2) + eps) * w
 //   add_rms_norm_(x, d, w, eps)    x += d (the residual, in place), then rms_norm(x)
 //   rope_(qkv, cos, sin, pos, n)   rotate-half RoPE in place on heads [0, n) of qkv
+//   silu_mul(gate_up)              silu(gate) * up, the MLP's two halves side by side
 //
 // Rows are independent; they are split across threads only when there are enough
 // of them to pay for waking the threads.
@@ -113,4 +114,25 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tenso
       }
     }
   });
+}
+
+// gate_up: float32 [T, 2 I] (gate, then up, as the fused projection writes them)
+// -> [T, I] = silu(gate) * up, one pass (torch: a chunk, a silu and a mul).
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dtype() == torch::kFloat32 && gate_up.dim() == 2 &&
+                  gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "silu_mul: gate_up must be float32 [T, 2 * intermediate] with contiguous rows");
+  const int64_t T = gate_up.size(0), n = gate_up.size(1) / 2, ld = gate_up.stride(0);
+  auto out = torch::empty({T, n}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, grain_rows(2 * n), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = gp + t * ld;
+      const float* u = g + n;
+      float* o = op + t * n;
+      for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
 }

@@ -20,9 +20,12 @@
 // at the file's own size.
 //
 // Small T (decode): each thread takes groups of 4 rows, expands a block of each into
-// registers once and multiplies it into up to 4 tokens at a time; for more than 4
-// tokens the group's rows are expanded once into a per-thread float scratch first
-// (L1/L2), so a weight is decoded once per step whatever the batch. Large T (prefill):
+// registers once and multiplies it into up to 4 tokens at a time (5 to 8 tokens: 2 rows
+// at a time, all tokens in registers); for more than 8 tokens the group's rows are
+// expanded once into a per-thread float scratch first (L1/L2), so a weight is decoded
+// once per step whatever the batch. A 4-bit block is expanded by a lookup: its 16
+// possible weights q d + c computed once (one FMA), each code then an index (vpermps),
+// which takes 2 instructions a block off the port that converts integers to floats. Large T (prefill):
 // chunks of 512 rows are expanded into a scratch that stays in cache and multiplied by
 // torch's GEMM, which is blocked for caches far better than a hand loop.
 
@@ -46,6 +49,7 @@ enum WeightFormat : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
 constexpr int64_t kBlock = 32;        // elements per block, all formats
 constexpr int64_t kRows = 4;          // rows per register tile
 constexpr int64_t kTokens = 4;        // tokens per register tile
+constexpr int64_t kWideTokens = 8;    // up to this many: 2 rows x T tokens
 constexpr int64_t kGemmTokens = 48;   // from this many tokens on: expand + torch GEMM
                                       // (measured: 1.4x slower than the tiles at 32)
 constexpr int64_t kGemmRows = 512;    // rows expanded per GEMM call
@@ -119,10 +123,13 @@ inline void expand_block16(const uint8_t* q, const float* d_, const float* c_, _
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
     hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
   } else {
+    // the block's 16 possible weights, q d + c for q = 0..15, then one lookup per
+    // element (vpermps reads an index's low 4 bits: the low nibble as it is)
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 table = _mm512_fmadd_ps(iota, d, _mm512_set1_ps(*c_));
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-    const __m512 c = _mm512_set1_ps(*c_);
-    lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))), d, c);
-    hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), d, c);
+    lo = _mm512_permutexvar_ps(v, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
   }
 }
 
@@ -207,14 +214,29 @@ void tokens(Src&& src, const float* x, int64_t T, int64_t K, float* y, int64_t l
   }
 }
 
+template <int64_t F, int64_t R>
+void wide(const Rows& rows, const float* x, int64_t T, int64_t K, float* y, int64_t ldy) {
+  CodedRows<F, R> src{rows};
+  switch (T) {
+    case 5: tile<R, 5>(src, x, K, y, ldy); break;
+    case 6: tile<R, 6>(src, x, K, y, ldy); break;
+    case 7: tile<R, 7>(src, x, K, y, ldy); break;
+    case 8: tile<R, 8>(src, x, K, y, ldy); break;
+  }
+}
+
 template <int64_t F>
 void matmul_rows(const float* x, int64_t T, int64_t K, const Rows& w, int64_t N, float* y) {
   const int64_t groups = (N + kRows - 1) / kRows;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(T > kTokens ? kRows * K : 0);
+    std::vector<float> scratch(T > kWideTokens ? kRows * K : 0);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = g * kRows, rows = std::min(kRows, N - n0);
-      if (T > kTokens) {  // expand once, reuse for every token tile
+      if (T > kTokens && T <= kWideTokens) {  // 2 rows x T tokens in registers, twice
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2) wide<F, 2>(w.offset(n0 + r), x, T, K, y + n0 + r, N);
+        for (; r < rows; ++r) wide<F, 1>(w.offset(n0 + r), x, T, K, y + n0 + r, N);
+      } else if (T > kTokens) {  // expand once, reuse for every token tile
         for (int64_t r = 0; r < rows; ++r)
           expand_row<F>(w.offset(n0 + r), K, scratch.data() + r * K);
         if (rows == kRows) tokens<kRows>(FloatRows{scratch.data(), K}, x, T, K, y + n0, N);
