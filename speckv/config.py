@@ -45,8 +45,9 @@ class ModelConfig:
         "help": "compute and KV dtype; float32 is the measured fastest on CPU "
                 "(see BENCHMARKS.md), bfloat16 halves weight and KV memory"})
     weight_quant: WeightQuant = field(default="auto", metadata={
-        "help": "weights: auto (default) keeps a GGUF's Q4_0 / Q4_1 / Q8_0 matrices as "
-                "stored and multiplies them with a weight-only kernel, activations in "
+        "help": "weights: auto (default) keeps a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K "
+                "(and Q5_0, held as Q8_0) matrices quantized, the same numbers, and "
+                "multiplies them with a weight-only kernel, activations in "
                 "float32 (CPU, float32 dtype; elsewhere: as none); none expands every "
                 "weight to dtype at load; int8 / int4 also quantize float weights "
                 "(Q8_0 / Q4_1, 32 weights per scale)"})

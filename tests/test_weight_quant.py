@@ -11,6 +11,7 @@ import torch
 from speckv import LLM, SamplingParams
 from speckv.config import ModelConfig
 from speckv.models import quant
+from speckv.models.args import ModelArgs
 from speckv.models.loaded import load_model
 from speckv.models.quant import QuantWeight
 
@@ -19,21 +20,38 @@ FORMATS = sorted(quant.FORMATS)
 
 def _quantized(fmt: str, rows: int, cols: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
     """A random weight quantized by gguf-py, and gguf-py's own dequantization of its
-    blocks: the independent reference."""
+    blocks: the independent reference. gguf-py cannot quantize to K-quants: their
+    blocks are random bytes, with fp16 super-block scales of a weight's size."""
     from gguf import GGMLQuantizationType, quants
 
     g = torch.Generator().manual_seed(seed)
     qtype = GGMLQuantizationType[fmt]
-    blocks = quants.quantize(torch.randn(rows, cols, generator=g).numpy(), qtype)
+    if fmt in quant.BLOCK_ELEMENTS:
+        size, supers = quant.BLOCK_BYTES[fmt], rows * cols // quant.SUPER
+        blocks = torch.randint(0, 256, (supers, size), generator=g, dtype=torch.uint8)
+        scales = (torch.rand(supers, 2, generator=g) * 0.02 + 1e-3).half().view(torch.uint8)
+        if fmt == "Q4_K":  # d, dmin, 12 bytes of 6-bit scales and minimums, 128 of codes
+            blocks[:, 0:4] = scales
+        else:  # Q6_K: 192 bytes of codes, 16 int8 scales, d
+            blocks[:, 208:210] = scales[:, :2]
+        blocks = blocks.reshape(rows, -1).numpy()
+    else:
+        blocks = quants.quantize(torch.randn(rows, cols, generator=g).numpy(), qtype)
     reference = torch.from_numpy(quants.dequantize(blocks, qtype).astype(np.float32))
     return QuantWeight.from_blocks(torch.from_numpy(blocks), fmt), reference
 
 
+def _cols(fmt: str, cols: int) -> int:
+    """K-quant rows are whole super-blocks: 768 = a kernel chunk of 16 blocks and 8 more."""
+    return 768 if fmt in quant.BLOCK_ELEMENTS else cols
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantize_is_gguf_py_bit_for_bit(fmt):
-    w, ref = _quantized(fmt, 37, 96, seed=1)
-    assert (w.out_features, w.in_features, w.format) == (37, 96, fmt)
-    assert w.codes.shape == (37, 3 * {"Q4_0": 16, "Q4_1": 16, "Q8_0": 32}[fmt])
+    cols = _cols(fmt, 96)
+    w, ref = _quantized(fmt, 37, cols, seed=1)
+    assert (w.out_features, w.in_features, w.format) == (37, cols, fmt)
+    assert w.codes.shape == (37, cols // 32 * quant.CODE_BYTES[fmt])
     assert torch.equal(quant.dequantize(w), ref)
     rows = torch.tensor([36, 0, 5, 5])
     assert torch.equal(quant.embedding(rows, w), ref[rows])
@@ -41,12 +59,13 @@ def test_dequantize_is_gguf_py_bit_for_bit(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 9, 47, 48, 130])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 8, 9, 47, 48, 130])
 def test_quant_matmul_matches_a_float64_reference(fmt, tokens):
-    # 37 rows: tiles of 4 rows and a remainder; 47 / 48 tokens: either side of the switch
-    # to the GEMM path; 5, 9: token tiles of 4 and tails
-    w, reference = _quantized(fmt, 37, 160, seed=tokens)
-    x = torch.randn(tokens, 160, generator=torch.Generator().manual_seed(0))
+    # 37 rows: tiles of 4 (2 from 5 to 8 tokens) rows and a remainder; 47 / 48 tokens:
+    # either side of the switch to the GEMM path; 9: token tiles of 4 and a tail
+    cols = _cols(fmt, 160)
+    w, reference = _quantized(fmt, 37, cols, seed=tokens)
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(0))
     y = quant.linear(x, w)
     ref = x.double() @ reference.double().t()
     assert y.dtype == torch.float32 and y.shape == (tokens, 37)
@@ -78,8 +97,13 @@ def test_quant_matmul_rejects_bad_shapes_and_formats():
         quant.quantize(torch.randn(4, 40), "Q8_0")
     with pytest.raises(ValueError, match=r"Q4_1 blocks must be uint8 \[out, k \* 20\]"):
         QuantWeight.from_blocks(torch.zeros(2, 30, dtype=torch.uint8), "Q4_1")
-    with pytest.raises(ValueError, match="weight format 'Q5_K' is not one of Q4_0, Q4_1, Q8_0"):
+    with pytest.raises(ValueError,
+                       match="weight format 'Q5_K' is not one of Q4_0, Q4_1, Q8_0, Q4_K, Q6_K"):
         QuantWeight.from_blocks(torch.zeros(2, 40, dtype=torch.uint8), "Q5_K")
+    q4k = quant.FORMATS["Q4_K"]  # 4 blocks of 32: half a super-block
+    with pytest.raises(RuntimeError, match="K-quant rows must hold whole super-blocks of 256"):
+        kernels.quant_matmul(torch.randn(2, 128), torch.zeros(8, 64, dtype=torch.uint8),
+                             torch.zeros(8, 9, dtype=torch.float16), q4k)
 
 
 def test_weight_quant_bad_values_are_rejected_with_the_known_ones():
@@ -159,6 +183,44 @@ def test_float_checkpoint_quantized_to_int8_and_int4(tmp_path):
     err4 = (logits["int4"] - logits["none"]).abs().max().item()
     scale = logits["none"].abs().max().item()
     assert 0 < err8 < err4 < 0.5 * scale
+
+
+def test_a_k_quant_mix_is_multiplied_as_the_file_has_it():
+    """What llama.cpp's Q4_K_M writes: q and k in Q4_K, v in Q6_K (one fused projection
+    of two formats), gate/up in Q5_0 (held as Q8_0), down in Q6_K. Kept quantized, the
+    model computes what its dequantized twin does."""
+    from speckv.models.llama import LlamaModel
+
+    args = ModelArgs(vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=1e4,
+                     rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=True,
+                     bos_token_id=None, eos_token_id=None)
+    formats = {"q": "Q4_K", "k": "Q4_K", "v": "Q6_K", "o": "Q4_K", "gate": "Q5_0",
+               "up": "Q5_0", "down": "Q6_K"}
+    shapes = {"q": (256, 256), "k": (128, 256), "v": (128, 256), "o": (256, 256),
+              "gate": (512, 256), "up": (512, 256), "down": (256, 512)}
+    where = {x: f"self_attn.{x}_proj" for x in "qkvo"} | {x: f"mlp.{x}_proj" for x in
+                                                          ("gate", "up", "down")}
+    state = {"model.embed_tokens.weight": torch.randn(64, 256), "model.norm.weight": torch.ones(256)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = state[p + "post_attention_layernorm.weight"] = \
+            torch.ones(256)
+        for j, (x, fmt) in enumerate(formats.items()):
+            w, _ = _quantized(fmt, *shapes[x], seed=10 * i + j)
+            state[p + where[x] + ".weight"] = w
+    models = {wq: LlamaModel(args, dict(state), device=torch.device("cpu"), dtype=torch.float32,
+                             max_len=64, weight_quant=wq) for wq in ("auto", "none")}
+    layer = models["auto"].layers[0]
+    assert isinstance(layer.wqkv, quant.StackedWeight)
+    assert [w.format for w in layer.wqkv.parts] == ["Q4_K", "Q6_K"]  # q + k fused, then v
+    assert (layer.w_gate_up.format, layer.w_down.format, layer.wo.format) == ("Q8_0", "Q6_K", "Q4_K")
+    assert models["auto"]._wq[0].format == "Q4_K"  # q's rows: the first part's
+    ids = torch.arange(1, 17)
+    logits = {wq: m.compute_logits(m.forward(ids, torch.arange(16), _causal(m)))
+              for wq, m in models.items()}
+    scale = logits["none"].abs().max().item()
+    assert (logits["auto"] - logits["none"]).abs().max().item() < 1e-4 * scale
 
 
 def _causal(model):

@@ -44,7 +44,7 @@ class LayerWeights:
 
 def leading_outputs(w: Weight, n: int) -> Weight:
     """The first n output features of a weight (q of a fused qkv)."""
-    return w.rows(0, n) if isinstance(w, QuantWeight) else w[:, :n]
+    return w.rows(0, n) if isinstance(w, quant.QUANTIZED) else w[:, :n]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,7 +106,7 @@ class LlamaModel:
             """A (fused) projection: quantized where kept, else [in, out] floats."""
             parts = [pop(n) for n in names]
             if keep and all(isinstance(p, QuantWeight) for p in parts) and (
-                    len({(p.format, p.in_features) for p in parts}) == 1):
+                    len({p.in_features for p in parts}) == 1):
                 return quant.concat(parts)
             merged = torch.cat([dense(p) for p in parts], dim=0)  # [out, in]
             if keep and quantize_to is not None:
@@ -153,7 +153,7 @@ class LlamaModel:
     def weight_bytes(self) -> int:
         """Bytes of weights one step streams (every matrix once, the embedding rows aside)."""
         def size(w: Weight) -> int:
-            return w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size()
+            return w.nbytes if isinstance(w, quant.QUANTIZED) else w.numel() * w.element_size()
         layers = sum(size(w.wqkv) + size(w.wo) + size(w.w_gate_up) + size(w.w_down)
                      for w in self.layers)
         return layers + size(self.lm_head)

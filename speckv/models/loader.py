@@ -3,8 +3,9 @@
 Both formats end as one state dict in Hugging Face's naming and layout
 (`model.layers.0.self_attn.q_proj.weight`, rows = output features), so the model
 has one conversion path. GGUF weights in a format the weight-only kernel reads (Q4_0,
-Q4_1, Q8_0) can be kept as they are (`keep_quantized`, a `QuantWeight` of the same
-name); every other tensor is dequantized once, here.
+Q4_1, Q8_0, Q4_K, Q6_K, and Q5_0 held as Q8_0) can be kept quantized (`keep_quantized`,
+a `QuantWeight` of the same name, the same numbers); every other tensor is dequantized
+once, here.
 
 The GGUF converter permutes the rows of the Q and K projections so that llama.cpp
 can use the interleaved RoPE form; we undo that permutation and use the HF
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from speckv.models.args import ModelArgs
-from speckv.models.quant import FORMATS, QuantWeight
+from speckv.models.quant import LOADABLE, QuantWeight
 from speckv.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ def resolve_model_path(model: str | None) -> Path:
 def load_checkpoint(model: str | None, keep_quantized: bool = False) -> Checkpoint:
     """Loads a Llama-family checkpoint (GGUF file or HF safetensors directory).
 
-    `keep_quantized`: GGUF matrices in Q4_0 / Q4_1 / Q8_0 come back as `QuantWeight`s,
-    their blocks untouched, instead of float32."""
+    `keep_quantized`: GGUF matrices in a format of `quant.LOADABLE` come back as
+    `QuantWeight`s, their numbers untouched, instead of float32."""
     path = resolve_model_path(model)
     if path.is_dir():
         return _load_hf_dir(path)
@@ -146,7 +147,7 @@ def _load_gguf(path: Path, keep_quantized: bool) -> Checkpoint:
     args = gguf_model_args(reader)
     state: dict[str, torch.Tensor | QuantWeight] = {}
     for tensor in reader.tensors:
-        kept = keep_quantized and tensor.tensor_type.name in FORMATS and len(tensor.shape) == 2
+        kept = keep_quantized and tensor.tensor_type.name in LOADABLE and len(tensor.shape) == 2
         if kept:  # [out, in / 32 * B] blocks: whole rows, so the row permutation applies
             data = np.asarray(tensor.data)
         else:

@@ -600,7 +600,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "page entries (DEVICE slots or pool rows) -> contiguous decoded K and V pages",
         release());
   m.def("quant_matmul", &quant_matmul,
-        "x @ W^T with W a GGUF-quantized weight (Q4_0, Q4_1, Q8_0: codes and fp16 "
+        "x @ W^T with W a GGUF-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K: codes and fp16 "
         "scales), float32 activations (CPU)",
         release());
   m.def("dequantize_rows", &dequantize_rows,

@@ -11,9 +11,18 @@
 //     Q4_1  S = 2  w = q d + m                    elements 0..15, the high ones 16..31
 //     Q8_0  S = 1  w = q d                        q = int8
 //
+// and two of ggml's K-quants, whose super-blocks of 256 hold 8 blocks of 32: the codes
+// are rewritten at load into the layouts above (the same integers), the scales kept as
+// the file has them, in planes of fp16 (the small integers exactly):
+//
+//     Q4_K  d, dmin [K/256]; sc, m [K/32] (6-bit)   w = q (d sc) - (dmin m), q a nibble
+//     Q6_K  d [K/256]; sc [K/16] (int8)             w = (q - 32) (d sc), q - 32 stored
+//                                                   as int8, a scale per 16 elements
+//
 // Every product here is exact in float32 (a 4- or 8-bit integer times an fp16 scale's
-// 11-bit mantissa, and -8 d), so each weight is the value gguf-py dequantizes, bit for
-// bit, whichever way the sum is rounded. A row's scales are planar so that the kernel
+// 11-bit mantissa, and -8 d; for the K-quants d sc has at most 11 + 7 bits and times a
+// code at most 23), so each weight is the value gguf-py dequantizes, bit for bit (one
+// rounding where it adds, as there), whichever way the sum is rounded. A row's scales are planar so that the kernel
 // widens 16 blocks' scales with one F16C instruction into a small buffer and
 // broadcasts each from there (a load, no shuffle), instead of converting and
 // broadcasting two fp16 values per block: as fast as float32 scales were (measured),
@@ -45,7 +54,7 @@
 namespace {
 
 // The numbers are part of the Python API (`speckv.models.quant.FORMATS`).
-enum WeightFormat : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+enum WeightFormat : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ4_K = 3, kQ6_K = 4 };
 constexpr int64_t kBlock = 32;        // elements per block, all formats
 constexpr int64_t kRows = 4;          // rows per register tile
 constexpr int64_t kTokens = 4;        // tokens per register tile
@@ -56,14 +65,26 @@ constexpr int64_t kGemmRows = 512;    // rows expanded per GEMM call
 
 constexpr int64_t kChunk = 16;        // blocks whose scales are widened at once
 
+constexpr int64_t kSuper = 8;         // blocks per K-quant super-block
+
 template <int64_t F>
 struct Layout {
-  static constexpr int64_t Q = F == kQ8_0 ? 32 : 16;  // code bytes per block
-  static constexpr int64_t S = F == kQ4_1 ? 2 : 1;    // scales per block
+  static constexpr bool kQuant = F == kQ4_K || F == kQ6_K;
+  static constexpr bool k8bit = F == kQ8_0 || F == kQ6_K;
+  static constexpr int64_t Q = k8bit ? 32 : 16;  // code bytes per block
+  // fp16 scale entries of a row of `blocks` blocks (the planes, in order)
+  static constexpr int64_t scales(int64_t blocks) {
+    switch (F) {
+      case kQ4_1: return 2 * blocks;                       // d, m
+      case kQ4_K: return 2 * (blocks / kSuper) + 2 * blocks;  // d, dmin, sc, m
+      case kQ6_K: return blocks / kSuper + 2 * blocks;        // d, sc (two a block)
+      default: return blocks;                              // d
+    }
+  }
 };
 
 void check_format(int64_t format) {
-  TORCH_CHECK(format >= kQ4_0 && format <= kQ8_0, "unknown weight format ", format);
+  TORCH_CHECK(format >= kQ4_0 && format <= kQ6_K, "unknown weight format ", format);
 }
 
 // One weight's rows: row r's codes at codes + r * code_stride, its scales (fp16 bits) at
@@ -84,6 +105,29 @@ inline float half_to_float(uint16_t bits) { return c10::detail::fp16_ieee_to_fp3
 template <int64_t F>
 inline void expand_block(const Rows& row, int64_t b, float* out) {
   const uint8_t* q = row.codes + b * Layout<F>::Q;
+  const int64_t supers = row.blocks / kSuper;
+  if constexpr (F == kQ4_K) {
+    const uint16_t* s = row.scales;
+    const float d = half_to_float(s[b / kSuper]) * half_to_float(s[2 * supers + b]);
+    const float c = -(half_to_float(s[supers + b / kSuper]) *
+                      half_to_float(s[2 * supers + row.blocks + b]));
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(q[j] & 0xF) * d + c;
+      out[j + 16] = static_cast<float>(q[j] >> 4) * d + c;
+    }
+    return;
+  } else if constexpr (F == kQ6_K) {
+    const uint16_t* s = row.scales;
+    const float d = half_to_float(s[b / kSuper]);
+    const float d_lo = d * half_to_float(s[supers + 2 * b]);
+    const float d_hi = d * half_to_float(s[supers + 2 * b + 1]);
+    const auto* c = reinterpret_cast<const int8_t*>(q);
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(c[j]) * d_lo;
+      out[j + 16] = static_cast<float>(c[j + 16]) * d_hi;
+    }
+    return;
+  }
   const float d = half_to_float(row.scales[b]);
   if constexpr (F == kQ8_0) {
     const auto* c = reinterpret_cast<const int8_t*>(q);
@@ -104,6 +148,35 @@ inline void expand_block(const Rows& row, int64_t b, float* out) {
 template <int64_t F>
 inline void widen_scales(const Rows& row, int64_t b0, int64_t n, float* d, float* c) {
   const __mmask16 mask = n >= kChunk ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  if constexpr (Layout<F>::kQuant) {  // b0 is a multiple of kChunk = 2 super-blocks
+    static_assert(kChunk == 2 * kSuper);
+    const int64_t supers = row.blocks / kSuper, s0 = b0 / kSuper;
+    const __mmask16 two = n > kSuper ? 0x3 : 0x1;
+    const __m512i which = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    // the chunk's (up to) two super-block scales, each broadcast to its 8 blocks
+    const __m512 sd = _mm512_permutexvar_ps(
+        which, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(two, row.scales + s0)));
+    if constexpr (F == kQ4_K) {
+      const __m512 smin = _mm512_permutexvar_ps(
+          which, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(two, row.scales + supers + s0)));
+      const uint16_t* sc = row.scales + 2 * supers;
+      const __m512 scv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + b0));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + row.blocks + b0));
+      _mm512_store_ps(d, _mm512_mul_ps(sd, scv));
+      _mm512_store_ps(c, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(smin, mv)));
+    } else {  // Q6_K: a scale per 16 elements, two a block, for lo (d) and hi (c)
+      const uint16_t* sc = row.scales + supers + 2 * b0;
+      // n is 8 or 16 (whole super-blocks): 16 or 32 scales, blocks 0-7's then 8-15's
+      const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+      const __m512 b = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(n > kSuper ? 0xFFFF : 0, sc + kChunk));
+      const __m512i even =
+          _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+      _mm512_store_ps(d, _mm512_mul_ps(sd, _mm512_permutex2var_ps(a, even, b)));
+      _mm512_store_ps(c, _mm512_mul_ps(sd, _mm512_permutex2var_ps(a, odd, b)));
+    }
+    return;
+  }
   const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, row.scales + b0));
   _mm512_store_ps(d, dv);
   if constexpr (F == kQ4_1)
@@ -117,11 +190,12 @@ template <int64_t F>
 inline void expand_block16(const uint8_t* q, const float* d_, const float* c_, __m512& lo,
                            __m512& hi) {
   const __m512 d = _mm512_set1_ps(*d_);  // broadcast loads: no shuffle
-  if constexpr (F == kQ8_0) {
+  if constexpr (Layout<F>::k8bit) {  // Q6_K: c_ is the second half's scale
     const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
     const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
-    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)),
+                       F == kQ6_K ? _mm512_set1_ps(*c_) : d);
   } else {
     // the block's 16 possible weights, q d + c for q = 0..15, then one lookup per
     // element (vpermps reads an index's low 4 bits: the low nibble as it is)
@@ -286,10 +360,12 @@ Rows weight_rows(const torch::Tensor& codes, const torch::Tensor& scales, int64_
                   codes.size(1) % L::Q == 0,
               who, ": codes must be contiguous uint8 [N, K / 32 * ", L::Q, "]");
   const int64_t blocks = codes.size(1) / L::Q;
+  TORCH_CHECK(!L::kQuant || blocks % kSuper == 0, who,
+              ": K-quant rows must hold whole super-blocks of 256");
   TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() &&
                   scales.dim() == 2 && scales.size(0) == codes.size(0) &&
-                  scales.size(1) == blocks * L::S,
-              who, ": scales must be contiguous float16 [N, ", blocks * L::S, "]");
+                  scales.size(1) == L::scales(blocks),
+              who, ": scales must be contiguous float16 [N, ", L::scales(blocks), "]");
   K = blocks * kBlock;
   return {codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
           codes.size(1), scales.size(1), blocks};
@@ -302,6 +378,8 @@ void dispatch(int64_t format, Fn&& fn) {
     case kQ4_0: fn(std::integral_constant<int64_t, kQ4_0>{}); return;
     case kQ4_1: fn(std::integral_constant<int64_t, kQ4_1>{}); return;
     case kQ8_0: fn(std::integral_constant<int64_t, kQ8_0>{}); return;
+    case kQ4_K: fn(std::integral_constant<int64_t, kQ4_K>{}); return;
+    case kQ6_K: fn(std::integral_constant<int64_t, kQ6_K>{}); return;
   }
 }
 
