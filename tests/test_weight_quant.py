@@ -199,9 +199,10 @@ def test_a_k_quant_mix_is_multiplied_as_the_file_has_it():
                "up": "Q5_0", "down": "Q6_K"}
     shapes = {"q": (256, 256), "k": (128, 256), "v": (128, 256), "o": (256, 256),
               "gate": (512, 256), "up": (512, 256), "down": (256, 512)}
-    where = {x: f"self_attn.{x}_proj" for x in "qkvo"} | {x: f"mlp.{x}_proj" for x in
-                                                          ("gate", "up", "down")}
-    state = {"model.embed_tokens.weight": torch.randn(64, 256), "model.norm.weight": torch.ones(256)}
+    where = {x: f"self_attn.{x}_proj" for x in "qkvo"}
+    where |= {x: f"mlp.{x}_proj" for x in ("gate", "up", "down")}
+    state = {"model.embed_tokens.weight": torch.randn(64, 256),
+             "model.norm.weight": torch.ones(256)}
     for i in range(2):
         p = f"model.layers.{i}."
         state[p + "input_layernorm.weight"] = state[p + "post_attention_layernorm.weight"] = \
@@ -214,7 +215,8 @@ def test_a_k_quant_mix_is_multiplied_as_the_file_has_it():
     layer = models["auto"].layers[0]
     assert isinstance(layer.wqkv, quant.StackedWeight)
     assert [w.format for w in layer.wqkv.parts] == ["Q4_K", "Q6_K"]  # q + k fused, then v
-    assert (layer.w_gate_up.format, layer.w_down.format, layer.wo.format) == ("Q8_0", "Q6_K", "Q4_K")
+    assert (layer.w_gate_up.format, layer.w_down.format, layer.wo.format) == (
+        "Q8_0", "Q6_K", "Q4_K")
     assert models["auto"]._wq[0].format == "Q4_K"  # q's rows: the first part's
     ids = torch.arange(1, 17)
     logits = {wq: m.compute_logits(m.forward(ids, torch.arange(16), _causal(m)))

@@ -61,6 +61,7 @@ class LLMEngine:
             raise ValueError(f"the loaded model was built for {loaded.config}, not {config.model}")
         self.loaded = loaded
         self.model, self.tokenizer, self.args = loaded.model, loaded.tokenizer, loaded.args
+        self._stop_ids = self.args.stop_ids  # EOS tokens (Llama 3 lists several)
         self.device, self.dtype = loaded.model.device, loaded.model.dtype
         self.max_model_len = loaded.context_window(config.model)
         self.cache = self._build_cache(config)
@@ -384,7 +385,7 @@ class LLMEngine:
             seq.times.first_token = now
         seq.times.last_token = now
         params = seq.params
-        if token == self.args.eos_token_id and not params.ignore_eos:
+        if token in self._stop_ids and not params.ignore_eos:
             seq.finish(FinishReason.STOP)
             return
         searched = len(seq.text)  # a stop string can only end in the new text

@@ -1,5 +1,10 @@
 """The Llama-family decoder: RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU.
 
+One module serves the families (`ModelArgs`): they share every layer and differ in
+three switches of the attention's projections -- biases on q, k, v (Qwen2; and o with
+Llama's attention_bias), an RMSNorm over each head of q and k before RoPE (Qwen3) --
+and in RoPE's frequencies (`speckv.models.rope`).
+
 Tokens of all sequences in a step are flattened into one dimension T (vLLM style):
 the projections and the MLP run once over [T, hidden]; only attention needs to
 know which token belongs to which sequence, and that is the job of the
@@ -19,7 +24,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from speckv.models import quant
+from speckv.models import quant, rope
 from speckv.models.args import ModelArgs
 from speckv.models.quant import QuantWeight, Weight, linear
 
@@ -40,6 +45,10 @@ class LayerWeights:
     mlp_norm: torch.Tensor  # [hidden]
     w_gate_up: Weight  # hidden -> 2 * I
     w_down: Weight  # I -> hidden
+    bqkv: torch.Tensor | None = None  # [(H + 2*Hkv) * D] (qkv_bias)
+    bo: torch.Tensor | None = None  # [hidden] (o_bias)
+    q_norm: torch.Tensor | None = None  # [D] (qk_norm)
+    k_norm: torch.Tensor | None = None  # [D]
 
 
 def leading_outputs(w: Weight, n: int) -> Weight:
@@ -56,12 +65,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_tables(args: ModelArgs, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_len, D], the rotate-half layout (each frequency twice)."""
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64)
-                                          / args.head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    """cos, sin: [max_len, D], the rotate-half layout (each frequency twice), with the
+    model's RoPE scaling (`speckv.models.rope`)."""
+    freqs, scale = rope.inv_freq(args)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    return (angles.cos() * scale).to(device, dtype), (angles.sin() * scale).to(device, dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,13 +132,19 @@ class LlamaModel:
         self.layers: list[LayerWeights] = []
         for i in range(args.num_layers):
             p = f"model.layers.{i}."
+            attn = p + "self_attn."
             self.layers.append(LayerWeights(
                 attn_norm=take(p + "input_layernorm.weight"),
-                wqkv=projection(*(p + f"self_attn.{x}_proj.weight" for x in "qkv")),
-                wo=projection(p + "self_attn.o_proj.weight"),
+                wqkv=projection(*(attn + f"{x}_proj.weight" for x in "qkv")),
+                wo=projection(attn + "o_proj.weight"),
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
                 w_gate_up=projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
                 w_down=projection(p + "mlp.down_proj.weight"),
+                bqkv=torch.cat([take(attn + f"{x}_proj.bias") for x in "qkv"])
+                if args.qkv_bias else None,
+                bo=take(attn + "o_proj.bias") if args.o_bias else None,
+                q_norm=take(attn + "q_norm.weight") if args.qk_norm else None,
+                k_norm=take(attn + "k_norm.weight") if args.qk_norm else None,
             ))
         self.embed = table("model.embed_tokens.weight")  # [V, hidden]
         self.norm = take("model.norm.weight")
@@ -170,17 +185,15 @@ class LlamaModel:
         a = self.args
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
-        num_tokens = input_ids.shape[0]
         for i, w in enumerate(self.layers):
             if layer_input is not None:
                 layer_input(i, x)
-            h = rms_norm(x, w.attn_norm, a.rms_norm_eps)
-            qkv = linear(h, w.wqkv).view(num_tokens, -1, a.head_dim)  # [T, H + 2*Hkv, D]
+            qkv = self._qkv(w, rms_norm(x, w.attn_norm, a.rms_norm_eps))
             qk = apply_rope(qkv[:, :a.num_heads + a.num_kv_heads], cos, sin)  # q and k at once
             q, k = qk.split([a.num_heads, a.num_kv_heads], dim=1)
             v = qkv[:, a.num_heads + a.num_kv_heads:]
             o = attention(i, q, k, v)  # [T, H, D]
-            x = x + linear(o.reshape(num_tokens, self._q_dim), w.wo)
+            x = x + self._out(w, o)
             h = rms_norm(x, w.mlp_norm, a.rms_norm_eps)
             gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, w.w_down)
@@ -192,28 +205,50 @@ class LlamaModel:
         fused into the next RMSNorm, RoPE applied in place and the MLP's silu(gate) * up
         in one pass (csrc/layer_ops.cpp)."""
         a, ops = self.args, self._ops
-        eps, num_tokens, rotated = a.rms_norm_eps, x.shape[0], a.num_heads + a.num_kv_heads
+        eps, rotated = a.rms_norm_eps, a.num_heads + a.num_kv_heads
         delta = None  # the last MLP's output, added to x by the next norm
         for i, w in enumerate(self.layers):
             h = (ops.rms_norm(x, w.attn_norm, eps) if delta is None
                  else ops.add_rms_norm_(x, delta, w.attn_norm, eps))
             if layer_input is not None:
                 layer_input(i, x)
-            qkv = linear(h, w.wqkv).view(num_tokens, -1, a.head_dim)  # [T, H + 2*Hkv, D]
+            qkv = self._qkv(w, h)
             ops.rope_(qkv, self.cos, self.sin, positions, rotated)
             q, k, v = qkv.split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)
             o = attention(i, q, k, v)  # [T, H, D]
-            h = ops.add_rms_norm_(x, linear(o.reshape(num_tokens, self._q_dim), w.wo),
-                                  w.mlp_norm, eps)
+            h = ops.add_rms_norm_(x, self._out(w, o), w.mlp_norm, eps)
             delta = linear(ops.silu_mul(linear(h, w.w_gate_up)), w.w_down)
         return ops.add_rms_norm_(x, delta, self.norm, eps)
+
+    def _qkv(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """h: [T, hidden] normed -> q, k, v heads [T, H + 2*Hkv, D] before RoPE."""
+        a = self.args
+        qkv = linear(h, w.wqkv)
+        if w.bqkv is not None:
+            qkv += w.bqkv
+        qkv = qkv.view(h.shape[0], -1, a.head_dim)
+        if w.q_norm is not None:  # each head of q and of k normalized over D
+            qk = a.num_heads + a.num_kv_heads
+            qkv[:, :a.num_heads] = rms_norm(qkv[:, :a.num_heads], w.q_norm, a.rms_norm_eps)
+            qkv[:, a.num_heads:qk] = rms_norm(qkv[:, a.num_heads:qk], w.k_norm, a.rms_norm_eps)
+        return qkv
+
+    def _out(self, w: LayerWeights, o: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, H, D] -> its projection [T, hidden]."""
+        out = linear(o.reshape(o.shape[0], self._q_dim), w.wo)
+        return out if w.bo is None else out + w.bo
 
     def project_query(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s queries for the residual stream x: [T, hidden] -> [T, H, D] (with
         RoPE at `positions`). Fed another layer's input, an estimate (InfiniGen)."""
         a, w = self.args, self.layers[layer]
         h = rms_norm(x, w.attn_norm, a.rms_norm_eps)
-        q = linear(h, self._wq[layer]).view(x.shape[0], a.num_heads, a.head_dim)
+        q = linear(h, self._wq[layer])
+        if w.bqkv is not None:
+            q += w.bqkv[:self._q_dim]
+        q = q.view(x.shape[0], a.num_heads, a.head_dim)
+        if w.q_norm is not None:
+            q = rms_norm(q, w.q_norm, a.rms_norm_eps)
         return apply_rope(q, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

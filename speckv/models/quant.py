@@ -6,7 +6,8 @@ blocks of Q4_0, Q4_1 or Q8_0, split at load into their codes and their fp16 scal
 of 256 in the K-quants Q4_K and Q6_K, whose codes are rewritten into the same block
 layouts (the same integers; Q6_K's 6-bit codes stored as int8) and whose scales are
 kept as the file has them. Q5_0 (what llama.cpp's Q4_K_M falls back to for rows that
-are not whole super-blocks) is held as Q8_0: its 5-bit codes as int8, the same numbers. `linear(x, w)`
+are not whole super-blocks) is held as Q8_0: its 5-bit codes as int8, the same numbers.
+A fused projection whose parts differ in format is a `StackedWeight`. `linear(x, w)`
 is `x @ w` for a dense weight ([in, out], the layout measured fastest on CPU) and the
 weight-only kernel for a quantized one, whose activations stay float32: the numbers
 multiplied are the checkpoint's own weights, so the quantized path and the path that

@@ -68,7 +68,7 @@ class Tokenizer:
             raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (only gpt2 BPE)")
         tokens: list[str] = field("tokenizer.ggml.tokens")
         types: list[int] = field("tokenizer.ggml.token_type", [1] * len(tokens))
-        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges") or []]
         vocab = {tok: i for i, tok in enumerate(tokens)}
         backend = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False))
         splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]

@@ -22,11 +22,11 @@
 // Every product here is exact in float32 (a 4- or 8-bit integer times an fp16 scale's
 // 11-bit mantissa, and -8 d; for the K-quants d sc has at most 11 + 7 bits and times a
 // code at most 23), so each weight is the value gguf-py dequantizes, bit for bit (one
-// rounding where it adds, as there), whichever way the sum is rounded. A row's scales are planar so that the kernel
-// widens 16 blocks' scales with one F16C instruction into a small buffer and
-// broadcasts each from there (a load, no shuffle), instead of converting and
-// broadcasting two fp16 values per block: as fast as float32 scales were (measured),
-// at the file's own size.
+// rounding where it adds, as there), whichever way the sum is rounded. A row's scales
+// are planar so that the kernel widens 16 blocks' scales with one F16C instruction into
+// a small buffer and broadcasts each from there (a load, no shuffle), instead of
+// converting and broadcasting two fp16 values per block: as fast as float32 scales were
+// (measured), at the file's own size.
 //
 // Small T (decode): each thread takes groups of 4 rows, expands a block of each into
 // registers once and multiplies it into up to 4 tokens at a time (5 to 8 tokens: 2 rows
@@ -34,9 +34,9 @@
 // expanded once into a per-thread float scratch first (L1/L2), so a weight is decoded
 // once per step whatever the batch. A 4-bit block is expanded by a lookup: its 16
 // possible weights q d + c computed once (one FMA), each code then an index (vpermps),
-// which takes 2 instructions a block off the port that converts integers to floats. Large T (prefill):
-// chunks of 512 rows are expanded into a scratch that stays in cache and multiplied by
-// torch's GEMM, which is blocked for caches far better than a hand loop.
+// which takes 2 instructions a block off the port that converts integers to floats.
+// Large T (prefill): chunks of 512 rows are expanded into a scratch that stays in cache
+// and multiplied by torch's GEMM, which is blocked for caches far better than a hand loop.
 
 #include <torch/extension.h>
 
@@ -69,7 +69,7 @@ constexpr int64_t kSuper = 8;         // blocks per K-quant super-block
 
 template <int64_t F>
 struct Layout {
-  static constexpr bool kQuant = F == kQ4_K || F == kQ6_K;
+  static constexpr bool kKQuant = F == kQ4_K || F == kQ6_K;
   static constexpr bool k8bit = F == kQ8_0 || F == kQ6_K;
   static constexpr int64_t Q = k8bit ? 32 : 16;  // code bytes per block
   // fp16 scale entries of a row of `blocks` blocks (the planes, in order)
@@ -148,7 +148,7 @@ inline void expand_block(const Rows& row, int64_t b, float* out) {
 template <int64_t F>
 inline void widen_scales(const Rows& row, int64_t b0, int64_t n, float* d, float* c) {
   const __mmask16 mask = n >= kChunk ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-  if constexpr (Layout<F>::kQuant) {  // b0 is a multiple of kChunk = 2 super-blocks
+  if constexpr (Layout<F>::kKQuant) {  // b0 is a multiple of kChunk = 2 super-blocks
     static_assert(kChunk == 2 * kSuper);
     const int64_t supers = row.blocks / kSuper, s0 = b0 / kSuper;
     const __mmask16 two = n > kSuper ? 0x3 : 0x1;
@@ -167,8 +167,10 @@ inline void widen_scales(const Rows& row, int64_t b0, int64_t n, float* d, float
     } else {  // Q6_K: a scale per 16 elements, two a block, for lo (d) and hi (c)
       const uint16_t* sc = row.scales + supers + 2 * b0;
       // n is 8 or 16 (whole super-blocks): 16 or 32 scales, blocks 0-7's then 8-15's
-      const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-      const __m512 b = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(n > kSuper ? 0xFFFF : 0, sc + kChunk));
+      const __m512 a =
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+      const __m512 b =
+          _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(n > kSuper ? 0xFFFF : 0, sc + kChunk));
       const __m512i even =
           _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
       const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -360,7 +362,7 @@ Rows weight_rows(const torch::Tensor& codes, const torch::Tensor& scales, int64_
                   codes.size(1) % L::Q == 0,
               who, ": codes must be contiguous uint8 [N, K / 32 * ", L::Q, "]");
   const int64_t blocks = codes.size(1) / L::Q;
-  TORCH_CHECK(!L::kQuant || blocks % kSuper == 0, who,
+  TORCH_CHECK(!L::kKQuant || blocks % kSuper == 0, who,
               ": K-quant rows must hold whole super-blocks of 256");
   TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() &&
                   scales.dim() == 2 && scales.size(0) == codes.size(0) &&
