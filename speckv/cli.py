@@ -120,11 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "POST /v1/chat/completions (stream: server-sent events), GET /v1/models, "
                     "GET /health, GET /metrics (Prometheus). Requests join the running batch "
                     "between steps. SIGINT/SIGTERM drain and exit 0.",
-        epilog="Example: speckv serve --port 8000 --pool local --codec int8, then use any "
+        epilog="Example: speckv serve model.gguf --port 8000 --pool local --codec int8 (the "
+               "model positionally, as `vllm serve` takes it, or with --model), then use any "
                "OpenAI client with base_url=http://127.0.0.1:8000/v1. Requests also take "
                "speckv's options top_k, ignore_eos, selector and token_budget.")
     from speckv.server.config import ServerConfig
 
+    serve.add_argument("model_path", nargs="?", metavar="MODEL",
+                       help="the model to serve: the same as --model (default: the bundled one)")
     add_dataclass_options(serve, ServerConfig, "server")
     _add_engine_options(serve)
 
@@ -198,6 +201,11 @@ def _serve(ns: argparse.Namespace) -> int:
     from speckv.server import serve
     from speckv.server.config import ServerConfig
 
+    if ns.model_path is not None:
+        given = getattr(ns, "model", None)  # options left out are not in ns at all
+        if given is not None and given != ns.model_path:
+            raise ValueError(f"two models given: {ns.model_path!r} and --model {given!r}")
+        ns.model = ns.model_path
     config = ServerConfig(**_pick(ns, ServerConfig))  # bad options fail before the model loads
     if config.api_key is not None:
         logging.getLogger("speckv.server").warning(

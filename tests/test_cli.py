@@ -220,3 +220,10 @@ def test_generate_with_a_selector_reports_selection_stats(tmp_path):
     report = json.loads(stats.read_text())
     assert report["selection_selector"] == "sink_recent"
     assert report["selection_bytes_read"] < report["selection_bytes_full"] / 2
+
+
+def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
+    assert main(["serve", "/no/such/model.gguf"]) == 2  # it was the model: it fails to load
+    assert "/no/such/model.gguf" in capsys.readouterr().err
+    assert main(["serve", "a.gguf", "--model", "b.gguf"]) == 2
+    assert "two models given: 'a.gguf' and --model 'b.gguf'" in capsys.readouterr().err

@@ -43,3 +43,42 @@ def test_incremental_detokenizer_never_splits_a_character(llm):
     deltas = [detok.add(t) for t in llm.tokenizer.encode(text)]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text == detok.text
+
+
+def _gguf_tokenizer(tmp_path, pre):
+    """A GGUF holding only a byte-level vocabulary (every byte a token, no merges)."""
+    import gguf
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from speckv.models.tokenizer import Tokenizer
+
+    path = tmp_path / f"{pre}.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(sorted(ByteLevel.alphabet()))
+    w.add_token_merges([])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Tokenizer.from_gguf(gguf.GGUFReader(path), path)
+
+
+@pytest.mark.parametrize("pre, words", [
+    ("llama-bpe", ["Hello", " world", " ", "123", "45", "!!\n\n", " ", " ok"]),
+    ("qwen2", ["Hello", " world", " ", "1", "2", "3", "4", "5", "!!\n\n", " ", " ok"]),
+    ("gpt2", ["Hello", " world", " 12345", "!!", "\n\n ", " ok"]),
+])
+def test_gguf_pre_tokenizers_split_as_their_models_do(tmp_path, pre, words):
+    tok = _gguf_tokenizer(tmp_path, pre)
+    text = "Hello world 12345!!\n\n  ok"
+    splits = tok.backend.pre_tokenizer.pre_tokenize_str(text)  # byte-level: " " is "Ġ"
+    assert [w for w, _ in splits] == [w.replace(" ", "Ġ").replace("\n", "Ċ") for w in words]
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_an_unknown_gguf_pre_tokenizer_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"GGUF pre-tokenizer 'deepseek-llm' is not supported "
+                                         r"\(supported: default, gpt2, smollm, llama-bpe, qwen2\)"):
+        _gguf_tokenizer(tmp_path, "deepseek-llm")

@@ -145,7 +145,7 @@ def evaluate(llm, reference: dict[str, Any], prompts: list[list[int]], text: lis
         picked = scores[len(prompt) - 1:-1].argmax(-1).tolist()
         forced += sum(a == b for a, b in zip(picked, cont))
         total += len(cont)
-    outs = llm.generate(prompts, _greedy(new_tokens))
+    outs = llm.generate(prompts, _greedy(new_tokens), use_tqdm=False)
     same = sum(a == b for o, ref in zip(outs, reference["continuations"])
                for a, b in zip(o.token_ids, ref))
     return {"kl": kl, "ppl": math.exp(nll), "agreement_forced": forced / total,
@@ -180,7 +180,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     ps = ref.engine.cache.page_size
     logits = ref.engine.score(text, chunk_size=ps)
     reference = {"logp": torch.log_softmax(logits[:-1], -1),
-                 "continuations": [o.token_ids for o in ref.generate(prompts, _greedy(ns.new_tokens))]}
+                 "continuations": [o.token_ids for o in ref.generate(prompts, _greedy(ns.new_tokens), use_tqdm=False)]}
     ref_ppl = math.exp(float(F.nll_loss(reference["logp"], torch.tensor(text[1:]))))
     att = attention_errors(loaded.model, text[:1024], codecs + ["int8-keys-per-token"]
                            if "int8" in codecs else codecs, ps)

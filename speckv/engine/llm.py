@@ -1,12 +1,13 @@
 """The Python API, in the spirit of vLLM's `LLM`.
 
     llm = LLM()                                   # bundled SmolLM2-135M-Instruct
-    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
-    print(outs[0].text, outs[0].finish_reason)
+    outs = llm.generate(["Hello"], sampling_params=SamplingParams(max_tokens=32))
+    print(outs[0].outputs[0].text, outs[0].outputs[0].finish_reason)
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
@@ -32,31 +33,35 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generates for every prompt (text or token ids), batched continuously.
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, *, params=None) -> list[RequestOutput]:
+        """Generates for every prompt (text or token ids), batched continuously: vLLM's
+        signature (`params=` is the old name of `sampling_params`, deprecated).
 
         Raises:
             ValueError: an empty prompt list, a bad prompt (see `LLMEngine.add_request`),
                 or a params list whose length differs from the prompts'. Nothing is
                 left queued after an error.
         """
+        sampling_params = _renamed(params, sampling_params)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt")
-        params = self._params_list(params, len(prompts))
+        params = self._params_list(sampling_params, len(prompts))
         with tqdm(total=len(prompts), disable=not use_tqdm, desc="generate", unit="req") as bar:
             return self.engine.generate_all(prompts, params, progress=bar)
 
     def chat(self, conversations: list[Message] | list[list[Message]],
-             params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, params=None) -> list[RequestOutput]:
         """Like `generate`, for chat messages rendered with the model's chat template."""
+        sampling_params = _renamed(params, sampling_params)
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self.generate([self.apply_chat_template(c) for c in conversations], params, use_tqdm)
+        return self.generate([self.apply_chat_template(c) for c in conversations],
+                             sampling_params, use_tqdm)
 
     def apply_chat_template(self, messages: list[Message]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -102,3 +107,14 @@ class LLM:
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
+
+
+def _renamed(old, new):
+    """`params=`, the name before vLLM's `sampling_params=`: still taken, with a warning."""
+    if old is None:
+        return new
+    if new is not None:
+        raise TypeError("give sampling_params or params (its old name), not both")
+    warnings.warn("params= is deprecated: use sampling_params= (vLLM's name)",
+                  DeprecationWarning, stacklevel=3)
+    return old

@@ -1,8 +1,11 @@
 """Tokenizer and chat template, built from the GGUF metadata or an HF tokenizer.json.
 
 The GGUF stores a byte-level BPE (`tokenizer.ggml.model = gpt2`) as its vocabulary and
-merges; SmolLM's pre-tokenizer (`tokenizer.ggml.pre = smollm`) splits every digit on
-its own before the GPT-2 byte-level split, as its original tokenizer.json does.
+merges, and names the pre-tokenizer of the model's own tokenizer.json
+(`tokenizer.ggml.pre`); each one read here is that split: GPT-2's byte-level regex
+(`default`, `gpt2`), SmolLM's (every digit on its own first), Llama 3's and Qwen2's
+regex splits (digits in runs of up to 3, or one by one; Qwen2 NFC-normalizes first).
+Any other is refused: the wrong split would tokenize silently differently.
 """
 
 from __future__ import annotations
@@ -12,11 +15,34 @@ from pathlib import Path
 from typing import Sequence
 
 import jinja2
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import (AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models,
+                        normalizers, pre_tokenizers)
 
 _CONTROL = 3  # llama.cpp token type of special / control tokens
 
 Message = dict[str, str]
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama-bpe", "qwen2")
+"""`tokenizer.ggml.pre` values read (a GGUF without one is `default`)."""
+
+
+def _pre_tokenizer(pre: str | None, path: Path):
+    pre = pre or "default"
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported "
+                         f"(supported: {', '.join(PRE_TOKENIZERS)})")
+    if pre in ("llama-bpe", "qwen2"):
+        split = Regex(_LLAMA3_SPLIT if pre == "llama-bpe" else _QWEN2_SPLIT)
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(split, behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if pre == "smollm":
+        splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    return pre_tokenizers.Sequence(splits)
 
 
 class Tokenizer:
@@ -71,10 +97,10 @@ class Tokenizer:
         merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges") or []]
         vocab = {tok: i for i, tok in enumerate(tokens)}
         backend = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False))
-        splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        if field("tokenizer.ggml.pre") == "smollm":
-            splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
-        backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
+        pre = field("tokenizer.ggml.pre")
+        backend.pre_tokenizer = _pre_tokenizer(pre, path)
+        if pre == "qwen2":
+            backend.normalizer = normalizers.NFC()
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens(
             [AddedToken(tok, special=True, normalized=False)
