@@ -48,8 +48,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
     """Adds `--field-name` for every field of a config dataclass (but `skip`), with its help."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
+        if f.name in skip or f.metadata.get("cli", True) is False:
+            continue  # (a mapping such as logit_bias: the Python API and server only)
         hint = _field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -67,6 +67,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
             kwargs["choices"] = typing.get_args(hint)
         elif typing.get_origin(hint) is tuple:
             kwargs["action"] = "append"
+            kwargs["type"] = typing.get_args(hint)[0]  # str, or int (stop_token_ids)
         else:
             kwargs["type"] = hint
         group.add_argument(flag, **kwargs)

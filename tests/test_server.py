@@ -136,6 +136,26 @@ def test_stop_string_cuts_the_text(server):
     assert streamed == out.choices[0].text
 
 
+def test_penalties_logit_bias_and_stop_token_ids_reach_the_engine(server, reference):
+    client = server.client()
+    forced = reference.tokenizer.encode(" harbour")[0]
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
+                                    logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == reference.tokenizer.decode([forced]) * 4
+    params = SamplingParams(max_tokens=12, repetition_penalty=1.5, presence_penalty=0.5)
+    expected = reference.generate(PROMPT, params, use_tqdm=False)[0].text
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                    presence_penalty=0.5,
+                                    extra_body={"repetition_penalty": 1.5}).choices[0].text
+    assert got == expected
+    free = reference.generate(PROMPT, SamplingParams(max_tokens=8), use_tqdm=False)[0]
+    stop = free.token_ids[2]
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                    extra_body={"stop_token_ids": [stop]})
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == free.token_ids.index(stop) + 1
+
+
 def test_seed_makes_sampling_reproducible(server):
     client = server.client()
 
@@ -180,6 +200,12 @@ BAD = [
     ({"model": MODEL}, "prompt"),
     ({"model": "gpt-4", "prompt": PROMPT}, "model"),
     ({"prompt": PROMPT}, "model"),
+    ({"model": MODEL, "prompt": PROMPT, "presence_penalty": 3}, "presence_penalty"),
+    ({"model": MODEL, "prompt": PROMPT, "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"model": MODEL, "prompt": PROMPT, "logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"model": MODEL, "prompt": PROMPT, "min_tokens": -1}, "min_tokens"),
+    ({"model": MODEL, "prompt": PROMPT, "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"model": MODEL, "prompt": PROMPT, "min_p": 2}, "min_p"),
 ]
 
 
@@ -195,6 +221,12 @@ def test_bad_completion_requests_are_400_naming_the_field(server, body, param):
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
     ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+     "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_object"}}, "response_format"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 9000}]}, "messages"),
 ])
 def test_bad_chat_requests_are_400_naming_the_field(server, body, param):

@@ -69,8 +69,9 @@ class LLMEngine:
         num_pages = self.cache.pool.num_pages
         self.selection = self._build_selection(config)
         self.scheduler = Scheduler(config.scheduler, self.cache)
-        self.runner = ModelRunner(self.model, self.cache, Sampler(config.sampler.engine_seed),
-                                  attention, self.selection, self.prefetcher)
+        sampler = Sampler(config.sampler.engine_seed, self._stop_ids)
+        self.runner = ModelRunner(self.model, self.cache, sampler, attention, self.selection,
+                                  self.prefetcher)
         self._sequences: dict[RequestId, Sequence] = {}
         self._ids = itertools.count()
         self._trace = None if config.prefetch.trace is None else StepTrace(config.prefetch.trace)
@@ -234,6 +235,11 @@ class LLMEngine:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
         if not token_ids:
             raise ValueError("prompt is empty (it encodes to no tokens)")
+        vocab = self.args.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"{name} names token ids outside the vocabulary [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt is {len(token_ids)} tokens; the context window is "
@@ -385,7 +391,7 @@ class LLMEngine:
             seq.times.first_token = now
         seq.times.last_token = now
         params = seq.params
-        if token in self._stop_ids and not params.ignore_eos:
+        if (token in self._stop_ids and not params.ignore_eos) or token in params.stop_token_ids:
             seq.finish(FinishReason.STOP)
             return
         searched = len(seq.text)  # a stop string can only end in the new text

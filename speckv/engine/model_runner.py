@@ -62,8 +62,9 @@ class ModelRunner:
         rows = [i for i, done in enumerate(completes) if done]
         if not rows:
             return [None] * len(sched.seqs)
-        sampled = self.sampler(logits[rows], [sched.seqs[i].params for i in rows],
-                               [sched.seqs[i].generator for i in rows])
+        seqs = [sched.seqs[i] for i in rows]
+        sampled = self.sampler(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
+                               [(s.prompt_token_ids, s.output_token_ids) for s in seqs])
         result: list[int | SampleError | None] = [None] * len(sched.seqs)
         for i, token in zip(rows, sampled):
             result[i] = token

@@ -43,6 +43,21 @@ class SamplingParams:
     token_budget: int | float | str | None = field(default=None, metadata={
         "help": "selection budget for this request: tokens or a fraction of the context; "
                 "default: the engine's"})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "subtracted from the logit of every token already generated, in [-2, 2]"})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "subtracted per occurrence from the logit of each generated token, in [-2, 2]"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "divides positive (multiplies negative) logits of tokens in the prompt or "
+                "output; 1 is off, > 1 discourages repeats"})
+    min_p: float = field(default=0.0, metadata={
+        "help": "drop tokens whose probability is below min_p times the top one's, in [0, 1]"})
+    logit_bias: dict[int, float] | None = field(default=None, metadata={
+        "help": "token id -> bias added to its logit, each in [-100, 100]", "cli": False})
+    stop_token_ids: tuple[int, ...] = field(default=(), metadata={
+        "help": "stop when one of these token ids is generated (it stays in token_ids)"})
+    min_tokens: int = field(default=0, metadata={
+        "help": "generate at least this many tokens before EOS or a stop token may end it"})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,7 +82,36 @@ class SamplingParams:
             object.__setattr__(self, "token_budget", parse_token_budget(self.token_budget))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got "
+                             f"{self.repetition_penalty!r}")
+        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or any(
+                    not is_int(k) or k < 0 or not is_number(v) or not -100 <= v <= 100
+                    for k, v in self.logit_bias.items()):
+                raise ValueError("logit_bias must map token ids (integers >= 0) to numbers in "
+                                 f"[-100, 100], got {self.logit_bias!r}")
+            object.__setattr__(self, "logit_bias", dict(self.logit_bias) or None)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got "
+                             f"{self.stop_token_ids!r}")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got "
+                             f"{self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether logits change before the pick (penalties, bias, min_tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0 or self.min_tokens)

@@ -199,8 +199,9 @@ def _max_tokens(body: _Sampling, prompt_tokens: int, prompt_field: str, context:
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("token_budget", "selector", "max_tokens", "temperature", "top_p", "top_k", "stop",
-                 "seed", "prompt"):
+    for name in ("token_budget", "selector", "min_tokens", "max_tokens", "temperature",
+                 "top_p", "top_k", "stop_token_ids", "stop", "seed", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "prompt"):
         if name in message:
             return name
     return None

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI API (the part speckv serves) and the response shapes.
 
 Unknown fields are ignored, as OpenAI's clients send some that do not apply. Beside
-the OpenAI fields, requests take speckv's per-request options: `top_k`,
-`ignore_eos`, `selector`, `token_budget`.
+the OpenAI fields (penalties and logit_bias among them), requests take vLLM's extras
+`repetition_penalty`, `min_p`, `stop_token_ids`, `min_tokens`, and speckv's per-request
+options: `top_k`, `ignore_eos`, `selector`, `token_budget`.
 
 Types are strict (`max_tokens: true`, `"10"` or `2.0` are errors, not 1, 10 and 2;
 a number field takes an int or a float), and text must be valid Unicode (a lone
@@ -56,6 +57,14 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> [-100, 100]
+    # vLLM's extras
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(default=0, ge=0)
     # speckv's own
     top_k: int = Field(default=0, ge=0)
     ignore_eos: bool = False
@@ -79,13 +88,29 @@ class _Sampling(BaseModel):
             raise ValueError("stop strings must not be empty")
         return stop
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value!r}")
+        return bias
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """Raises ValueError (from SamplingParams) for a bad selector budget."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop,
                               ignore_eos=self.ignore_eos, selector=self.selector,
-                              token_budget=self.token_budget)
+                              token_budget=self.token_budget,
+                              presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, logit_bias=bias,
+                              repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+                              stop_token_ids=tuple(self.stop_token_ids or ()),
+                              min_tokens=self.min_tokens)
 
     @property
     def include_usage(self) -> bool:
@@ -139,6 +164,27 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # not built yet: rejected by name rather than ignored
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+
+    @field_validator("logprobs", "top_logprobs", "tools", "tool_choice")
+    @classmethod
+    def _unsupported(cls, value: Any, info) -> Any:
+        if value and value != "none":
+            raise ValueError(f"{info.field_name} is not supported")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported "
+                             "(only text)")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
