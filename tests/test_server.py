@@ -203,6 +203,7 @@ BAD = [
     ({"model": MODEL, "prompt": PROMPT, "presence_penalty": 3}, "presence_penalty"),
     ({"model": MODEL, "prompt": PROMPT, "logit_bias": {"x": 1}}, "logit_bias"),
     ({"model": MODEL, "prompt": PROMPT, "logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"model": MODEL, "prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias"),
     ({"model": MODEL, "prompt": PROMPT, "min_tokens": -1}, "min_tokens"),
     ({"model": MODEL, "prompt": PROMPT, "stop_token_ids": [-1]}, "stop_token_ids"),
     ({"model": MODEL, "prompt": PROMPT, "min_p": 2}, "min_p"),

@@ -209,6 +209,11 @@ def _load_gguf(path: Path, keep_quantized: bool) -> Checkpoint:
 # ---------------------------------------------------------------- HF safetensors
 
 
+def _id_list(value) -> list:
+    """An HF `eos_token_id` (an id, a list of them, or absent) as a list."""
+    return list(value) if isinstance(value, list) else [] if value is None else [value]
+
+
 def hf_model_args(config: dict, path: Path) -> ModelArgs:
     """The model's shape from its config.json (and generation_config.json's EOS list)."""
     model_type = config.get("model_type")
@@ -231,14 +236,14 @@ def hf_model_args(config: dict, path: Path) -> ModelArgs:
         raise ValueError(f"{path}: use_sliding_window=true (a window on some of Qwen's "
                          "layers) is not supported")
     eos = config.get("eos_token_id")
-    eos_ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+    eos_ids = _id_list(eos)
     generation = path / "generation_config.json"
     if generation.is_file():
         try:
             gen_eos = json.loads(generation.read_text()).get("eos_token_id")
         except json.JSONDecodeError as exc:
             raise ValueError(f"{generation} is not valid JSON: {exc}") from exc
-        eos_ids += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+        eos_ids += _id_list(gen_eos)
     attention_bias = bool(config.get("attention_bias", False))
     return ModelArgs(
         vocab_size=int(config["vocab_size"]),

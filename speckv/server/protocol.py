@@ -91,11 +91,10 @@ class _Sampling(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        for token, value in (bias or {}).items():
+        # the keys arrive as strings; their values are SamplingParams' to check
+        for token in bias or {}:
             if not token.isdigit():
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
-            if not -100 <= value <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {value!r}")
         return bias
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
