@@ -30,7 +30,7 @@ import torch
 
 from speckv.codecs.base import CODECS, PageShape
 from speckv.kv.attention import NO_ROWS
-from speckv.kv.cpu_kernels import _CFLAGS, _LDFLAGS, load_cpu_kernels
+from speckv.kv.cpu_kernels import _CFLAGS, _LDFLAGS, _SOURCES, load_cpu_kernels
 
 HKV, DIM, HEADS, PS, LAYERS = 3, 64, 9, 16, 30
 
@@ -78,8 +78,11 @@ def build(source: Path):
     name = "kbench_" + hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:10]
     directory = Path.home() / ".cache" / "speckv" / "kernel-bench" / name
     directory.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(source / "paged_attention.cpp"),
-                                    str(source / "page_fetch.cpp")],
+    # the attention sources from `source`; the rest of the module (the weight and
+    # layer kernels its bindings name) from this tree
+    sources = [str(source / p.name) if p.parent.name == "csrc" and p.parent.parent.name == "kv"
+               else str(p) for p in _SOURCES]
+    return load(name=name, sources=sources,
                 extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
                 build_directory=str(directory), verbose=False)
 

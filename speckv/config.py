@@ -86,9 +86,10 @@ class CacheConfig:
         "help": "how attention reads pooled pages: in_place (where they lie, a pool row "
                 "decoded in registers as the kernel streams it; nothing is copied into "
                 "DEVICE, which then holds only the pages not yet pooled; needs the CPU "
-                "kernels and codec none, int8 or kivi4), copy (into DEVICE slots first, "
-                "prefetched ahead; any device and codec), auto (in_place where it can, "
-                "copy otherwise, e.g. on CUDA)"})
+                "kernels and codec none, int8 or kivi4; predictors' hints become software "
+                "prefetches of the rows into the CPU caches), copy (into DEVICE slots "
+                "first, prefetched ahead into the PREFETCH tier; any device and codec), "
+                "auto (in_place where it can, copy otherwise, e.g. on CUDA)"})
 
     def __post_init__(self) -> None:
         _choice(self.kv_read, "kv_read", ("auto", "in_place", "copy"))
@@ -246,7 +247,8 @@ class PrefetchConfig:
     predictor: str = field(default="none", metadata={
         "plugin": "predictor",
         "help": "prefetch predictors, comma-separated (e.g. layer_ahead,step_ahead); "
-                "needs a pool and kv_read copy"})
+                "needs a pool. kv_read copy: hinted pages are copied into the PREFETCH "
+                "tier; in place: their rows are software-prefetched into the CPU caches"})
     prefetch_bytes: int | str = field(default="64MiB", metadata={
         "help": "byte budget of the PREFETCH tier (decoded pages fetched ahead; spare "
                 "slots of DEVICE's tensor, allocated whenever there is a pool); a wrong "

@@ -153,9 +153,14 @@ def test_bench_kvread_runs_small(tmp_path):
                  "--json", str(out), "--device", "cpu"]) == 0
     rows = json.loads(out.read_text())["rows"]
     configs = {r["config"] for r in rows}
-    assert configs == {"all-resident", "copy", "in_place", "in_place, no software prefetch"}
+    assert configs == {"all-resident", "copy", "in_place", "in_place, no software prefetch",
+                       "in_place, layer_ahead hints"}
     by = {(r["config"], r["selector"]): r for r in rows}
     assert by["in_place", "full"]["pool_pages_per_step"] > 0  # read from the pool, in place
+    hinted = by["in_place, layer_ahead hints", "full"]
+    # rows prefetched and then read (under full, layer_ahead hints every page read);
+    # nothing is ever in flight
+    assert hinted["issued"] > 0 and hinted["hit_rate"] > 0.5 and hinted["late"] == 0, hinted
     assert by["all-resident", "full"]["pool_pages_per_step"] == 0
     assert all(r["tok_s"] > 0 for r in rows)
 

@@ -61,17 +61,28 @@ def references(make_llm):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kv_read", ["copy", "in_place"])
 @pytest.mark.parametrize("selector", ["full", "quest"])
 @pytest.mark.parametrize("predictor", PREDICTORS)
-def test_prefetching_never_changes_tokens(make_llm, references, predictor, selector):
-    llm = make_llm(**(QUEST if selector == "quest" else {}), predictor=predictor, **TIGHT)
+def test_prefetching_never_changes_tokens(make_llm, references, predictor, selector, kv_read):
+    """Copy: hinted pages come into the PREFETCH tier and are promoted; in place: their
+    rows are software-prefetched, nothing is promoted and nothing is ever late."""
+    llm = make_llm(**(QUEST if selector == "quest" else {}), predictor=predictor,
+                   **{**TIGHT, "kv_read": kv_read})
     try:
         outs = llm.generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == references[selector]
         stats = llm.stats()
+        assert stats["kv_read"] == kv_read
         assert stats["prefetch_issued"] > 0 and stats["prefetch_used"] > 0, stats
-        assert stats["prefetch_used"] <= stats["prefetch_issued"]
-        assert stats["prefetch_pages_promoted"] == stats["prefetch_used"]
+        assert stats["prefetch_used"] + stats["prefetch_wasted"] <= stats["prefetch_issued"]
+        if kv_read == "copy":
+            assert stats["prefetch_pages_promoted"] == stats["prefetch_used"]
+        else:
+            assert stats["prefetch_pages_promoted"] == 0 and stats["prefetch_late"] == 0
+            # every row attention read in place was a hint used or a demand miss
+            assert stats["prefetch_used"] + stats["prefetch_demand_misses"] <= \
+                stats["tier_pages_read_in_place"]
         assert_no_leak(llm.engine)
     finally:
         llm.close()
@@ -224,6 +235,51 @@ def test_accounting_is_exact_on_a_scripted_scenario(scripted):
     assert prefetcher.buffer.num_used == 0 and not prefetcher.buffer.keys()
 
 
+def test_in_place_hints_are_accounted_exactly():
+    """Read in place, a hint software-prefetches the rows (nothing is copied): a row is
+    used when attention then reads it, wasted when freed first or not read by the end
+    of the step after its hint, and a row hinted twice is issued once."""
+    from speckv.kv.cpu_kernels import load_cpu_kernels
+    from speckv.prefetch.predictors import StepView
+
+    kernels = load_cpu_kernels()
+    shape = PageShape(16, 3, 64, torch.float32)
+    codec = make_codec("none", shape)
+    device = DevicePagePool(16, 16, 3, 64, dtype=torch.float32, device=torch.device("cpu"))
+    store = TieredStore(device, LocalPool(codec.slot_bytes, 1 << 20, device=torch.device("cpu")),
+                        codec, TierOptions(), kernels=kernels, in_place=True)
+    slots = device.allocate(8)
+    k = [int(x) for x in store.store(slots)]
+    prefetcher = Prefetcher(store, PrefetchConfig(), LAYERS)
+    view = StepView(0, [], np.zeros(0, dtype=np.int64), 0, LAYERS,
+                    lambda layer: np.ones(0, dtype=bool))
+    prefetcher.begin_step(view, None)  # step 1
+    assert prefetcher.prefetch([k[0], k[1], k[2]], "a") == 3
+    assert prefetcher.prefetch([k[1], k[3]], "b") == 1  # k1 is hinted already
+    prefetcher.consumed(np.array([k[0], k[5]]))  # k0 used; k5 a demand miss
+    prefetcher.forget([k[2]])  # freed unread: wasted
+    prefetcher.end_step()  # k1, k3 were hinted this step: kept for the next one
+    prefetcher.begin_step(view, None)  # step 2
+    prefetcher.consumed(np.array([k[1]]))  # used
+    prefetcher.end_step()  # k3 unread through the step after its hint: wasted
+    prefetcher.begin_step(view, None)  # step 3
+    assert prefetcher.prefetch([k[6]], "a") == 1
+    prefetcher.set_predictors(())  # switching predictors drops what is hinted: wasted
+    stats = prefetcher.stats()
+    assert stats["prefetch_into"] == "cpu_caches"
+    assert {name: stats[f"prefetch_{name}"] for name in
+            ("issued", "used", "late", "wasted", "demand_misses", "pages_promoted")} == {
+        "issued": 5, "used": 2, "late": 0, "wasted": 3, "demand_misses": 1,
+        "pages_promoted": 0}
+    assert (stats["prefetch_a_issued"], stats["prefetch_b_issued"]) == (4, 1)
+    assert (stats["prefetch_a_wasted"], stats["prefetch_b_wasted"]) == (2, 1)
+    assert stats["prefetch_hit_rate"] == pytest.approx(2 / 3)
+    assert stats["prefetch_bytes_read"] == 5 * PAGE  # codec none: a page's bytes each
+    with pytest.raises(RuntimeError, match="row out of range"):
+        kernels.prefetch_rows(store.rows(), torch.tensor([store.rows().shape[0]]))
+    prefetcher.close()
+
+
 def test_a_full_tier_of_pages_in_flight_issues_no_more(scripted):
     prefetcher, keys, _ = scripted
     k = [int(x) for x in keys]
@@ -297,15 +353,10 @@ def test_bad_prefetch_options_are_refused(make_llm, caplog):
         make_llm(prefetch_depth=0, **TIGHT)
     with pytest.raises(ValueError, match="cannot write the trace file"):
         make_llm(trace="/nonexistent/dir/trace.jsonl", **TIGHT)
-    with pytest.raises(ValueError, match="which kv_read='in_place' never copies them to"):
-        make_llm(predictor="layer_ahead", **{**TIGHT, "kv_read": "in_place"})
     auto = make_llm(predictor="layer_ahead", **{**TIGHT, "kv_read": "auto"})
-    assert auto.stats()["kv_read"] == "copy"  # a predictor asks for the copy path
+    stats = auto.stats()  # on CPU a predictor prefetches rows into the caches
+    assert stats["kv_read"] == "in_place" and stats["prefetch_into"] == "cpu_caches", stats
     auto.close()
-    in_place = make_llm(**{**TIGHT, "kv_read": "in_place"})
-    with pytest.raises(ValueError, match="nothing to prefetch into fast memory"):
-        in_place.engine.set_prefetch("layer_ahead")
-    in_place.close()
     with caplog.at_level(logging.WARNING):
         llm = make_llm(predictor="layer_ahead", prefetch_bytes=0, **TIGHT)
     assert "prefetch disabled" in caplog.text

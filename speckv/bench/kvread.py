@@ -10,7 +10,9 @@ same weights, the same random prompts prefilled once per engine:
   in_place       the same pool and codec; attention reads each pool row where it
                  lies, decoding it as it streams (DEVICE holds unpooled pages only);
                  timed again with the kernels' software prefetch of each next page
-                 switched off, to show what that prefetch buys.
+                 switched off, to show what that prefetch buys, and with a
+                 predictor's hints (`--in-place-predictor`) software-prefetching the
+                 rows of coming layers into the caches.
 
 Each engine decodes `--steps` timed steps (after one warm-up) per selector
 (`--selectors`; switched per request on the running sequences), so `full` and
@@ -42,6 +44,9 @@ def add_parser(sub, add_engine_options) -> None:
                    help="DEVICE budget of the pooled engines, as a fraction of the working set "
                         "(default: 0.125)")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per selector (default: 8)")
+    p.add_argument("--in-place-predictor", default="layer_ahead",
+                   help="predictor whose hints the in-place engine is also timed with "
+                        "(default: layer_ahead; none: skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
     add_engine_options(p)
 
@@ -91,10 +96,11 @@ def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
         raise ValueError("need 0 < --device-fraction < 1 and --steps >= 1")
     for mode in ("copy", "in_place"):  # a bad option fails before any run
         check_names(EngineConfig.from_kwargs(**options, pool="memnode", codec=ns.pool_codec,
-                                             link=ns.pool_link, kv_read=mode))
+                                             link=ns.pool_link, kv_read=mode,
+                                             predictor=ns.in_place_predictor))
     loaded = load_model(EngineConfig.from_kwargs(**options).model)
     rows: list[dict[str, Any]] = []
-    n_steps = 2 * (ns.steps + 1) * len(selectors) + 4
+    n_steps = 3 * (ns.steps + 1) * len(selectors) + 4  # the in-place engine's passes
     with tqdm(total=3 * len(shapes), desc="kvread", file=sys.stderr) as bar:
         for batch, context in shapes:
             working = working_set_bytes(loaded, batch, context, n_steps)
@@ -115,6 +121,13 @@ def run(ns: argparse.Namespace, options: dict[str, Any]) -> int:
                         label = name if prefetch else f"{name}, no software prefetch"
                         rows.extend(_time_selectors(llm, selectors, ns.steps, batch, context,
                                                     label, extra))
+                    if kernels is not None and ns.in_place_predictor != "none":
+                        kernels.set_software_prefetch(True)
+                        llm.engine.set_prefetch(ns.in_place_predictor)
+                        rows.extend(_time_selectors(
+                            llm, selectors, ns.steps, batch, context,
+                            f"{name}, {ns.in_place_predictor} hints", extra))
+                        llm.engine.set_prefetch("none")
                 finally:
                     if kernels is not None:
                         kernels.set_software_prefetch(True)

@@ -55,7 +55,10 @@ def time_steps(llm, steps: int) -> dict[str, Any]:
     return {"step_ms": 1000 * statistics.median(times), "seconds": total,
             "tok_s": tokens / total,
             "stall_fraction": delta("tier_stall_seconds") / total,
-            "pages_from_pool_per_step": (delta("tier_pages_fetched") + used
+            # promoted: prefetched pages handed to DEVICE (in place, hinted rows are
+            # among those read in place)
+            "pages_from_pool_per_step": (delta("tier_pages_fetched")
+                                         + delta("prefetch_pages_promoted")
                                          + delta("tier_pages_read_in_place")) / steps,
             "hit_rate": used / (used + missed) if used + missed else 0.0,
             "waste": delta("prefetch_wasted") / issued if issued else 0.0,

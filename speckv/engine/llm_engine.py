@@ -126,23 +126,13 @@ class LLMEngine:
 
     def _reads_in_place(self, config: EngineConfig, codec, backend) -> bool:
         """Whether attention reads pool rows in place: `in_place`, or `auto` where the
-        CPU kernels can read this codec's rows from this pool and no predictor asks to
-        prefetch pages into fast memory (TieredStore checks what `in_place` needs).
-
-        Raises:
-            ValueError: `in_place` with prefetch predictors.
-        """
-        kv_read, predictors = config.cache.kv_read, config.prefetch.predictors
-        if kv_read == "in_place" and predictors:
-            raise ValueError(
-                f"predictor={config.prefetch.predictor!r} prefetches pages into fast memory, "
-                "which kv_read='in_place' never copies them to: use kv_read='copy' with a "
-                "predictor, or predictor='none' (the in-place kernel prefetches each next "
-                "page itself)")
+        CPU kernels can read this codec's rows from this pool (TieredStore checks what
+        `in_place` needs). Predictors work either way: in place, their hints are
+        software prefetches of the rows (`speckv.prefetch.warm`)."""
+        kv_read = config.cache.kv_read
         if kv_read != "auto":
             return kv_read == "in_place"
-        return not predictors and \
-            kernel_row_format(self._kernels, codec, backend, self.device) is not None
+        return kernel_row_format(self._kernels, codec, backend, self.device) is not None
 
     def _build_prefetcher(self, config: EngineConfig) -> Prefetcher | None:
         """The prefetcher, with a pool (it moves pages out of it); else None.
@@ -168,10 +158,6 @@ class LLMEngine:
             ValueError: no pool, or an unknown predictor.
         """
         names = PrefetchConfig(predictor=predictor).predictors
-        if names and self.cache.reads_in_place:
-            raise ValueError("this engine reads pooled pages in place (kv_read), so there is "
-                             "nothing to prefetch into fast memory: build it with "
-                             "kv_read='copy' to compare predictors")
         if self.prefetcher is None:
             if names:
                 raise ValueError("prefetching needs a pool: build the engine with pool='local' "

@@ -243,7 +243,10 @@ class StepAttention:
         absent = tables < 0
         if needed is not None:
             absent &= needed
-        self.cache.store.read_in_place((-1 - tables[absent]).numpy(), started)
+        keys = (-1 - tables[absent]).numpy()
+        self.cache.store.read_in_place(keys, started)
+        if self.prefetch is not None:  # hinted rows read: used
+            self._prefetcher.consumed(keys)
 
     # ------------------------------------------------------------ sparse
 
@@ -309,7 +312,10 @@ class StepAttention:
         if self.meta.prefill is not None:
             self._prefill(q, tables, out, None)
         if self.in_place:
-            self._read_in_place(tables, self._needed(decode_mask, None), started)
+            needed = self._needed(decode_mask, None)
+            self._read_in_place(tables, needed, started)
+            if self.prefetch is not None:  # the selection is known only now
+                self.prefetch.after_read(layer, needed)
         return out
 
     def _select(self, layer: int, sel: StepSelection, rows: torch.Tensor, q: torch.Tensor,

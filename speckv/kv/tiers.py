@@ -181,6 +181,15 @@ class TieredStore:
         self.backend.ensure_available()
         return self.backend.arena
 
+    def prefetch_in_place(self, keys: np.ndarray) -> int:
+        """Software-prefetches pool rows `keys` into the CPU's caches, for a kernel that
+        will read them in place; returns their encoded bytes. Nothing is charged to the
+        link model here: the rows are charged when attention reads them."""
+        if not len(keys):
+            return 0
+        self._kernels.prefetch_rows(self.rows(), torch.as_tensor(self.backend.rows(keys)))
+        return self.backend.stored_bytes(keys)
+
     def read_in_place(self, keys: np.ndarray, started: float) -> None:
         """Accounts pool rows `keys` that a kernel began reading at `started` where they
         lie; with a link model, waits out what the link would have taken for them (the

@@ -1,6 +1,10 @@
 """The prefetcher: asks the predictors, issues transfers to the worker, hands prefetched
 pages to the steps that demand them, and counts everything.
 
+Read in place (`kv_read`), there is no PREFETCH tier and no worker: a hint becomes a
+software prefetch of the hinted pool rows into the CPU's caches (`speckv.prefetch.warm`),
+and `consumed` tells the prefetcher which rows attention then read.
+
     StepAttention ── begin_step / layer_input / after_read ──► Prefetcher ──► predictors
                                                                    │  hints: pool keys of
                                                                    ▼  pages in Tier.POOL
@@ -10,8 +14,9 @@ pages to the steps that demand them, and counts everything.
 Counted per predictor (the one whose hint issued a page), and overall with
 `demand_misses` (pool pages a step fetched itself) and `hit_rate` = used / (used +
 demand misses):
-    issued   pages sent to the worker
-    used     prefetched pages a step demanded (then promoted: their slots handed to DEVICE)
+    issued   pages sent to the worker (in place: rows software-prefetched)
+    used     prefetched pages a step demanded (then promoted: their slots handed to DEVICE;
+             in place: hinted rows attention read)
     late     used pages the step had to wait for (demanded while being transferred)
     overtaken  prefetched pages demanded before the worker began their transfer: the
              step fetched them itself (so they are demand misses too), never waiting
@@ -39,6 +44,7 @@ from speckv.kv.cache import KVCacheManager, LoadPlan
 from speckv.kv.tiers import Tier, TieredStore
 from speckv.prefetch.buffer import PrefetchBuffer, Transfer
 from speckv.prefetch.predictors import Hint, Predictor, StepView, make_predictors
+from speckv.prefetch.warm import WarmSet
 from speckv.prefetch.worker import TransferWorker
 
 logger = logging.getLogger(__name__)
@@ -66,7 +72,8 @@ class PrefetchCounters:
 
 
 class Prefetcher:
-    """Speculative, asynchronous page movement POOL -> PREFETCH -> DEVICE for one engine."""
+    """Speculative, asynchronous page movement POOL -> PREFETCH -> DEVICE for one engine
+    (read in place: POOL -> the CPU's caches)."""
 
     def __init__(self, store: TieredStore, config: PrefetchConfig, num_layers: int) -> None:
         self.store = store
@@ -75,6 +82,7 @@ class Prefetcher:
         device_pool = store.device_pool
         self.page_bytes = device_pool.kv[:, 0].numel() * device_pool.kv.element_size()
         self.num_slots = device_pool.num_spare  # prefetch_bytes' worth, in DEVICE's tensor
+        self.in_place = store.in_place  # hints prefetch rows into the caches, no copies
         self.predictors: list[Predictor] = []
         self.counters: dict[str, PrefetchCounters] = {}
         self.late_wait_seconds = 0.0
@@ -83,6 +91,8 @@ class Prefetcher:
         self._lock = threading.Lock()  # counters the worker updates
         self._buffer: PrefetchBuffer | None = None
         self.worker: TransferWorker | None = None  # made with the PREFETCH tier
+        self._warm: WarmSet | None = None  # in place: the rows hinted and not read yet
+        self._sources: list[str] = []  # in place: predictor names, by index
         self._view: StepView | None = None
         self._cache: KVCacheManager | None = None
         self._pending: dict[tuple[int, int], list[tuple[str, list[str], np.ndarray]]] = {}
@@ -108,7 +118,7 @@ class Prefetcher:
         """
         depth = self.config.prefetch_depth if depth is None else depth
         predictors = make_predictors(names, depth, self.num_layers)
-        if predictors and self.num_slots == 0:
+        if predictors and self.num_slots == 0 and not self.in_place:
             logger.warning("prefetch_bytes=%d holds no page (%d bytes): prefetch disabled",
                            self.config.prefetch_bytes, self.page_bytes)
             predictors = []
@@ -120,8 +130,12 @@ class Prefetcher:
             self.start()
 
     def start(self) -> None:
-        """Makes the PREFETCH tier and its worker (once; done by the first prefetch)."""
-        if self._buffer is not None:
+        """Makes the PREFETCH tier and its worker, or in place the set of hinted rows
+        (once; done by the first prefetch)."""
+        if self._buffer is not None or self._warm is not None:
+            return
+        if self.in_place:
+            self._warm = WarmSet(self.store.backend.num_slots)
             return
         if self.num_slots == 0:
             raise ValueError("prefetch_bytes holds no page: nothing can be prefetched")
@@ -139,6 +153,8 @@ class Prefetcher:
         if self._buffer is not None:
             self.worker.drain()
             self.forget(self._buffer.keys())
+        if self._warm is not None:
+            self._count_warm("wasted", self._warm.clear())
         self._pending.clear()
 
     def drain(self) -> None:
@@ -171,6 +187,8 @@ class Prefetcher:
             self._issue(p.name, p.after_read(view, layer, read))
 
     def end_step(self) -> None:
+        if self._warm is not None:  # hinted for this step or before, and not read
+            self._count_warm("wasted", self._warm.expire(self._step))
         self._view, self._cache = None, None
         stale = [k for k in self._pending if k[0] < self._step + 1]
         for k in stale:  # hints whose target layer never ran (e.g. the batch changed)
@@ -195,6 +213,8 @@ class Prefetcher:
         if not keys.size:
             return 0
         self.start()
+        if self._warm is not None:
+            return self._prefetch_in_place(keys, source)
         transfer, dropped, no_room = self._buffer.prepare(keys, self._buffer.source_id(source))
         issued = 0 if transfer is None else transfer.keys.size
         with self._lock:
@@ -204,6 +224,31 @@ class Prefetcher:
             self._count("wasted", dropped)
         self.worker.submit(transfer)
         return issued
+
+    def _prefetch_in_place(self, keys: np.ndarray, source: str) -> int:
+        if source not in self._sources:
+            self._sources.append(source)
+        new = self._warm.issue(keys, self._sources.index(source), self._step)
+        nbytes = self.store.prefetch_in_place(new)
+        c = self.counters.setdefault(source, PrefetchCounters())
+        c.issued += new.size
+        c.bytes_read += nbytes
+        return int(new.size)
+
+    def consumed(self, keys: np.ndarray) -> None:
+        """In place: attention read pool rows `keys` where they lie (hinted ones: used;
+        the rest: demand misses)."""
+        if self._warm is None or not len(keys):
+            return
+        used = self._warm.consume(keys)
+        self._count_warm("used", used)
+        self.demand_misses += int(len(np.unique(keys)) - used.size)
+
+    def _count_warm(self, name: str, sources: np.ndarray) -> None:
+        for i, n in enumerate(np.bincount(sources, minlength=0).tolist()):
+            if n:
+                c = self.counters[self._sources[i]]
+                setattr(c, name, getattr(c, name) + n)
 
     def _absent_keys(self, hint: Hint) -> np.ndarray:
         """Pool keys of the hinted pages that are read from the pool (`Tier.POOL`)."""
@@ -273,6 +318,8 @@ class Prefetcher:
     def forget(self, keys: np.ndarray | list[int]) -> None:
         """Pool keys being freed: their prefetched pages are dropped (wasted)."""
         keys = np.asarray(keys, dtype=np.int64)
+        if self._warm is not None and keys.size:
+            self._count_warm("wasted", self._warm.forget(keys))
         if self._buffer is None or not keys.size:
             return
         dropped = self._buffer.forget(keys)
@@ -317,6 +364,7 @@ class Prefetcher:
             total.add(c)
         out: dict[str, int | float | str] = {
             "prefetch_predictor": ",".join(p.name for p in self.predictors) or "none",
+            "prefetch_into": "cpu_caches" if self.in_place else "prefetch_tier",
             "prefetch_pages_total": self.num_slots,
             "prefetch_pages_used_now": self.buffer_used,
             "prefetch_bytes_used": self.buffer_used * self.page_bytes,

@@ -5,6 +5,8 @@
 // slots or pool rows, as the attention kernels take them) into fresh contiguous
 // pages: what prefill chunks and key-reading selectors attend when pages stay in the
 // pool. Both use pool_rows.h's decoders, so every path reads the same values.
+// `prefetch_rows` only brings rows into the CPU's caches: the prefetcher's hints when
+// attention reads them in place.
 
 #include <torch/extension.h>
 
@@ -93,4 +95,28 @@ std::vector<torch::Tensor> gather_pages(torch::Tensor k_pages, torch::Tensor v_p
       decode_into(e[i], kp, vp, pool, g, ko + i * g.elems(), vo + i * g.elems());
   });
   return {k_out, v_out};
+}
+
+// arena: uint8 [N, W]; rows: int64 [n]: software prefetch of every line of those rows
+// (the prefetcher's hints when attention reads rows in place: nothing is copied, the
+// rows come into the CPU's caches ahead of the kernel that reads them).
+void prefetch_rows(torch::Tensor arena, torch::Tensor rows) {
+  TORCH_CHECK(arena.dtype() == torch::kUInt8 && arena.dim() == 2 && arena.is_contiguous(),
+              "prefetch_rows: the pool arena must be a contiguous uint8 [N, W] tensor");
+  TORCH_CHECK(rows.dtype() == torch::kInt64 && rows.dim() == 1,
+              "prefetch_rows: rows must be int64 [n]");
+  rows = rows.contiguous();
+  const int64_t n = rows.numel(), width = arena.size(1);
+  if (n == 0) return;
+  TORCH_CHECK(rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < arena.size(0),
+              "prefetch_rows: row out of range");
+  const uint8_t* base = arena.data_ptr<uint8_t>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* row = base + r[i] * width;
+      for (int64_t off = 0; off < width; off += 64) __builtin_prefetch(row + off);
+      __builtin_prefetch(row + width - 1);
+    }
+  });
 }

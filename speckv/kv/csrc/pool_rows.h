@@ -162,11 +162,7 @@ inline void decode_kivi4(const uint8_t* row, const PageGeometry& g, int64_t h0, 
 }
 
 // The float32 K and V pages of `entry` (a DEVICE slot, or a raw pool row), read as
-// they lie; false for a coded row, which must be decoded first (`read_page`). The
-// attention kernels software-prefetch only these: a coded row is one contiguous run of
-// a few KB, which the hardware prefetcher follows by itself: prefetching it too made int8
-// decode at 8 x 4,096 tokens 11% slower and changed nothing at 32 x 1,024, and 1-6
-// pages ahead gained nothing later either (`speckv bench kvread`, BENCHMARKS.md F7).
+// they lie; false for a coded row, which must be decoded first (`read_page`).
 inline bool float_page(int64_t entry, const float* k_pages, const float* v_pages,
                        const PoolRows& pool, const PageGeometry& g, const float** k,
                        const float** v) {
@@ -179,6 +175,27 @@ inline bool float_page(int64_t entry, const float* k_pages, const float* v_pages
   *k = reinterpret_cast<const float*>(pool.row(entry));
   *v = *k + g.elems();
   return true;
+}
+
+// Software prefetch of what `read_page` will read of coded row `entry` for some of its
+// KV heads [h0, h1): their codes of each token (K and V) and the row's scales. (A task
+// that reads every head prefetches the whole row, written out in `attend`.)
+inline void prefetch_coded_heads(const PoolRows& pool, int64_t entry, const PageGeometry& g,
+                                 int64_t h0, int64_t h1) {
+  const uint8_t* row = pool.row(entry);
+  const int64_t bits = pool.format == kInt8 ? 8 : 4;  // per code (kivi4: two a byte)
+  const int64_t codes = g.elems() * bits / 8;          // bytes of K codes, = of V codes
+  const int64_t span = (h1 - h0) * g.D * bits / 8;     // one token's codes of these heads
+  for (int64_t t = 0; t < g.T; ++t) {
+    const uint8_t* k = row + (t * g.H + h0) * g.D * bits / 8;
+    for (int64_t off = 0; off < span; off += 64) {
+      __builtin_prefetch(k + off);
+      __builtin_prefetch(k + codes + off);
+    }
+    __builtin_prefetch(k + span - 1);
+    __builtin_prefetch(k + codes + span - 1);
+  }
+  for (int64_t off = 2 * codes; off < pool.width; off += 64) __builtin_prefetch(row + off);
 }
 
 // The K and V pages of `entry` for KV heads [h0, h1): pointers into DEVICE or into a
