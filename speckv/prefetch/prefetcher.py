@@ -154,7 +154,8 @@ class Prefetcher:
             self.worker.drain()
             self.forget(self._buffer.keys())
         if self._warm is not None:
-            self._count_warm("wasted", self._warm.clear())
+            with self._lock:
+                self._count("wasted", self._warm.clear())
         self._pending.clear()
 
     def drain(self) -> None:
@@ -188,7 +189,8 @@ class Prefetcher:
 
     def end_step(self) -> None:
         if self._warm is not None:  # hinted for this step or before, and not read
-            self._count_warm("wasted", self._warm.expire(self._step))
+            with self._lock:
+                self._count("wasted", self._warm.expire(self._step))
         self._view, self._cache = None, None
         stale = [k for k in self._pending if k[0] < self._step + 1]
         for k in stale:  # hints whose target layer never ran (e.g. the batch changed)
@@ -241,14 +243,9 @@ class Prefetcher:
         if self._warm is None or not len(keys):
             return
         used = self._warm.consume(keys)
-        self._count_warm("used", used)
+        with self._lock:
+            self._count("used", used)
         self.demand_misses += int(len(np.unique(keys)) - used.size)
-
-    def _count_warm(self, name: str, sources: np.ndarray) -> None:
-        for i, n in enumerate(np.bincount(sources, minlength=0).tolist()):
-            if n:
-                c = self.counters[self._sources[i]]
-                setattr(c, name, getattr(c, name) + n)
 
     def _absent_keys(self, hint: Hint) -> np.ndarray:
         """Pool keys of the hinted pages that are read from the pool (`Tier.POOL`)."""
@@ -266,9 +263,10 @@ class Prefetcher:
     def _count(self, name: str, sources: np.ndarray) -> None:
         """Adds one to counter `name` of each page's predictor (under `_lock`)."""
         if sources.size:
+            names = self._sources if self._warm is not None else self._buffer.sources
             for i, n in enumerate(np.bincount(sources).tolist()):
                 if n:
-                    c = self.counters[self._buffer.sources[i]]
+                    c = self.counters[names[i]]
                     setattr(c, name, getattr(c, name) + n)
 
     # ------------------------------------------------------------ demand side
@@ -319,7 +317,8 @@ class Prefetcher:
         """Pool keys being freed: their prefetched pages are dropped (wasted)."""
         keys = np.asarray(keys, dtype=np.int64)
         if self._warm is not None and keys.size:
-            self._count_warm("wasted", self._warm.forget(keys))
+            with self._lock:
+                self._count("wasted", self._warm.forget(keys))
         if self._buffer is None or not keys.size:
             return
         dropped = self._buffer.forget(keys)

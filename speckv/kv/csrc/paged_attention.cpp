@@ -490,7 +490,9 @@ int64_t quest_choose(const float* qh, const float* summaries, const int64_t* sum
     quest_scores<kDim>(qh, summaries, summary_ids, first, own, h, Hkv, G, D, scores);
     int64_t n = 0;
     for (int64_t p = first; p < own; ++p) order[n++] = p;
-    std::partial_sort(order, order + extra, order + n, [scores](int64_t a, int64_t b) {
+    // the `extra` best under a strict order (score, then the older page): a unique set,
+    // found in linear time (only the set matters: pages are listed in token order)
+    std::nth_element(order, order + extra - 1, order + n, [scores](int64_t a, int64_t b) {
       return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
     });
     for (int64_t i = 0; i < extra; ++i) chosen[order[i]] = true;
