@@ -15,6 +15,8 @@ one call per layer, timed as a step (median of 7). Per build: float32 DEVICE pag
 the same pages as int8 pool rows read in place (identical decoded values: the two
 outputs must match exactly), dense vs fused quest at 1/8 on 8 x 8,192 tokens, and
 dense on 32 x 576 tokens (F1's batch 32; median of 9).
+`--hint-sweep`: what in-place predictor hints cost (each next layer's rows
+software-prefetched before a layer's kernel, as layer_ahead's hints do; median of 7).
 `--sources` compiles each kernel source directory given (e.g. an older checkout's) as
 a module of its own and times them interleaved, so that machine drift hits all alike.
 """
@@ -190,6 +192,57 @@ def kv_bound(sources: list[Path]) -> None:
               f"{ms['dense 32']:.1f} ms |")
 
 
+def hint_sweep() -> None:
+    """What in-place predictor hints cost: int8 rows at 8 x 4,096 tokens, 30 layers, each
+    layer's kernel alone, after software-prefetching the next layer's rows (what
+    layer_ahead's hints do), after prefetching its own rows, and the sweeps alone."""
+    k = load_cpu_kernels()
+    torch.manual_seed(0)
+    batch, num_pages = 8, 256
+    n = batch * num_pages * LAYERS
+    codec = CODECS.get("int8")(PageShape(PS, HKV, DIM, torch.float32))
+    rows = torch.cat([codec.encode(torch.randn(4096, PS, HKV, DIM),
+                                   torch.randn(4096, PS, HKV, DIM)).data
+                      for _ in range(0, n, 4096)])[:n].contiguous()
+    empty = torch.empty(1, PS, HKV, DIM)  # no DEVICE pages: every entry is a pool row
+    perm = torch.randperm(n)
+    size = batch * num_pages
+    tables = [perm[i * size:(i + 1) * size].view(batch, num_pages).contiguous()
+              for i in range(LAYERS)]
+    lens = torch.full((batch,), num_pages * PS - 3)
+    q = torch.randn(batch, HEADS, DIM)
+
+    def attend(t):
+        k.paged_decode_attention(q, empty, empty, -1 - t, lens, 0.125, rows, 1)
+
+    def plain(_):
+        for t in tables:
+            attend(t)
+
+    def next_layer(_):
+        k.prefetch_rows(rows, tables[0].reshape(-1))
+        for i, t in enumerate(tables):
+            if i + 1 < LAYERS:
+                k.prefetch_rows(rows, tables[i + 1].reshape(-1))
+            attend(t)
+
+    def own_layer(_):
+        for t in tables:
+            k.prefetch_rows(rows, t.reshape(-1))
+            attend(t)
+
+    def sweeps(_):
+        for t in tables:
+            k.prefetch_rows(rows, t.reshape(-1))
+
+    results: dict[str, dict[str, list[float]]] = {"int8": {}}
+    time_interleaved({"int8": k}, {"kernel alone": plain, "next layer's rows first": next_layer,
+                                   "its own rows first": own_layer, "the sweeps alone": sweeps},
+                     7, results)
+    for label, t in results["int8"].items():
+        print(f"| {label} | {1000 * sorted(t)[len(t) // 2]:.1f} ms |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,8 +250,13 @@ def main() -> None:
                         help="30 layers' tables past any cache, a step's worth per timing")
     parser.add_argument("--sources", nargs="*", type=Path, default=[],
                         help="kernel source directories to build and compare (--kv-bound)")
+    parser.add_argument("--hint-sweep", action="store_true",
+                        help="what software-prefetching a layer's rows ahead of its kernel "
+                             "costs (in-place predictor hints)")
     args = parser.parse_args()
-    if args.kv_bound:
+    if args.hint_sweep:
+        hint_sweep()
+    elif args.kv_bound:
         kv_bound(args.sources)
     else:
         cache_resident()

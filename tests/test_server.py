@@ -180,6 +180,29 @@ def test_models_health_and_metrics(server):
         assert name in m, name
 
 
+def test_tokenize_and_detokenize_round_trip(server, reference):
+    tokenizer = reference.engine.tokenizer
+    status, out, _ = server.post("/v1/tokenize", {"model": MODEL, "prompt": PROMPT})
+    assert status == 200 and out["tokens"] == tokenizer.encode(PROMPT), out
+    served = json.loads(server.get("/v1/models")[1])["data"][0]
+    assert out["count"] == len(out["tokens"]) and out["max_model_len"] == served["max_model_len"]
+    messages = [{"role": "user", "content": "hi"}]
+    status, chat, _ = server.post("/v1/tokenize", {"messages": messages})
+    assert status == 200 and chat["tokens"] == tokenizer.encode(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True)), chat
+    status, back, _ = server.post("/v1/detokenize", {"model": MODEL, "tokens": out["tokens"]})
+    assert status == 200 and back == {"prompt": PROMPT}
+    for body, param in [({"prompt": PROMPT, "messages": messages}, "messages"),
+                        ({}, "messages"),
+                        ({"prompt": PROMPT, "add_special_tokens": True}, "add_special_tokens"),
+                        ({"model": "gpt-4", "prompt": PROMPT}, "model")]:
+        status, err, _ = server.post("/v1/tokenize", body)
+        assert status == 400 and err["error"]["param"] == param, (body, err)
+    for tokens in ([tokenizer.vocab_size], [-1], ["a"]):
+        status, err, _ = server.post("/v1/detokenize", {"tokens": tokens})
+        assert status == 400 and err["error"]["param"].startswith("tokens"), (tokens, err)
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -1,5 +1,5 @@
-"""The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions, /v1/models, and
-/health and /metrics.
+"""The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions, /v1/models, vLLM's
+/v1/tokenize and /v1/detokenize, and /health and /metrics.
 
 Every error body is OpenAI's: `{"error": {"message", "type", "param", "code"}}`,
 for every status (404, 405, 413 and 500 too); 400 names the field at fault.
@@ -27,7 +27,8 @@ from speckv.engine.outputs import RequestOutput
 from speckv.models.tokenizer import Tokenizer
 from speckv.server.async_engine import ACCEPTED, AsyncEngine, EngineError, Overloaded, ShuttingDown
 from speckv.server.config import ServerConfig
-from speckv.server.protocol import (ChatCompletionRequest, CompletionRequest, ResponseShape,
+from speckv.server.protocol import (ChatCompletionRequest, CompletionRequest,
+                                    DetokenizeRequest, ResponseShape, TokenizeRequest,
                                     _Sampling, error_body)
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,39 @@ def _v1_router(engine: AsyncEngine, model: ServedModel, config: ServerConfig,
         token_ids = model.tokenizer.encode(text)
         return await _serve(engine, model, config, body, token_ids, "messages", request, chat=True)
 
+    @router.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: the ids the engine would see for a prompt or for messages."""
+        _check_model(body.model, model)
+        text = body.prompt
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            try:
+                text = model.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=body.add_generation_prompt)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages") from exc
+        tokens = model.tokenizer.encode(text)
+        return {"count": len(tokens), "max_model_len": model.max_model_len, "tokens": tokens}
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        """vLLM's /detokenize: token ids back to text (special tokens kept)."""
+        _check_model(body.model, model)
+        vocab = model.tokenizer.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})",
+                           param="tokens")
+        return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
     return router
+
+
+def _check_model(name: str | None, model: ServedModel) -> None:
+    if name is not None and name != model.name:
+        raise APIError(400, f"model {name!r} is not served here; this server serves "
+                       f"{model.name!r}", param="model", code="model_not_found")
 
 
 def _bearer(api_key: str | None):
@@ -151,9 +184,7 @@ def _bearer(api_key: str | None):
 
 async def _serve(engine: AsyncEngine, model: ServedModel, config: ServerConfig, body: _Sampling,
                  token_ids: list[int], prompt_field: str, request: Request, chat: bool) -> Response:
-    if body.model != model.name:
-        raise APIError(400, f"model {body.model!r} is not served here; this server serves "
-                       f"{model.name!r}", param="model", code="model_not_found")
+    _check_model(body.model, model)
     max_tokens = _max_tokens(body, len(token_ids), prompt_field, model.max_model_len, config)
     try:
         params = body.sampling_params(max_tokens)

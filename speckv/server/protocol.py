@@ -160,6 +160,35 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class TokenizeRequest(BaseModel):
+    """`/v1/tokenize` (vLLM's shape): a prompt, or chat messages rendered with the
+    model's template; exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1,
+                                               validate_default=True)
+    add_generation_prompt: bool = True
+
+    @field_validator("messages")
+    @classmethod
+    def _one_input(cls, messages: list[ChatMessage] | None, info) -> list[ChatMessage] | None:
+        if (info.data.get("prompt") is None) == (messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return messages
+
+
+class DetokenizeRequest(BaseModel):
+    """`/v1/detokenize` (vLLM's shape): token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Text | None = None
+    tokens: list[int]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
