@@ -47,7 +47,7 @@ class Transfer:
     id: int
     keys: np.ndarray  # [n] int64 pool keys
     slots: np.ndarray  # [n] int64 PREFETCH slots
-    source: int  # the predictor that asked (an index into PrefetchBuffer.sources)
+    source: int  # the predictor that asked (the prefetcher's index for its name)
     started: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -58,7 +58,6 @@ class PrefetchBuffer:
     def __init__(self, pages: DevicePagePool, num_keys: int) -> None:
         """`num_keys`: the pool's slot count (pool keys are below it)."""
         self.pages = pages
-        self.sources: list[str] = []  # predictor names, by index
         self._lock = threading.Lock()
         self._slot = np.full(num_keys, -1, dtype=np.int64)
         self._transfer = np.full(num_keys, -1, dtype=np.int64)
@@ -74,11 +73,6 @@ class PrefetchBuffer:
     @property
     def num_used(self) -> int:
         return self.pages.num_used_pages
-
-    def source_id(self, name: str) -> int:
-        if name not in self.sources:
-            self.sources.append(name)
-        return self.sources.index(name)
 
     def keys(self) -> list[int]:
         with self._lock:

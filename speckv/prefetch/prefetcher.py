@@ -92,7 +92,7 @@ class Prefetcher:
         self._buffer: PrefetchBuffer | None = None
         self.worker: TransferWorker | None = None  # made with the PREFETCH tier
         self._warm: WarmSet | None = None  # in place: the rows hinted and not read yet
-        self._sources: list[str] = []  # in place: predictor names, by index
+        self._sources: list[str] = []  # predictor names, by the index pages carry
         self._view: StepView | None = None
         self._cache: KVCacheManager | None = None
         self._pending: dict[tuple[int, int], list[tuple[str, list[str], np.ndarray]]] = {}
@@ -217,7 +217,7 @@ class Prefetcher:
         self.start()
         if self._warm is not None:
             return self._prefetch_in_place(keys, source)
-        transfer, dropped, no_room = self._buffer.prepare(keys, self._buffer.source_id(source))
+        transfer, dropped, no_room = self._buffer.prepare(keys, self._source_id(source))
         issued = 0 if transfer is None else transfer.keys.size
         with self._lock:
             c = self.counters.setdefault(source, PrefetchCounters())
@@ -228,9 +228,7 @@ class Prefetcher:
         return issued
 
     def _prefetch_in_place(self, keys: np.ndarray, source: str) -> int:
-        if source not in self._sources:
-            self._sources.append(source)
-        new = self._warm.issue(keys, self._sources.index(source), self._step)
+        new = self._warm.issue(keys, self._source_id(source), self._step)
         nbytes = self.store.prefetch_in_place(new)
         c = self.counters.setdefault(source, PrefetchCounters())
         c.issued += new.size
@@ -247,6 +245,12 @@ class Prefetcher:
             self._count("used", used)
         self.demand_misses += int(len(np.unique(keys)) - used.size)
 
+    def _source_id(self, name: str) -> int:
+        """The index pages carry for predictor `name` (PREFETCH tier and hinted rows)."""
+        if name not in self._sources:
+            self._sources.append(name)
+        return self._sources.index(name)
+
     def _absent_keys(self, hint: Hint) -> np.ndarray:
         """Pool keys of the hinted pages that are read from the pool (`Tier.POOL`)."""
         P = hint.pages.shape[1]
@@ -255,7 +259,7 @@ class Prefetcher:
 
     def _transferred(self, transfer: Transfer, pages: int, nbytes: int, ok: bool) -> None:
         with self._lock:
-            c = self.counters[self._buffer.sources[transfer.source]]
+            c = self.counters[self._sources[transfer.source]]
             c.bytes_read += nbytes
             if not ok:
                 c.failed += pages
@@ -263,10 +267,9 @@ class Prefetcher:
     def _count(self, name: str, sources: np.ndarray) -> None:
         """Adds one to counter `name` of each page's predictor (under `_lock`)."""
         if sources.size:
-            names = self._sources if self._warm is not None else self._buffer.sources
             for i, n in enumerate(np.bincount(sources).tolist()):
                 if n:
-                    c = self.counters[names[i]]
+                    c = self.counters[self._sources[i]]
                     setattr(c, name, getattr(c, name) + n)
 
     # ------------------------------------------------------------ demand side

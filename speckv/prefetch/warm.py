@@ -31,9 +31,6 @@ class WarmSet:
         self._source = np.full(num_keys, -1, dtype=np.int64)  # -1: not hinted
         self._step = np.zeros(num_keys, dtype=np.int64)
 
-    def __len__(self) -> int:
-        return int((self._source >= 0).sum())
-
     def issue(self, keys: np.ndarray, source: int, step: int) -> np.ndarray:
         """Marks `keys` hinted by `source` in `step`; returns those not hinted already
         (the ones to prefetch)."""
