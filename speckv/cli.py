@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from speckv.bench import (capacity, contention, fidelity, kvread, prefetch, selection,
-                              serve as serve_bench, throughput)
+    from speckv.bench import (capacity, contention, fidelity, kvread, prefetch, prefix,
+                              selection, serve as serve_bench, throughput)
 
     throughput.add_parser(bench_sub, _add_engine_options)
     fidelity.add_parser(bench_sub, _add_engine_options)
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_parser(bench_sub, _add_engine_options)
     contention.add_parser(bench_sub, _add_engine_options)
     kvread.add_parser(bench_sub, _add_engine_options)
+    prefix.add_parser(bench_sub, _add_engine_options)
     return parser
 
 
@@ -180,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             return memnode_server.run(ns)
         if ns.command == "bench":
             from speckv.bench import (capacity, contention, fidelity, kvread, prefetch,
-                                      selection, serve, throughput)
+                                      prefix, selection, serve, throughput)
 
             runner = {"throughput": throughput, "fidelity": fidelity, "capacity": capacity,
                       "selection": selection, "serve": serve, "prefetch": prefetch,
-                      "contention": contention, "kvread": kvread}[ns.bench]
-            return runner.run(ns, engine_options(ns))
+                      "contention": contention, "kvread": kvread, "prefix": prefix}[ns.bench]
+            options = engine_options(ns)
+            if ns.bench != "prefix":  # they repeat prompts: a hit would hide what they time
+                options.setdefault("enable_prefix_caching", False)
+            return runner.run(ns, options)
     except ValueError as exc:
         print(f"speckv: error: {exc}", file=sys.stderr)
         return 2

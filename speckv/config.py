@@ -90,6 +90,12 @@ class CacheConfig:
                 "prefetches of the rows into the CPU caches), copy (into DEVICE slots "
                 "first, prefetched ahead into the PREFETCH tier; any device and codec), "
                 "auto (in_place where it can, copy otherwise, e.g. on CUDA)"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "share sealed pages by content: a prompt that starts like an earlier one "
+                "(a system prompt, the history of a chat) reuses its cached pages and "
+                "prefills only the rest; pages of finished requests stay cached (least "
+                "recently used dropped first) until their room is needed. Off: every "
+                "prompt is prefilled in full. Requests opt out with cache_prompt=false"})
 
     def __post_init__(self) -> None:
         _choice(self.kv_read, "kv_read", ("auto", "in_place", "copy"))

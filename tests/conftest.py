@@ -77,9 +77,13 @@ def hf_greedy(hf_model, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def assert_no_leak(engine: LLMEngine) -> None:
-    """Every page is back in the free pool of every tier and no request is left anywhere."""
+    """No request is left anywhere, what is still used is exactly what the prefix cache
+    holds (every reference count back to 0), and once it is reset every page is back in
+    the free pool of every tier."""
     cache = engine.cache
     pool = cache.pool
+    assert_prefix_cache_holds_the_rest(engine)
+    assert cache.reset_prefix_cache()
     assert pool.num_free_pages == pool.num_pages, f"{pool.num_used_pages} pages leaked"
     assert cache.num_sequences() == 0
     assert not engine.scheduler.running and not engine.scheduler.waiting
@@ -99,6 +103,20 @@ def assert_no_leak(engine: LLMEngine) -> None:
         assert not prefetcher.buffer.keys()
 
 
+def assert_prefix_cache_holds_the_rest(engine: LLMEngine) -> None:
+    """With no request left, the only pages in use are the prefix cache's idle ones."""
+    cache, prefix = engine.cache, engine.cache.prefix
+    if prefix is None:
+        return
+    layers = cache.num_layers
+    assert prefix.num_idle == len(prefix), "a cached page is still referenced"
+    assert cache.pool.num_used_pages == layers * prefix.num_idle_sharing_slots
+    assert cache.summaries.num_used == layers * len(prefix)
+    if cache.store is not None:
+        backend = cache.store.backend
+        assert backend.num_slots - backend.num_free == layers * prefix.num_idle_sharing_keys
+
+
 def check_tier_invariants(engine: LLMEngine) -> None:
     """Invariants 2 and 3 at a step boundary: every page that may leave DEVICE is in the
     pool, a page not in the pool is resident, and no tier holds more than its budget."""
@@ -106,7 +124,10 @@ def check_tier_invariants(engine: LLMEngine) -> None:
     store = cache.store
     backend = store.backend
     first = store.first_stored
-    resident = 0
+    resident, stored_keys = set(), set()
+    for page in ([] if cache.prefix is None else cache.prefix.idle_pages()):
+        resident.update(page.slots[page.slots >= 0].tolist())
+        stored_keys.update(page.pool_keys[page.pool_keys >= 0].tolist())
     for rid, table in zip(cache.request_ids(), cache.all_tables()):
         n = table.num_pages
         slots, keys = table.slots[:, :n], table.pool_keys[:, :n]
@@ -116,13 +137,14 @@ def check_tier_invariants(engine: LLMEngine) -> None:
         pinned = slots[:, :first].tolist() + slots[:, first + table.num_stored:].tolist()
         assert all(s >= 0 for row in pinned for s in row), "an unstored page left DEVICE"
         assert (keys[:, first + table.num_stored:] == -1).all()
-        resident += int((slots >= 0).sum())
+        resident.update(slots[slots >= 0].tolist())
+        stored_keys.update(keys[keys >= 0].tolist())
         assert ((cache.tiers(rid) == Tier.DEVICE) == (slots >= 0)).all()
-    assert resident == cache.pool.num_used_pages <= cache.pool.num_pages
+    assert len(resident) == cache.pool.num_used_pages <= cache.pool.num_pages
     assert cache.committed_pages <= cache.held_pages <= cache.pool.num_pages
     assert cache.reserved_pool_pages <= backend.num_slots
-    stored = sum(int((t.pool_keys[:, :t.num_pages] >= 0).sum()) for t in cache.all_tables())
-    assert backend.num_slots - backend.num_free == stored, "pool slots not held by a live page"
+    assert backend.num_slots - backend.num_free == len(stored_keys), \
+        "pool slots not held by a live or cached page"
     if cache.reads_in_place:  # a stored page is read from the pool: it left DEVICE at once
         for table in cache.all_tables():
             n = table.num_pages

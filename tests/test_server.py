@@ -168,6 +168,24 @@ def test_seed_makes_sampling_reproducible(server):
     assert any(sample(s) != first for s in (8, 9, 10))
 
 
+def test_a_repeated_prefix_is_reported_as_cached_tokens(server):
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI's; cache_prompt=false opts out."""
+    client = server.client()
+    system = [{"role": "system", "content": "You are a lighthouse keeper. " * 12}]
+    asks = [system + [{"role": "user", "content": q}] for q in ("Why the light?", "Any ships?")]
+    first, second = (client.chat.completions.create(model=MODEL, messages=m, max_tokens=2)
+                     for m in asks)
+    assert second.usage.prompt_tokens_details.cached_tokens >= 64
+    assert second.usage.prompt_tokens_details.cached_tokens % 16 == 0
+    opted_out = client.chat.completions.create(model=MODEL, messages=asks[1], max_tokens=2,
+                                               extra_body={"cache_prompt": False})
+    assert opted_out.usage.prompt_tokens_details.cached_tokens == 0
+    assert first.usage.prompt_tokens_details.cached_tokens <= second.usage.prompt_tokens_details.cached_tokens
+    m = server.wait_idle()
+    assert 0 < m["speckv_prefix_cache_hit_rate"] <= 1
+    assert m["speckv_engine_prefix_cache_hit_tokens_total"] >= second.usage.prompt_tokens_details.cached_tokens
+
+
 def test_models_health_and_metrics(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL]

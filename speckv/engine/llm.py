@@ -87,6 +87,10 @@ class LLM:
         """Engine counters: requests, pages and bytes per tier, fetches, stall seconds."""
         return self.engine.stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Drops the cached pages no request reads (vLLM's `LLM.reset_prefix_cache`)."""
+        return self.engine.reset_prefix_cache()
+
     def close(self) -> None:
         """Aborts what is queued and releases the pool (stops a spawned memory node)."""
         self.engine.close()

@@ -32,6 +32,7 @@ from speckv.kv.cpu_kernels import load_cpu_kernels
 from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.kv.eviction import make_eviction
 from speckv.kv.page_pool import DevicePagePool
+from speckv.kv.prefix import PrefixCache, namespace_key
 from speckv.kv.summaries import SummaryStore
 from speckv.kv.tiers import TieredStore, TierOptions, kernel_row_format
 from speckv.codecs.base import PageShape, make_codec
@@ -121,8 +122,14 @@ class LLMEngine:
         live_pages = num_pages + (0 if store is None else store.backend.num_slots)
         summaries = SummaryStore(live_pages, args.num_kv_heads, args.head_dim,
                                  dtype=self.dtype, device=self.device)
+        prefix = None
+        if cc.enable_prefix_caching:
+            # everything that makes a page's bytes differ (and what is shared of it)
+            prefix = PrefixCache(cc.page_size, namespace_key(
+                self.loaded.fingerprint(), cc.page_size, args.num_layers, args.num_kv_heads, args.head_dim,
+                pc.codec if store is not None else "none", pc.keep_sink_page))
         return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries,
-                              eviction)
+                              eviction, prefix)
 
     def _reads_in_place(self, config: EngineConfig, codec, backend) -> bool:
         """Whether attention reads pool rows in place: `in_place`, or `auto` where the
@@ -341,6 +348,7 @@ class LLMEngine:
         outputs = []
         for seq, chunk, token in zip(sched.seqs, sched.chunks, tokens):
             seq.num_computed_tokens += chunk.num_tokens
+            self._cache_pages(seq)
             if token is None:
                 continue
             try:
@@ -354,6 +362,16 @@ class LLMEngine:
             outputs.append(self._output(seq))
         return outputs
 
+    def _cache_pages(self, seq: Sequence) -> None:
+        """Offers the prefix cache the pages `seq` has sealed so far."""
+        prefix = self.cache.prefix
+        if prefix is None or not seq.params.cache_prompt:
+            return
+        n = seq.num_computed_tokens
+        if n // prefix.page_size > len(seq.page_keys):
+            prefix.keys_of(seq.page_keys, seq.all_token_ids[:n])
+        self.cache.cache_pages(seq.request_id, seq.page_keys, n)
+
     def _advance(self, seq: Sequence, token: int | SampleError, now: float) -> None:
         if isinstance(token, SampleError):
             self._fail(seq, token.message)
@@ -366,10 +384,12 @@ class LLMEngine:
         seq.finish(FinishReason.ERROR)
 
     def _fail_all(self, why: str) -> None:
-        """Aborts every request (their pooled pages are gone); the engine stays usable."""
+        """Aborts every request (their pooled pages are gone), and forgets the cached pages
+        that were in the pool; the engine stays usable."""
         logger.error("%s: aborting %d request(s)", why, len(self._sequences))
         for rid in list(self._sequences):
             self.abort(rid)
+        self.cache.forget_pool_pages()
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.output_token_ids.append(token)
@@ -478,6 +498,11 @@ class LLMEngine:
             start += fit
         return parts
 
+    def reset_prefix_cache(self) -> bool:
+        """Drops every cached page no request reads (vLLM's name); False, dropping nothing,
+        while requests still read cached pages."""
+        return self.cache.reset_prefix_cache()
+
     def stats(self) -> dict[str, int | float | str]:
         """Counts of what happened: requests, and pages and bytes per tier."""
         pool = self.cache.pool
@@ -507,6 +532,9 @@ class LLMEngine:
             stats.update({f"pool_{k}": v for k, v in store.backend.stats().as_dict().items()})
             stats.update({f"tier_{k}": v for k, v in store.counters.as_dict().items()})
         stats["summary_bytes"] = self.cache.summaries.bytes_used
+        if self.cache.prefix is not None:
+            slot_bytes = 0 if store is None else store.backend.slot_bytes
+            stats.update(self.cache.prefix.stats(self.args.num_layers, self.page_bytes, slot_bytes))
         stats.update(self.threads.stats())
         stats.update(self.selection.stats())
         if self.prefetcher is not None:

@@ -43,6 +43,7 @@ class RequestOutput:
     error: str | None = None  # with finish_reason "error": what failed this request alone
     prompt_token_ids: list[int] = field(default_factory=list)
     outputs: list[CompletionOutput] = field(default_factory=list)  # vLLM's shape: one here
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (vLLM's name)
 
     @classmethod
     def of(cls, seq: Sequence, text: str, delta: str) -> "RequestOutput":
@@ -60,4 +61,5 @@ class RequestOutput:
             num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=n,
             time_to_first_token=ttft, per_token_latency=tpot, error=seq.error,
             prompt_token_ids=list(seq.prompt_token_ids),
-            outputs=[CompletionOutput(0, text, tokens, None, None, reason)])
+            outputs=[CompletionOutput(0, text, tokens, None, None, reason)],
+            num_cached_tokens=seq.num_cached_tokens or 0)

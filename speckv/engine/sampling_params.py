@@ -58,6 +58,9 @@ class SamplingParams:
         "help": "stop when one of these token ids is generated (it stays in token_ids)"})
     min_tokens: int = field(default=0, metadata={
         "help": "generate at least this many tokens before EOS or a stop token may end it"})
+    cache_prompt: bool = field(default=True, metadata={
+        "help": "reuse cached pages of the prompt and cache this request's pages for later "
+                "ones (with the engine's prefix caching on; llama.cpp's name)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,8 +77,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "cache_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.token_budget is not None:
             from speckv.config import parse_token_budget
 

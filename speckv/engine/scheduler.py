@@ -106,17 +106,41 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            reused = seq.num_computed_tokens == 0 and self._reuse_prefix(seq)
             num_tokens = self._chunk(seq, budget)
             end = seq.num_computed_tokens + num_tokens
-            if num_tokens == 0 or not self.cache.admit(seq.request_id, seq.max_num_tokens):
+            if (num_tokens == 0 or not self.cache.admit(seq.request_id, seq.max_num_tokens)
+                    or not self.cache.allocate(seq.request_id, end)):
+                if reused:  # a waiting sequence holds no pages: they stay cached, idle
+                    self.cache.free(seq.request_id)
+                    seq.num_computed_tokens = 0
                 break  # wait for pages; later requests wait behind it (FIFO)
-            if not self.cache.allocate(seq.request_id, end):
-                break
             self.waiting.popleft()
+            self._record_reuse(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.add(seq, num_tokens)
             budget -= num_tokens
+
+    def _reuse_prefix(self, seq: Sequence) -> bool:
+        """Starts `seq` after the longest prefix of its tokens whose pages are cached (the
+        last token is always computed: its logits pick the next one); True if it did."""
+        prefix = self.cache.prefix
+        if prefix is None or not seq.params.cache_prompt:
+            return False
+        tokens = seq.all_token_ids
+        reusable = (len(tokens) - 1) // prefix.page_size
+        keys = prefix.keys_of(seq.page_keys, tokens[:reusable * prefix.page_size])
+        seq.num_computed_tokens = self.cache.reuse_prefix(seq.request_id, keys[:reusable])
+        return seq.num_computed_tokens > 0
+
+    def _record_reuse(self, seq: Sequence) -> None:
+        prefix = self.cache.prefix
+        if prefix is not None and seq.params.cache_prompt:
+            reusable = (seq.num_tokens - 1) // prefix.page_size * prefix.page_size
+            prefix.counters.record(reusable, seq.num_computed_tokens)
+            if seq.num_cached_tokens is None:  # as first scheduled (vLLM's)
+                seq.num_cached_tokens = seq.num_computed_tokens
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens to compute for `seq` now: its remaining prompt (or one token) within the

@@ -10,6 +10,7 @@ import torch
 
 from speckv.engine.sampling_params import SEED_RANGE, SamplingParams
 from speckv.kv.cache import RequestId
+from speckv.kv.prefix import PageKey
 from speckv.models.tokenizer import IncrementalDetokenizer
 
 
@@ -49,6 +50,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None  # why the engine failed it (FinishReason.ERROR)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens: int | None = None  # prompt tokens reused when first scheduled
+        self.page_keys: list[PageKey] = []  # prefix-cache keys of its full pages, as computed
         # the most tokens it may hold (prompt + max_tokens, within the context window)
         self.max_num_tokens = len(prompt_token_ids) + params.max_tokens
         self.text = ""  # generated text, stop string removed

@@ -6,6 +6,7 @@ build many engines on the same weights without loading them again).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,23 @@ class LoadedModel:
         """Whether an engine configured with `config` can run on these weights."""
         return (config.model, config.device, config.dtype, config.weight_quant) == (
             self.config.model, self.config.device, self.config.dtype, self.config.weight_quant)
+
+    def fingerprint(self) -> str:
+        """A hash of the weights' files that tells checkpoints apart without reading them
+        whole: each file's name, size and its first, middle and last MiB (a tensor changed
+        elsewhere with the size kept is not seen), with the options they were loaded
+        with. Part of the prefix cache's namespace."""
+        h = hashlib.blake2b(digest_size=16)
+        files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
+        for file in files:
+            size = file.stat().st_size
+            h.update(f"{file.name}:{size}".encode())
+            with file.open("rb") as f:
+                for at in (0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))):
+                    f.seek(at)
+                    h.update(f.read(1 << 20))
+        h.update(f"{self.config.dtype}:{self.config.weight_quant}".encode())
+        return h.hexdigest()
 
     def context_window(self, config: ModelConfig) -> int:
         """The engine's context window: `max_model_len`, at most what the model supports.

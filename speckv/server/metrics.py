@@ -33,6 +33,9 @@ _NAMED = {
                                                    "fetched"),
     "pool_available": ("speckv_pool_available", "1 while the KV pool can serve, 0 once lost"),
     "prefetch_hit_rate": ("speckv_prefetch_hit_rate", "prefetched pages used / prefetched pages"),
+    "prefix_cache_hit_rate": ("speckv_prefix_cache_hit_rate",
+                              "prompt tokens reused from the prefix cache / reusable prompt "
+                              "tokens (whole pages, the last token excluded), since start"),
 }
 
 # LLMEngine.stats() numbers that are levels (they go down as well as up); every other
@@ -46,6 +49,9 @@ GAUGES = frozenset({
     "summary_bytes", "selection_fraction", "prefetch_pages_total", "prefetch_pages_used_now",
     "prefetch_bytes_used", "prefetch_waste", "prefetch_precision", "prefetch_recall",
     "prefetch_hit_rate", "selection_recall", "selection_oracle_overlap",
+    "prefix_cache_hit_rate", "prefix_cache_pages", "prefix_cache_pages_idle",
+    "prefix_cache_device_pages", "prefix_cache_device_pages_idle", "prefix_cache_device_bytes",
+    "prefix_cache_pool_bytes",
 })
 
 
@@ -76,10 +82,11 @@ class _EngineCollector(Collector):
             tiers.add_metric(["pool"], float(stats["pool_encoded_bytes"]))
         yield tiers
         if stats.get("device_pages_total"):
+            used = stats.get("device_pages_used", 0) - stats.get("prefix_cache_device_pages_idle", 0)
             yield GaugeMetricFamily(
                 "speckv_kv_cache_usage_ratio", "fraction of DEVICE pages in use (0 to 1), as "
-                "vLLM's kv_cache_usage_perc",
-                value=stats.get("device_pages_used", 0) / stats["device_pages_total"])
+                "vLLM's kv_cache_usage_perc (idle cached pages count as free)",
+                value=used / stats["device_pages_total"])
 
 
 class ServerMetrics:

@@ -79,11 +79,13 @@ class ServerProcess:
         return None
 
     def wait_idle(self, timeout: float = 60.0) -> dict[str, float]:
-        """Metrics once nothing runs, waits or is in flight and every DEVICE page is free."""
+        """Metrics once nothing runs, waits or is in flight and every DEVICE page is free
+        or held by the prefix cache only."""
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            if (m["speckv_device_pages_free"] == m["speckv_device_pages_capacity"]
+            cached = m.get("speckv_engine_prefix_cache_device_pages", 0)
+            if (m["speckv_device_pages_free"] + cached == m["speckv_device_pages_capacity"]
                     and m["speckv_requests_running"] == 0 and m["speckv_requests_waiting"] == 0
                     and m["speckv_engine_requests_in_flight"] == 0):
                 return m

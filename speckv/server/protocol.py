@@ -2,8 +2,10 @@
 
 Unknown fields are ignored, as OpenAI's clients send some that do not apply. Beside
 the OpenAI fields (penalties and logit_bias among them), requests take vLLM's extras
-`repetition_penalty`, `min_p`, `stop_token_ids`, `min_tokens`, and speckv's per-request
-options: `top_k`, `ignore_eos`, `selector`, `token_budget`.
+`repetition_penalty`, `min_p`, `stop_token_ids`, `min_tokens`, llama.cpp's `cache_prompt`
+(false: this request neither reuses nor leaves cached pages), and speckv's per-request
+options: `top_k`, `ignore_eos`, `selector`, `token_budget`. Usage reports
+`prompt_tokens_details.cached_tokens`, as OpenAI's does.
 
 Types are strict (`max_tokens: true`, `"10"` or `2.0` are errors, not 1, 10 and 2;
 a number field takes an int or a float), and text must be valid Unicode (a lone
@@ -65,6 +67,8 @@ class _Sampling(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     stop_token_ids: list[int] | None = None
     min_tokens: int = Field(default=0, ge=0)
+    # llama.cpp's: false = neither reuse cached pages nor cache this request's
+    cache_prompt: bool = True
     # speckv's own
     top_k: int = Field(default=0, ge=0)
     ignore_eos: bool = False
@@ -109,7 +113,7 @@ class _Sampling(BaseModel):
                               frequency_penalty=self.frequency_penalty, logit_bias=bias,
                               repetition_penalty=self.repetition_penalty, min_p=self.min_p,
                               stop_token_ids=tuple(self.stop_token_ids or ()),
-                              min_tokens=self.min_tokens)
+                              min_tokens=self.min_tokens, cache_prompt=self.cache_prompt)
 
     @property
     def include_usage(self) -> bool:
@@ -233,7 +237,8 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 def usage(out: RequestOutput) -> dict:
     return {"prompt_tokens": out.num_prompt_tokens,
             "completion_tokens": out.num_generated_tokens,
-            "total_tokens": out.num_prompt_tokens + out.num_generated_tokens}
+            "total_tokens": out.num_prompt_tokens + out.num_generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
 
 
 def finish_reason(out: RequestOutput) -> str | None:

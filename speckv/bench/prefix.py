@@ -1,0 +1,171 @@
+"""`speckv bench prefix`: time to first token with prefix caching on and off, side by side.
+
+Two workloads, each run on two engines over the same weights (caching on, caching off),
+the rounds alternating which goes first so that machine noise hits both alike:
+
+- chat: one conversation of `--turns` turns whose history grows (the model's chat
+  template, greedy answers of up to `--new-tokens` tokens; both engines produce the
+  same answers, so both see the same histories). Reported: TTFT per turn, and the
+  median over the turns after the first (the first has nothing to reuse).
+- system: `--users` users each send one question after the same system prompt of
+  `--system-tokens` tokens (public-domain text), arriving `--interval` seconds apart
+  at an engine that serves them as they come. Reported: TTFT p50/p99 of the users
+  after the first, and throughput (generated tokens / wall time, arrivals included).
+
+Every figure is the median over `--rounds`; the ratios are caching off / on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from speckv.bench.common import bench_text, publish
+
+QUESTIONS = [
+    "What is this text about?", "Who wrote it, do you think?", "Summarise it in one line.",
+    "Which word appears most?", "Is the tone hopeful?", "Name one person in it.",
+    "What happens next?", "Give it a title.", "Is it old or new?", "What should I read next?",
+    "Translate the first line.", "What is the main claim?",
+]
+
+
+def add_parser(sub, add_engine_options) -> None:
+    p = sub.add_parser("prefix", help="TTFT with prefix caching on vs off (chat, system prompt)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--turns", type=int, default=10, help="chat turns (default: 10)")
+    p.add_argument("--users", type=int, default=32,
+                   help="users of the shared system prompt (default: 32)")
+    p.add_argument("--system-tokens", type=int, default=1536,
+                   help="tokens of the shared system prompt (default: 1536)")
+    p.add_argument("--interval", type=float, default=0.25,
+                   help="seconds between the users' arrivals (default: 0.25)")
+    p.add_argument("--new-tokens", type=int, default=32,
+                   help="most tokens per answer (default: 32)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per workload (default: 2)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    add_engine_options(p)
+
+
+def _arrivals(engine, prompts: list[list[int]], params, interval: float) -> tuple[list, float]:
+    """Adds prompt i at i * interval seconds and steps the engine until all finish;
+    (final outputs in prompt order, wall seconds)."""
+    start = time.perf_counter()
+    ids, finals = [], {}
+    while len(finals) < len(prompts):
+        due = min(len(prompts), int((time.perf_counter() - start) / interval) + 1)
+        while len(ids) < due:
+            ids.append(engine.add_request(prompts[len(ids)], params))
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, start + len(ids) * interval - time.perf_counter()))
+            continue
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    return [finals[r] for r in ids], time.perf_counter() - start
+
+
+def _chat(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
+    history = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."}]
+    ttft, cached, answers = [], [], []
+    for turn in range(ns.turns):
+        history.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+        out = llm.chat(history, params, use_tqdm=False)[0]
+        history.append({"role": "assistant", "content": out.outputs[0].text})
+        ttft.append(out.time_to_first_token)
+        cached.append(out.num_cached_tokens)
+        answers.append(out.outputs[0].token_ids)
+    return {"ttft_s": ttft, "cached_tokens": cached, "prompt_tokens": out.num_prompt_tokens,
+            "answers": answers}
+
+
+def _system(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
+    tok = llm.tokenizer
+    system = tok.encode(bench_text())[:ns.system_tokens]
+    prompts = [system + tok.encode(f"\n\nUser {i}: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:")
+               for i in range(ns.users)]
+    outs, wall = _arrivals(llm.engine, prompts, params, ns.interval)
+    later = sorted(o.time_to_first_token for o in outs[1:]) or [outs[0].time_to_first_token]
+    return {"ttft_p50_s": statistics.median(later),
+            "ttft_p99_s": later[min(len(later) - 1, round(0.99 * (len(later) - 1)))],
+            "first_ttft_s": outs[0].time_to_first_token,
+            "tokens_per_second": sum(o.num_generated_tokens for o in outs) / wall,
+            "cached_tokens": sum(o.num_cached_tokens for o in outs),
+            "answers": [o.outputs[0].token_ids for o in outs]}
+
+
+def _median_of(rounds: list[dict], key: str) -> Any:
+    values = [r[key] for r in rounds]
+    if isinstance(values[0], list):
+        return [statistics.median(v) for v in zip(*values)]
+    return statistics.median(values)
+
+
+def run(ns: argparse.Namespace, options: dict) -> int:
+    if min(ns.turns, ns.users, ns.system_tokens, ns.new_tokens, ns.rounds) < 1 or ns.interval <= 0:
+        raise ValueError("--turns, --users, --system-tokens, --new-tokens and --rounds must be "
+                         ">= 1 and --interval > 0")
+    from tqdm.auto import tqdm
+
+    from speckv import LLM, SamplingParams
+    from speckv.config import EngineConfig
+    from speckv.models.loaded import load_model
+
+    options = {k: v for k, v in options.items() if k != "enable_prefix_caching"}
+    loaded = load_model(EngineConfig.from_kwargs(**options).model)
+    engines = {mode: LLM(loaded=loaded, enable_prefix_caching=mode == "on", **options)
+               for mode in ("on", "off")}
+    params = SamplingParams(max_tokens=ns.new_tokens)
+    results: dict[str, dict[str, list]] = {w: {"on": [], "off": []} for w in ("chat", "system")}
+    bar = tqdm(total=2 * 2 * ns.rounds, desc="bench prefix", unit="run")
+    for r in range(ns.rounds):
+        for workload, fn in (("chat", _chat), ("system", _system)):
+            for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                llm = engines[mode]
+                llm.engine.cache.reset_prefix_cache()  # every round starts cold
+                results[workload][mode].append(fn(llm, ns, params))
+                bar.update(1)
+    bar.close()
+    return _report(ns, options, results)
+
+
+def _report(ns: argparse.Namespace, options: dict, results: dict) -> int:
+    same = all(run["answers"] == results[w]["off"][0]["answers"]
+               for w in results for mode in ("on", "off") for run in results[w][mode])
+    fields: dict[str, Any] = {"options": options, "tokens_identical": same,
+                              "settings": {k: getattr(ns, k) for k in (
+                                  "turns", "users", "system_tokens", "interval", "new_tokens",
+                                  "rounds")}}
+    chat = {m: {"ttft_s": _median_of(results["chat"][m], "ttft_s"),
+                "cached_tokens": results["chat"][m][0]["cached_tokens"]} for m in ("on", "off")}
+    later = {m: statistics.median(chat[m]["ttft_s"][1:] or chat[m]["ttft_s"]) for m in chat}
+    chat["ttft_p50_after_first_ratio"] = later["off"] / later["on"]
+    chat["prompt_tokens_last_turn"] = results["chat"]["on"][0]["prompt_tokens"]
+    system = {m: {k: _median_of(results["system"][m], k) for k in (
+        "ttft_p50_s", "ttft_p99_s", "first_ttft_s", "tokens_per_second", "cached_tokens")}
+        for m in ("on", "off")}
+    system["ttft_p50_ratio"] = system["off"]["ttft_p50_s"] / system["on"]["ttft_p50_s"]
+    system["ttft_p99_ratio"] = system["off"]["ttft_p99_s"] / system["on"]["ttft_p99_s"]
+    system["throughput_ratio"] = (system["on"]["tokens_per_second"]
+                                  / system["off"]["tokens_per_second"])
+    fields.update(chat=chat, system=system)
+    publish(fields, _table, ns.json)
+    return 0
+
+
+def _table(report: dict) -> str:
+    chat, system = report["chat"], report["system"]
+    lines = [f"prefix caching on vs off ({report['machine']}, {report['date']}); "
+             f"tokens identical: {report['tokens_identical']}",
+             "", "chat: TTFT per turn (ms), on / off, cached tokens (on)"]
+    for i, (on, off, c) in enumerate(zip(chat["on"]["ttft_s"], chat["off"]["ttft_s"],
+                                         chat["on"]["cached_tokens"])):
+        lines.append(f"  turn {i + 1:2d}  {on * 1e3:8.1f} / {off * 1e3:8.1f}   {c:5d}")
+    lines.append(f"  TTFT p50 after the first turn: off/on {chat['ttft_p50_after_first_ratio']:.2f}x")
+    lines += ["", "system prompt: users after the first       on        off   off/on"]
+    for key, label in (("ttft_p50_s", "TTFT p50 (ms)"), ("ttft_p99_s", "TTFT p99 (ms)")):
+        on, off = system["on"][key], system["off"][key]
+        lines.append(f"  {label:38s} {on * 1e3:8.1f} {off * 1e3:10.1f} {off / on:7.2f}x")
+    on, off = system["on"]["tokens_per_second"], system["off"]["tokens_per_second"]
+    lines.append(f"  {'throughput (tok/s)':38s} {on:8.1f} {off:10.1f} {on / off:7.2f}x (on/off)")
+    return "\n".join(lines)
