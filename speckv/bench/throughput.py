@@ -103,12 +103,18 @@ def _run_peer(ns: argparse.Namespace, name: str, model: str | None, batch: int) 
     weights = _hf_export(peers_dir, model) if name == "vllm" else resolve_model_path(model)
     job = {"engine": name, "model": str(weights), "prompts": _prompts(batch, ns.prompt_len),
            "new_tokens": ns.new_tokens, "repeats": ns.repeats, "threads": os.cpu_count()}
+    return run_peer_job(python, job, ns.peer_timeout)
+
+
+def run_peer_job(python: Path, job: dict, timeout: float) -> dict[str, Any]:
+    """Runs `peer_runner.py` under a peer's interpreter on `job`; its result, or
+    {"error": why} when it failed or ran past `timeout` seconds."""
     runner = Path(__file__).with_name("peer_runner.py")
     try:
         proc = subprocess.run([str(python), str(runner)], input=json.dumps(job), text=True,
-                              capture_output=True, timeout=ns.peer_timeout)
+                              capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"stopped after {ns.peer_timeout:.0f} s (--peer-timeout)"}
+        return {"error": f"stopped after {timeout:.0f} s (--peer-timeout)"}
     for line in proc.stdout.splitlines():
         if line.startswith("PEER_RESULT "):
             return json.loads(line.removeprefix("PEER_RESULT "))

@@ -39,6 +39,12 @@ two calls, so that a prefetcher can hand over pages it already holds in between:
 (`ensure_resident` is the two without a prefetcher). Freed pool keys are announced
 to whoever subscribed (`on_keys_freed`): the cache holds no pointer to a prefetcher.
 
+With prefix caching (`speckv.kv.prefix`, `speckv.kv.sharing`), a table's first pages
+may be shared with other tables and with the cache's idle pages: `reuse_prefix` gives a
+new sequence the cached pages of its prompt's longest cached prefix, `cache_pages`
+offers its sealed pages, `free` releases shared pages to the cache instead of freeing
+them. Reservations count a shared page in each table that holds it (conservative).
+
 Admission with a pool is batch-aware: a sequence is admitted only when what it
 needs at its longest (prompt + max_tokens) fits beside what every admitted one
 holds at its longest (`admit`), so that admitted sequences all decode every step
@@ -56,9 +62,10 @@ import torch
 from speckv.kv.eviction import EvictionPolicy, make_eviction
 from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.prefix import CachedPage, PageKey, PrefixCache
+from speckv.kv.sharing import SharedPages
 from speckv.kv.summaries import SummaryStore
 from speckv.kv.tiers import Tier, TieredStore
-from speckv.pool.base import ArenaPool, PoolUnavailable
+from speckv.pool.base import ArenaPool
 
 RequestId = NewType("RequestId", str)
 
@@ -125,10 +132,9 @@ class LoadPlan:
 
 
 _NONE = np.zeros(0, dtype=np.int64)
-_CACHE = -2  # `_owner` of a DEVICE slot that the prefix cache shares
 
 
-class KVCacheManager:
+class KVCacheManager(SharedPages):
     """Allocates pages for sequences as they grow, places them in the tiers, frees them."""
 
     def __init__(self, pool: DevicePagePool, num_layers: int, max_model_len: int,
@@ -243,6 +249,20 @@ class KVCacheManager:
         """The table's pooled pages (stored or promised) go from `before` to `after`."""
         self._pool_held += _held_change(table.reserved_pool, before, after)
         self._pool_reserved += after - before
+
+    def _attach_growth(self, table: PageTable | None, num_pages: int) -> tuple[int, int] | None:
+        """(requirement, pool pages) of a table given `num_pages` shared pages, if that fits."""
+        if self.store is None:
+            return 0, 0
+        stored = max(0, num_pages - self.store.first_stored)
+        req, res, res_pool = (0, 0, 0) if table is None else \
+            (table.requirement, table.reserved, table.reserved_pool)
+        new_req, pages = self.requirement(num_pages, stored), self._pool_pages(num_pages)
+        if self._held + _held_change(res, req, new_req) > self.pool.num_pages:
+            return None
+        if self._pool_held + _held_change(res_pool, 0, pages) > self.store.backend.num_slots:
+            return None
+        return new_req, pages
 
     # ------------------------------------------------------------ admission
 
@@ -391,16 +411,6 @@ class KVCacheManager:
         for listener in self._keys_freed:  # before the keys can be reused
             listener(keys)
         self.store.backend.free(keys)
-
-    def _shared_columns(self, table: PageTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """[num_pages] bool each: pages the prefix cache shares, and of those, the ones
-        whose DEVICE slots / pool keys it shares (every layer alike)."""
-        n = table.num_pages
-        shared, slots, keys = (np.zeros(n, dtype=bool) for _ in range(3))
-        for i, page in enumerate(table.cached):
-            if page is not None:
-                shared[i], slots[i], keys[i] = True, page.shares_slots, page.shares_keys
-        return shared, slots, keys
 
     # ------------------------------------------------------------ append
 
@@ -558,162 +568,6 @@ class KVCacheManager:
         counters = self.store.counters
         counters.fetches_skipped += len(keys)
         counters.fetch_bytes_skipped += self.store.backend.stored_bytes(keys)
-
-    # ------------------------------------------------------------ prefix caching
-
-    def reuse_prefix(self, request_id: RequestId, keys: list[PageKey]) -> int:
-        """Gives a sequence without pages the longest cached prefix of `keys` (the keys of
-        its full pages that need not be computed: the last token always is). Returns the
-        tokens it reuses: 0 without prefix caching, a hit, or room for it.
-
-        Shared pages cost nothing in DEVICE without a pool (every table names the same
-        slots); with one, the table reads their pool rows (in place, or fetched into slots
-        of its own when copying), so it commits DEVICE room as for any stored page."""
-        if self.prefix is None:
-            return 0
-        pages = self.prefix.lookup(keys)
-        table = self._tables.get(request_id)
-        if not pages or (table is not None and table.num_pages):
-            return 0
-        growth = self._attach_growth(table, len(pages))
-        if growth is None:
-            return 0
-        table = table or self._new_table(request_id)
-        self.prefix.acquire(pages)
-        self._attach(table, pages, growth)
-        return len(pages) * self.page_size
-
-    def _attach_growth(self, table: PageTable | None, num_pages: int) -> tuple[int, int] | None:
-        """(requirement, pool pages) of a table given `num_pages` shared pages, if that fits."""
-        if self.store is None:
-            return 0, 0
-        stored = max(0, num_pages - self.store.first_stored)
-        req, res, res_pool = (0, 0, 0) if table is None else \
-            (table.requirement, table.reserved, table.reserved_pool)
-        new_req, pages = self.requirement(num_pages, stored), self._pool_pages(num_pages)
-        if self._held + _held_change(res, req, new_req) > self.pool.num_pages:
-            return None
-        if self._pool_held + _held_change(res_pool, 0, pages) > self.store.backend.num_slots:
-            return None
-        return new_req, pages
-
-    def _attach(self, table: PageTable, pages: list[CachedPage], growth: tuple[int, int]) -> None:
-        h = len(pages)
-        slots = np.stack([p.slots for p in pages], axis=1)  # [L, h]
-        keys = np.stack([p.pool_keys for p in pages], axis=1)
-        entries = slots if self.store is None else \
-            np.where(slots >= 0, slots, -1 - self._rows(np.maximum(keys, 0)))
-        table.num_pages = h
-        table.pool_keys[:, :h] = keys
-        table.set_slots(slice(None), slice(0, h), entries)
-        table.set_summary_ids(slice(0, h), np.stack([p.summary_ids for p in pages], axis=1))
-        table.cached = list(pages)
-        if self.store is not None:
-            table.num_stored = max(0, h - self.store.first_stored)
-            self.num_evicted += int((entries < 0).sum())
-            self._set_requirement(table, growth[0])
-            self._add_pool_pages(table, 0, growth[1])
-
-    def cache_pages(self, request_id: RequestId, keys: list[PageKey], num_tokens: int) -> None:
-        """Registers the sequence's sealed pages that can be shared, given `keys` (its page
-        keys, at least those of its first `num_tokens // page_size` pages) when its first
-        `num_tokens` tokens are computed: without a pool, every sealed page (its DEVICE slots);
-        with one, every stored page (its pool keys) and the sink page (its slots). A page
-        whose key another sequence registered first stays this table's own."""
-        table = self._tables.get(request_id)
-        if self.prefix is None or table is None:
-            return
-        table.page_keys = keys
-        table.num_sealed = min(num_tokens // self.page_size, len(keys), table.num_pages)
-        self._register(table)
-
-    def _register(self, table: PageTable) -> None:
-        keys = table.page_keys
-        shareable = table.num_sealed
-        if self.store is not None:
-            shareable = min(shareable, self.store.first_stored + table.num_stored)
-        for i in range(len(table.cached), shareable):
-            if self.prefix.contains(keys[i]):
-                table.cached.append(None)
-                continue
-            in_device = self.store is None or i < self.store.first_stored
-            none = np.full(self.num_layers, -1, dtype=np.int64)
-            page = CachedPage(keys[i], table.slots[:, i].copy() if in_device else none,
-                              none if in_device else table.pool_keys[:, i].copy(),
-                              table.summary_ids[:, i].copy())
-            self.prefix.add(page)
-            table.cached.append(page)
-            if in_device and self.store is not None:
-                self._owner[page.slots] = _CACHE
-
-    def _store_for_cache(self, table: PageTable) -> None:
-        """Stores the sealed pages of a table being freed that are not in the pool yet (the
-        residual window), when the pool has room, and registers them."""
-        first = self.store.first_stored
-        start, stop = first + table.num_stored, table.num_sealed
-        backend = self.store.backend
-        if stop <= start or not backend.is_available:
-            return
-        slots = table.slots[:, start:stop]
-        n = slots.size
-        if (slots < 0).any():
-            raise RuntimeError("bug: a page outside the pool is not in DEVICE")
-        self._make_pool_room(n)
-        if backend.num_free < n:
-            return
-        try:
-            keys = self.store.store(slots.reshape(-1))
-        except PoolUnavailable:
-            return
-        table.pool_keys[:, start:stop] = np.asarray(keys, dtype=np.int64).reshape(slots.shape)
-        table.num_stored = stop - first
-        self._register(table)
-
-    def _reclaim(self, done: Callable[[], bool], slots: bool) -> None:
-        """Drops idle cached pages, least recently released first, that hold DEVICE slots
-        (`slots`) or pool keys, until `done()`."""
-        for page in self.prefix.idle_pages():
-            if done():
-                return
-            if page.shares_slots if slots else page.shares_keys:
-                self._drop_cached([page])
-
-    def _drop_cached(self, pages: list[CachedPage]) -> None:
-        """Forgets idle cached pages and frees what they hold."""
-        self.prefix.drop(pages)
-        for page in pages:
-            if self.summaries is not None:
-                self.summaries.free(page.summary_ids)
-            if page.shares_slots:
-                if self.store is not None:
-                    self._release(page.slots)
-                self.pool.free(page.slots)
-            if page.shares_keys:
-                self._free_keys(page.pool_keys.tolist())
-
-    @property
-    def num_free_device_pages(self) -> int:
-        """DEVICE pages free now or held only by idle cached pages (free on demand)."""
-        idle = 0 if self.prefix is None else self.prefix.num_idle_sharing_slots
-        return self.pool.num_free_pages + idle * self.num_layers
-
-    def forget_pool_pages(self) -> None:
-        """The pool lost what it held: the cached pages stored there are dropped (all idle:
-        the sequences that read them were failed first), so none is ever read again."""
-        if self.prefix is not None and self.store is not None:
-            self._drop_cached([p for p in self.prefix.idle_pages() if p.shares_keys])
-
-    def reset_prefix_cache(self) -> bool:
-        """Drops every idle cached page (vLLM's `reset_prefix_cache`); False (nothing
-        dropped) while some sequence still reads cached pages."""
-        if self.prefix is None:
-            return True
-        if self.prefix.num_idle != len(self.prefix):
-            return False
-        pages = self.prefix.idle_pages()
-        self._drop_cached(pages)
-        self.prefix.counters.pages_evicted -= len(pages)  # dropped on request, not for room
-        return True
 
     # ------------------------------------------------------------ DEVICE placement
 
