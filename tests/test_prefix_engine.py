@@ -140,3 +140,13 @@ def test_cached_pages_give_way_to_live_requests_under_a_small_budget(make_llm):
     assert engine.stats()["prefix_cache_pages_evicted"] > 0
     assert engine.scheduler.num_preemptions == 0
     assert_no_leak(engine)
+
+
+def test_the_namespace_is_the_same_for_the_same_bytes_and_differs_otherwise(make_llm):
+    """Two engines on the same weights and options name pages alike (what a shared pool
+    will rely on); a codec or a page size that changes the bytes never matches."""
+    root = make_llm().engine.cache.prefix.root
+    assert make_llm().engine.cache.prefix.root == root
+    for options in ({"pool": "local", "pool_bytes": "16MiB", "codec": "int8"},
+                    {"page_size": 32}):
+        assert make_llm(**options).engine.cache.prefix.root != root, options

@@ -9,7 +9,8 @@ the rounds alternating which goes first so that machine noise hits both alike:
   median over the turns after the first (the first has nothing to reuse).
 - system: `--users` users each send one question after the same system prompt of
   `--system-tokens` tokens (public-domain text), arriving `--interval` seconds apart
-  at an engine that serves them as they come. Reported: TTFT p50/p99 of the users
+  at an engine that serves them as they come (one that arrives during a step joins
+  after it; its TTFT counts from its arrival). Reported: TTFT p50/p99 of the users
   after the first, and throughput (generated tokens / wall time, arrivals included).
 
 Every figure is the median over `--rounds`; the ratios are caching off / on.
@@ -63,20 +64,26 @@ def add_parser(sub, add_engine_options) -> None:
     add_engine_options(p)
 
 
-def _arrivals(engine, prompts: list[list[int]], params, interval: float) -> tuple[list, float]:
-    """Adds prompt i at i * interval seconds and steps the engine until all finish;
-    (final outputs in prompt order, wall seconds)."""
+def _arrivals(engine, prompts: list[list[int]], params,
+              interval: float) -> tuple[list, list[float], float]:
+    """Prompt i arrives at i * interval seconds; the engine is stepped until all finish.
+    A prompt that arrives during a step is added after it: its TTFT counts from its
+    arrival, not from when it was added. (final outputs in prompt order, their TTFTs,
+    wall seconds)."""
     start = time.perf_counter()
-    ids, finals = [], {}
+    ids, late, finals = [], [], {}
     while len(finals) < len(prompts):
         due = min(len(prompts), int((time.perf_counter() - start) / interval) + 1)
         while len(ids) < due:
+            late.append(time.perf_counter() - (start + len(ids) * interval))
             ids.append(engine.add_request(prompts[len(ids)], params))
         if not engine.has_unfinished():
             time.sleep(max(0.0, start + len(ids) * interval - time.perf_counter()))
             continue
         finals.update({o.request_id: o for o in engine.step() if o.finished})
-    return [finals[r] for r in ids], time.perf_counter() - start
+    outs = [finals[r] for r in ids]
+    ttft = [o.time_to_first_token + lag for o, lag in zip(outs, late)]
+    return outs, ttft, time.perf_counter() - start
 
 
 def _chat(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
@@ -99,11 +106,11 @@ def _system(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
     system = tok.encode(bench_text())[:ns.system_tokens]
     prompts = [system + tok.encode(f"\n\nUser {i}: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:")
                for i in range(ns.users)]
-    outs, wall = _arrivals(llm.engine, prompts, params, ns.interval)
-    later = sorted(o.time_to_first_token for o in outs[1:]) or [outs[0].time_to_first_token]
+    outs, ttft, wall = _arrivals(llm.engine, prompts, params, ns.interval)
+    later = sorted(ttft[1:]) or ttft
     return {"ttft_p50_s": statistics.median(later),
             "ttft_p99_s": later[min(len(later) - 1, round(0.99 * (len(later) - 1)))],
-            "first_ttft_s": outs[0].time_to_first_token,
+            "first_ttft_s": ttft[0],
             "tokens_per_second": sum(o.num_generated_tokens for o in outs) / wall,
             "cached_tokens": sum(o.num_cached_tokens for o in outs),
             "answers": [o.outputs[0].token_ids for o in outs], "prompts": prompts}
@@ -191,7 +198,11 @@ def _versus_vllm(ns: argparse.Namespace, options: dict, engines: dict,
 def _report(ns: argparse.Namespace, options: dict, results: dict, peer: dict | None) -> int:
     same = all(run["answers"] == results[w]["off"][0]["answers"]
                for w in results for mode in ("on", "off") for run in results[w][mode])
+    differing = {w: sum(a != b for a, b in zip(results[w]["on"][0]["answers"],
+                                               results[w]["off"][0]["answers"]))
+                 for w in results}  # answers whose tokens differ, caching on vs off
     fields: dict[str, Any] = {"options": options, "tokens_identical": same,
+                              "answers_differing": differing,
                               "settings": {k: getattr(ns, k) for k in (
                                   "turns", "users", "system_tokens", "interval", "new_tokens",
                                   "rounds")}}
@@ -215,7 +226,8 @@ def _report(ns: argparse.Namespace, options: dict, results: dict, peer: dict | N
 def _table(report: dict) -> str:
     chat, system = report["chat"], report["system"]
     lines = [f"prefix caching on vs off ({report['machine']}, {report['date']}); "
-             f"tokens identical: {report['tokens_identical']}",
+             f"tokens identical: {report['tokens_identical']} (answers differing on vs "
+             f"off: {report['answers_differing']})",
              "", "chat: TTFT per turn (ms), on / off, cached tokens (on)"]
     for i, (on, off, c) in enumerate(zip(chat["on"]["ttft_s"], chat["off"]["ttft_s"],
                                          chat["on"]["cached_tokens"])):
