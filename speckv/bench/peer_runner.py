@@ -110,7 +110,8 @@ def run_vllm_prefix(job: dict) -> dict:
 
 def main() -> None:
     job = json.loads(sys.stdin.read())
-    runner = {"llamacpp": run_llamacpp, "vllm": run_vllm, "vllm_prefix": run_vllm_prefix}[job["engine"]]
+    runners = {"llamacpp": run_llamacpp, "vllm": run_vllm, "vllm_prefix": run_vllm_prefix}
+    runner = runners[job["engine"]]
     result = runner(job)
     print("PEER_RESULT " + json.dumps(result), flush=True)
 

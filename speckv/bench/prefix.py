@@ -232,7 +232,8 @@ def _table(report: dict) -> str:
     for i, (on, off, c) in enumerate(zip(chat["on"]["ttft_s"], chat["off"]["ttft_s"],
                                          chat["on"]["cached_tokens"])):
         lines.append(f"  turn {i + 1:2d}  {on * 1e3:8.1f} / {off * 1e3:8.1f}   {c:5d}")
-    lines.append(f"  TTFT p50 after the first turn: off/on {chat['ttft_p50_after_first_ratio']:.2f}x")
+    ratio = chat["ttft_p50_after_first_ratio"]
+    lines.append(f"  TTFT p50 after the first turn: off/on {ratio:.2f}x")
     lines += ["", "system prompt: users after the first       on        off   off/on"]
     for key, label in (("ttft_p50_s", "TTFT p50 (ms)"), ("ttft_p99_s", "TTFT p99 (ms)")):
         on, off = system["on"][key], system["off"][key]
@@ -244,9 +245,9 @@ def _table(report: dict) -> str:
         p50 = peer["ttft_p50_after_first_s"]
         lines += ["", "one request at a time, TTFT p50 after the first (ms):",
                   "  workload   speckv on  speckv off   vllm on  vllm off   speckv/vllm on, off"]
+        ratio = peer["speckv_over_vllm"]
         for w in p50["speckv_on"]:
-            ratio = peer["speckv_over_vllm"]
-            lines.append(f"  {w:8s} {p50['speckv_on'][w] * 1e3:11.1f} {p50['speckv_off'][w] * 1e3:11.1f}"
-                         f" {p50['vllm_on'][w] * 1e3:9.1f} {p50['vllm_off'][w] * 1e3:9.1f}"
+            ms = [p50[k][w] * 1e3 for k in ("speckv_on", "speckv_off", "vllm_on", "vllm_off")]
+            lines.append(f"  {w:8s} {ms[0]:11.1f} {ms[1]:11.1f} {ms[2]:9.1f} {ms[3]:9.1f}"
                          f"   {ratio['on'][w]:.2f}, {ratio['off'][w]:.2f}")
     return "\n".join(lines)

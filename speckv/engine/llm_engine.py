@@ -126,8 +126,8 @@ class LLMEngine:
         if cc.enable_prefix_caching:
             # everything that makes a page's bytes differ (and what is shared of it)
             prefix = PrefixCache(cc.page_size, namespace_key(
-                self.loaded.fingerprint(), cc.page_size, args.num_layers, args.num_kv_heads, args.head_dim,
-                pc.codec if store is not None else "none", pc.keep_sink_page))
+                self.loaded.fingerprint(), cc.page_size, args.num_layers, args.num_kv_heads,
+                args.head_dim, pc.codec if store is not None else "none", pc.keep_sink_page))
         return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries,
                               eviction, prefix)
 
@@ -534,7 +534,8 @@ class LLMEngine:
         stats["summary_bytes"] = self.cache.summaries.bytes_used
         if self.cache.prefix is not None:
             slot_bytes = 0 if store is None else store.backend.slot_bytes
-            stats.update(self.cache.prefix.stats(self.args.num_layers, self.page_bytes, slot_bytes))
+            stats.update(self.cache.prefix.stats(self.args.num_layers, self.page_bytes,
+                                                 slot_bytes))
         stats.update(self.threads.stats())
         stats.update(self.selection.stats())
         if self.prefetcher is not None:
