@@ -26,13 +26,16 @@ CONFIGS = {
                   "device_kv_bytes": "8MiB"},
     "pool-sink-residual": {"pool": "local", "pool_bytes": "64MiB", "keep_sink_page": True,
                            "residual_tokens": 32},
+    "memnode": {"pool": "memnode", "pool_bytes": "64MiB"},  # a node process of its own
 }
 
 
 def run_both(make_llm, options: dict, scenario) -> tuple[list, list, object]:
     """`scenario(llm)` -> outputs, with prefix caching off and on; returns both and the
-    caching engine."""
-    off = scenario(make_llm(enable_prefix_caching=False, **options))
+    caching engine (the other one closed)."""
+    plain = make_llm(enable_prefix_caching=False, **options)
+    off = scenario(plain)
+    plain.close()
     llm = make_llm(**options)
     return off, scenario(llm), llm
 
@@ -56,6 +59,7 @@ def test_a_shared_system_prompt_is_prefilled_once_and_tokens_do_not_change(make_
     assert stats["prefix_cache_hit_tokens"] == sum(o.num_cached_tokens for o in on)
     assert 0 < stats["prefix_cache_hit_rate"] < 1
     assert_no_leak(llm.engine)
+    llm.close()  # (stops a memory node it spawned)
 
 
 def test_a_multi_turn_chat_reuses_its_whole_history(make_llm):
