@@ -96,10 +96,6 @@ class PageTable:
         self.summary_tensor = torch.from_numpy(self.summary_ids) if self._shared else \
             torch.zeros(num_layers, max_pages, dtype=torch.long, device=device)
 
-    @property
-    def num_logical_pages(self) -> int:
-        return self.num_pages
-
     def set_slots(self, layer: int | slice, pages: np.ndarray | slice, slots: np.ndarray) -> None:
         self.slots[layer, pages] = slots
         if not self._shared:
@@ -109,10 +105,6 @@ class PageTable:
         self.summary_ids[:, pages] = ids
         if not self._shared:
             self.summary_tensor[:, pages] = torch.from_numpy(ids).to(self.summary_tensor.device)
-
-    def resident_slots(self) -> np.ndarray:
-        used = self.slots[:, :self.num_pages]
-        return used[used >= 0]
 
 
 @dataclass(slots=True, eq=False)
