@@ -48,7 +48,8 @@ def extend_page_keys(keys: list[PageKey], root: PageKey, token_ids: list[int],
     returns it. Only whole pages have keys."""
     for i in range(len(keys), len(token_ids) // page_size):
         parent = keys[i - 1] if i else root
-        tokens = np.asarray(token_ids[i * page_size:(i + 1) * page_size], dtype=np.int64)
+        # little-endian int64 whatever the machine: the same key in every engine
+        tokens = np.asarray(token_ids[i * page_size:(i + 1) * page_size], dtype="<i8")
         keys.append(hashlib.blake2b(parent + tokens.tobytes(), digest_size=16).digest())
     return keys
 
@@ -80,7 +81,7 @@ class CachedPage:
 class PrefixStats:
     """What prefix caching did, counted as it happened (cumulative)."""
 
-    lookups: int = 0  # sequences looked up
+    lookups: int = 0  # sequences admitted with caching on (each looked its prompt up)
     query_tokens: int = 0  # tokens they could have reused (whole pages, last token excluded)
     hit_tokens: int = 0  # tokens they did reuse
     pages_cached: int = 0  # pages registered
