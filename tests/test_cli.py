@@ -246,4 +246,5 @@ def test_bench_prefix_runs_small_and_counts_its_hits(tmp_path):
     assert chat["on"]["cached_tokens"][0] == 0 and chat["on"]["cached_tokens"][-1] > 0
     assert chat["off"]["cached_tokens"] == [0, 0, 0]
     assert system["on"]["cached_tokens"] >= 128 and system["off"]["cached_tokens"] == 0
+    assert report["capacity"]["on"]["most_running"] >= report["capacity"]["off"]["most_running"] >= 1
     assert main(["bench", "prefix", "--interval", "0"]) == 2  # named, not a traceback

