@@ -14,7 +14,8 @@ the rounds alternating which goes first so that machine noise hits both alike:
   after the first, and throughput (generated tokens / wall time, arrivals included).
 
 - capacity: the same users, the first alone (its pages cached when caching is on),
-  then all the others at once: the most requests running together within the DEVICE
+  then all the others at once, each generating `--new-tokens` tokens (EOS ignored, so
+  that no early end frees room): the most requests running together within the DEVICE
   budget (`--device-kv-bytes`; shared pages count once) and the seconds to serve them.
 
 Every figure is the median over `--rounds`; the ratios are caching off / on.
@@ -126,8 +127,12 @@ def _system(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
 
 
 def _capacity(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
-    """The first user alone, then the others all at once: how many run together in the
+    """The first user alone, then the others all at once, each generating all of its
+    tokens (EOS ignored: an early end would free room): how many run together in the
     DEVICE budget, and how long they take."""
+    from speckv import SamplingParams
+
+    params = SamplingParams(max_tokens=params.max_tokens, ignore_eos=True)
     prompts, engine = _users(llm, ns), llm.engine
     first = llm.generate(prompts[0], params, use_tqdm=False)[0]
     start = time.perf_counter()
