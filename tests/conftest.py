@@ -10,6 +10,9 @@ import torch
 from speckv import LLM
 from speckv.config import ModelConfig
 from speckv.engine.llm_engine import LLMEngine
+from speckv.engine.scheduler import Scheduler
+from speckv.engine.sequence import Sequence
+from speckv.kv.cache import KVCacheManager
 from speckv.kv.tiers import Tier
 from speckv.models.loaded import LoadedModel, load_model
 from speckv.models.loader import bundled_model_path
@@ -82,7 +85,7 @@ def assert_no_leak(engine: LLMEngine) -> None:
     the free pool of every tier."""
     cache = engine.cache
     pool = cache.pool
-    assert_prefix_cache_holds_the_rest(engine)
+    assert_prefix_cache_holds_the_rest(cache)
     assert cache.reset_prefix_cache()
     assert pool.num_free_pages == pool.num_pages, f"{pool.num_used_pages} pages leaked"
     assert cache.num_sequences() == 0
@@ -103,9 +106,9 @@ def assert_no_leak(engine: LLMEngine) -> None:
         assert not prefetcher.buffer.keys()
 
 
-def assert_prefix_cache_holds_the_rest(engine: LLMEngine) -> None:
+def assert_prefix_cache_holds_the_rest(cache: KVCacheManager) -> None:
     """With no request left, the only pages in use are the prefix cache's idle ones."""
-    cache, prefix = engine.cache, engine.cache.prefix
+    prefix = cache.prefix
     if prefix is None:
         return
     layers = cache.num_layers
@@ -115,6 +118,26 @@ def assert_prefix_cache_holds_the_rest(engine: LLMEngine) -> None:
     if cache.store is not None:
         backend = cache.store.backend
         assert backend.num_slots - backend.num_free == layers * prefix.num_idle_sharing_keys
+
+
+def step_without_model(cache: KVCacheManager, scheduler: Scheduler) -> list[Sequence]:
+    """One engine step without a model: computes the scheduled chunks, samples a token for
+    every sequence whose prompt is done, stores sealed pages and offers them to the prefix
+    cache (as `LLMEngine.step` does), removes finished ones; returns the sequences that ran."""
+    out = scheduler.schedule()
+    for seq, chunk in zip(out.seqs, out.chunks):
+        seq.num_computed_tokens += chunk.num_tokens
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.output_token_ids.append(7)
+    cache.store_sealed([(s.request_id, s.num_computed_tokens) for s in out.seqs])
+    if cache.prefix is not None:
+        for seq in out.seqs:
+            cache.prefix.keys_of(seq.page_keys, seq.all_token_ids[:seq.num_computed_tokens])
+            cache.cache_pages(seq.request_id, seq.page_keys, seq.num_computed_tokens)
+    for seq in list(out.seqs):
+        if len(seq.output_token_ids) == seq.params.max_tokens:
+            scheduler.remove(seq.request_id)
+    return out.seqs
 
 
 def check_tier_invariants(engine: LLMEngine) -> None:

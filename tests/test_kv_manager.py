@@ -23,6 +23,7 @@ from speckv.kv.page_pool import DevicePagePool
 from speckv.kv.tiers import Tier, TieredStore, TierOptions
 from speckv.pool.local import LocalPool
 from speckv.pool.slots import SlotAllocator
+from tests.conftest import step_without_model
 
 LAYERS, PS, HEADS, DIM = 2, 4, 1, 8
 CPU = torch.device("cpu")
@@ -135,18 +136,8 @@ def test_in_place_a_load_plan_is_empty_and_the_table_is_read_as_it_is():
 
 
 def _step(cache: KVCacheManager, scheduler: Scheduler) -> list[str]:
-    """One engine step without a model: computes the scheduled chunks, samples a token for
-    every sequence whose prompt is done, stores sealed pages; returns the ids that ran."""
-    out = scheduler.schedule()
-    for seq, chunk in zip(out.seqs, out.chunks):
-        seq.num_computed_tokens += chunk.num_tokens
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.output_token_ids.append(7)
-    cache.store_sealed([(s.request_id, s.num_computed_tokens) for s in out.seqs])
-    for seq in list(out.seqs):
-        if len(seq.output_token_ids) == seq.params.max_tokens:
-            scheduler.remove(seq.request_id)
-    return [s.request_id for s in out.seqs]
+    """`step_without_model`; the ids that ran."""
+    return [s.request_id for s in step_without_model(cache, scheduler)]
 
 
 @pytest.mark.parametrize("in_place", [False, True])

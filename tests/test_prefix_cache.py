@@ -27,6 +27,7 @@ from speckv.kv.prefix import PrefixCache, extend_page_keys, namespace_key
 from speckv.kv.summaries import SummaryStore
 from speckv.kv.tiers import TieredStore, TierOptions
 from speckv.pool.local import LocalPool
+from tests.conftest import assert_prefix_cache_holds_the_rest, step_without_model
 
 LAYERS, PS, HEADS, DIM = 2, 4, 1, 8
 CPU = torch.device("cpu")
@@ -71,12 +72,9 @@ def reuse(cache: KVCacheManager, rid: str, tokens: list[int]) -> int:
 
 def assert_only_idle_pages_held(cache: KVCacheManager) -> None:
     prefix = cache.prefix
-    assert cache.num_sequences() == 0 and prefix.num_idle == len(prefix)
-    assert cache.pool.num_used_pages == LAYERS * prefix.num_idle_sharing_slots
-    assert cache.summaries.num_used == LAYERS * len(prefix)
+    assert cache.num_sequences() == 0
+    assert_prefix_cache_holds_the_rest(cache)
     if cache.store is not None:
-        backend = cache.store.backend
-        assert backend.num_slots - backend.num_free == LAYERS * prefix.num_idle_sharing_keys
         assert cache.held_pages == cache.committed_pages == cache.num_evicted == 0
         assert cache.reserved_pool_pages == 0
     assert cache.reset_prefix_cache() and len(prefix) == 0
@@ -203,36 +201,19 @@ def make_seq(name: str, tokens: list[int], max_tokens: int) -> Sequence:
                     detokenizer=None)
 
 
-def fake_step(cache: KVCacheManager, scheduler: Scheduler) -> list[Sequence]:
-    """One engine step without a model, registering sealed pages as the engine does."""
-    out = scheduler.schedule()
-    for seq, chunk in zip(out.seqs, out.chunks):
-        seq.num_computed_tokens += chunk.num_tokens
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.output_token_ids.append(7)
-    cache.store_sealed([(s.request_id, s.num_computed_tokens) for s in out.seqs])
-    for seq in out.seqs:
-        cache.prefix.keys_of(seq.page_keys, seq.all_token_ids[:seq.num_computed_tokens])
-        cache.cache_pages(seq.request_id, seq.page_keys, seq.num_computed_tokens)
-    for seq in list(out.seqs):
-        if len(seq.output_token_ids) == seq.params.max_tokens:
-            scheduler.remove(seq.request_id)
-    return out.seqs
-
-
 def test_a_waiting_sequence_that_cannot_run_gives_its_hit_back():
     cache = make_cache(8)  # four pages per layer
     compute(cache, "a", A_TOKENS)
     cache.free(RequestId("a"))  # 2 pages cached, idle; 1 free
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), cache)
     scheduler.add(make_seq("x", [60 + i for i in range(4)], 4))
-    assert [s.request_id for s in fake_step(cache, scheduler)] == ["x"]  # 1 page
+    assert [s.request_id for s in step_without_model(cache, scheduler)] == ["x"]  # 1 page
     scheduler.add(make_seq("b", B_TOKENS + [200, 201, 202, 203], 2))  # 4 pages, 2 cached
-    fake_step(cache, scheduler)  # x takes the last free page: b's other 2 do not fit
+    step_without_model(cache, scheduler)  # x takes the last free page: b's other 2 do not fit
     assert [s.request_id for s in scheduler.waiting] == ["b"]
     assert scheduler.waiting[0].num_computed_tokens == 0  # it holds nothing while waiting
     while scheduler.has_unfinished():
-        fake_step(cache, scheduler)
+        step_without_model(cache, scheduler)
     assert_only_idle_pages_held(cache)
 
 
@@ -252,14 +233,14 @@ def test_no_leak_after_random_adds_aborts_and_completions_with_sharing(pool):
         live = scheduler.running + list(scheduler.waiting)
         if live and rng.random() < 0.15:
             scheduler.remove(rng.choice(live).request_id)  # an abort
-        for seq in fake_step(cache, scheduler):
+        for seq in step_without_model(cache, scheduler):
             reused += seq.num_cached_tokens or 0
         assert cache.pool.num_used_pages <= cache.pool.num_pages
         if cache.store is not None:
             assert cache.held_pages <= cache.pool.num_pages
             assert cache.reserved_pool_pages <= cache.store.backend.num_slots
     while scheduler.has_unfinished():
-        fake_step(cache, scheduler)
+        step_without_model(cache, scheduler)
     assert cache.prefix.counters.hit_tokens > 0 and reused > 0  # sharing did happen
     assert_only_idle_pages_held(cache)
 

