@@ -248,6 +248,7 @@ BAD = [
     ({"model": MODEL, "prompt": PROMPT, "min_tokens": -1}, "min_tokens"),
     ({"model": MODEL, "prompt": PROMPT, "stop_token_ids": [-1]}, "stop_token_ids"),
     ({"model": MODEL, "prompt": PROMPT, "min_p": 2}, "min_p"),
+    ({"model": MODEL, "prompt": PROMPT, "cache_prompt": "no"}, "cache_prompt"),
 ]
 
 
