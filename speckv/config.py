@@ -116,9 +116,21 @@ class PoolConfig:
         "plugin": "pool",
         "help": "capacity tier for sealed KV pages: none (every page stays in DEVICE), "
                 "local (host memory of this process), memnode (a memory-node process; "
-                "see `speckv memnode`)"})
+                "see `speckv memnode`), valkey (local, and prefix-cached pages shared with "
+                "other engines through a Valkey/Redis server: --pool-url)"})
     pool_bytes: int | str = field(default="4GiB", metadata={
-        "help": "capacity of the pool (local), or of the memory node the engine spawns"})
+        "help": "capacity of the pool (local, valkey), or of the memory node the engine "
+                "spawns; with pool=valkey and no pool_url, also the memory of the Valkey "
+                "server the engine starts"})
+    pool_url: str | None = field(default=None, metadata={
+        "help": "Valkey/Redis server shared by engines (pool=valkey): "
+                "valkey://[user:password@]host:port[/db], valkeys:// (TLS; ?ca=FILE), "
+                "unix:///path.sock?password=..., valkey+cluster://host:port (a cluster); "
+                "default: the engine starts a private "
+                "local one (loopback, random password), shared with nobody"})
+    valkey_timeout: float = field(default=2.0, metadata={
+        "help": "seconds any call to Valkey may take before it counts as unavailable "
+                "(requests go on: lookups miss, pages are not shared until it is back)"})
     codec: str = field(default="none", metadata={
         "plugin": "codec",
         "help": "how pages are encoded in the pool, optionally with a lossless stage on "
@@ -161,8 +173,16 @@ class PoolConfig:
             raise ValueError(f"memnode_timeout must be in (0, 3600] seconds, got {self.memnode_timeout}")
         if self.pool != "memnode" and (self.memnode_socket is not None or self.link is not None):
             raise ValueError("memnode_socket and link apply to pool='memnode' only")
-        if self.pool != "local" and self.pool_numa_node is not None:
-            raise ValueError("pool_numa_node applies to pool='local' only")
+        if self.pool not in ("local", "valkey") and self.pool_numa_node is not None:
+            raise ValueError("pool_numa_node applies to pool='local' or 'valkey' only")
+        if self.pool != "valkey" and self.pool_url is not None:
+            raise ValueError("pool_url applies to pool='valkey' only")
+        if not 0 < self.valkey_timeout <= 3600:
+            raise ValueError(f"valkey_timeout must be in (0, 3600] seconds, got {self.valkey_timeout}")
+        if self.pool == "valkey" and self.keep_sink_page:
+            raise ValueError("pool='valkey' shares pages stored in the pool, and keep_sink_page "
+                             "keeps every prompt's first page out of it (so no prefix could be "
+                             "shared): turn one of them off")
 
 
 def parse_token_budget(value: int | float | str) -> int | float:
@@ -306,6 +326,11 @@ class EngineConfig:
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self) -> None:
+        if self.pool.pool == "valkey" and not self.cache.enable_prefix_caching:
+            raise ValueError("pool='valkey' shares prefix-cached pages between engines: it "
+                             "needs enable_prefix_caching (or use pool='local')")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

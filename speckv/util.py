@@ -43,3 +43,22 @@ def format_size(num_bytes: float) -> str:
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1024
     raise AssertionError("unreachable")
+
+
+def stop_child(proc, directory: str | None = None) -> None:
+    """Stops a child server, a `subprocess.Popen` (SIGTERM, then SIGKILL after 10 s), closes its stderr pipe and
+    removes its private `directory`."""
+    import shutil
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -248,3 +248,15 @@ def test_bench_prefix_runs_small_and_counts_its_hits(tmp_path):
     assert system["on"]["cached_tokens"] >= 128 and system["off"]["cached_tokens"] == 0
     assert report["capacity"]["on"]["most_running"] >= report["capacity"]["off"]["most_running"] >= 1
     assert main(["bench", "prefix", "--interval", "0"]) == 2  # named, not a traceback
+
+
+def test_bench_replica_runs_small_through_its_own_valkey(tmp_path):
+    out = tmp_path / "replica.json"
+    assert main(["bench", "replica", "--users", "3", "--system-tokens", "64", "--rounds", "1",
+                 "--json", str(out), "--device", "cpu", "--pool-bytes", "256MiB"]) == 0
+    report = json.loads(out.read_text())
+    assert report["tokens_identical"] is True
+    assert report["replica_cached_tokens_median"] == 64  # every whole page, from Valkey
+    assert set(report["transfer"]["gbs_median"]) >= {"valkey_read", "memnode_read"}
+    assert all(v > 0 for v in report["transfer"]["gbs_median"].values())
+    assert main(["bench", "replica", "--users", "1"]) == 2

@@ -27,6 +27,7 @@ from speckv.kv.prefix import PrefixCache, extend_page_keys, namespace_key
 from speckv.kv.summaries import SummaryStore
 from speckv.kv.tiers import TieredStore, TierOptions
 from speckv.pool.local import LocalPool
+from speckv.pool.valkey import ValkeyPool
 from tests.conftest import assert_prefix_cache_holds_the_rest, step_without_model
 
 LAYERS, PS, HEADS, DIM = 2, 4, 1, 8
@@ -37,13 +38,16 @@ B_TOKENS = list(range(8)) + [100, 101]  # the same two pages, then its own
 
 
 def make_cache(device_pages: int, pool: str = "none", pool_pages: int = 64,
-               keep_sink_page: bool = False, codec: str = "int8") -> KVCacheManager:
-    """pool: none | in_place | copy."""
+               keep_sink_page: bool = False, codec: str = "int8",
+               valkey_url: str | None = None) -> KVCacheManager:
+    """pool: none | in_place | copy (with `valkey_url`: a `valkey` pool on that server)."""
     device = DevicePagePool(device_pages, PS, HEADS, DIM, dtype=torch.float32, device=CPU)
     store = None
     if pool != "none":
         c = make_codec(codec, PageShape(PS, HEADS, DIM, torch.float32))
-        backend = LocalPool(c.slot_bytes, c.slot_bytes * pool_pages, device=CPU)
+        backend = LocalPool(c.slot_bytes, c.slot_bytes * pool_pages, device=CPU) \
+            if valkey_url is None else \
+            ValkeyPool(c.slot_bytes, c.slot_bytes * pool_pages, device=CPU, url=valkey_url)
         in_place = pool == "in_place"
         store = TieredStore(device, backend, c, TierOptions(keep_sink_page=keep_sink_page),
                             kernels=load_cpu_kernels() if in_place else None, in_place=in_place)
@@ -221,12 +225,21 @@ def test_a_waiting_sequence_that_cannot_run_gives_its_hit_back():
 def test_no_leak_after_random_adds_aborts_and_completions_with_sharing(pool):
     """Prompts drawn from three shared heads, random lengths, aborts at random steps:
     budgets hold at every step, and at the end only idle cached pages are held."""
-    rng = random.Random(7)
     cache = make_cache(40, pool, pool_pages=48)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24), cache)
+    random_run([cache], random.Random(7))
+    assert_only_idle_pages_held(cache)
+
+
+def random_run(caches: list[KVCacheManager], rng: random.Random) -> None:
+    """Requests over `caches` (engines, taking turns) drawn from three shared heads, random
+    lengths, aborts at random steps; budgets hold at every step; sharing must happen."""
+    schedulers = [Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24), c)
+                  for c in caches]
     heads = [[rng.randrange(50) for _ in range(rng.choice([4, 8, 12]))] for _ in range(3)]
     reused = 0
     for i in range(60):
+        turn = i % len(caches)
+        cache, scheduler = caches[turn], schedulers[turn]
         if rng.random() < 0.5:
             tokens = rng.choice(heads) + [rng.randrange(50) for _ in range(rng.randrange(1, 9))]
             scheduler.add(make_seq(f"r{i}", tokens, rng.randrange(1, 6)))
@@ -239,10 +252,10 @@ def test_no_leak_after_random_adds_aborts_and_completions_with_sharing(pool):
         if cache.store is not None:
             assert cache.held_pages <= cache.pool.num_pages
             assert cache.reserved_pool_pages <= cache.store.backend.num_slots
-    while scheduler.has_unfinished():
-        step_without_model(cache, scheduler)
-    assert cache.prefix.counters.hit_tokens > 0 and reused > 0  # sharing did happen
-    assert_only_idle_pages_held(cache)
+    for cache, scheduler in zip(caches, schedulers):
+        while scheduler.has_unfinished():
+            step_without_model(cache, scheduler)
+    assert sum(c.prefix.counters.hit_tokens for c in caches) > 0 and reused > 0
 
 
 def test_summary_slots_of_shared_pages_are_freed_once():

@@ -27,13 +27,16 @@ CONFIGS = {
     "pool-sink-residual": {"pool": "local", "pool_bytes": "64MiB", "keep_sink_page": True,
                            "residual_tokens": 32},
     "memnode": {"pool": "memnode", "pool_bytes": "64MiB"},  # a node process of its own
+    "valkey": {"pool": "valkey", "pool_bytes": "64MiB"},  # a Valkey server of its own
 }
 
 
 def run_both(make_llm, options: dict, scenario) -> tuple[list, list, object]:
     """`scenario(llm)` -> outputs, with prefix caching off and on; returns both and the
     caching engine (the other one closed)."""
-    plain = make_llm(enable_prefix_caching=False, **options)
+    # pool=valkey exists to share cached pages: without caching the same pool is local
+    plain = make_llm(enable_prefix_caching=False,
+                     **{**options, "pool": "local"} if options.get("pool") == "valkey" else options)
     off = scenario(plain)
     plain.close()
     llm = make_llm(**options)
@@ -79,7 +82,7 @@ def test_a_multi_turn_chat_reuses_its_whole_history(make_llm):
     assert_no_leak(llm.engine)
 
 
-@pytest.mark.parametrize("config", ["device", "pool-in-place"])
+@pytest.mark.parametrize("config", ["device", "pool-in-place", "valkey"])
 def test_requests_sharing_a_prefix_admitted_at_different_steps(make_llm, config):
     """The first request is mid-decode when the others arrive: they reuse its pages
     while it still reads them."""

@@ -100,7 +100,8 @@ class LLMEngine:
             backend = POOLS.get(pc.pool)(codec.slot_bytes, pc.pool_bytes, device=self.device,
                                           numa_node=pc.pool_numa_node,
                                           socket=pc.memnode_socket, link=pc.link,
-                                          timeout=pc.memnode_timeout)
+                                          timeout=pc.memnode_timeout, url=pc.pool_url,
+                                          valkey_timeout=pc.valkey_timeout)
             try:
                 in_place = self._reads_in_place(config, codec, backend)
                 # the PREFETCH tier's pages share DEVICE's tensor (a promotion hands a page
@@ -530,6 +531,7 @@ class LLMEngine:
             stats["pool_pages_reserved"] = self.cache.reserved_pool_pages
             stats["device_pages_pooled_resident"] = self.cache.num_pooled_resident
             stats.update({f"pool_{k}": v for k, v in store.backend.stats().as_dict().items()})
+            stats.update(store.backend.shared_stats())
             stats.update({f"tier_{k}": v for k, v in store.counters.as_dict().items()})
         stats["summary_bytes"] = self.cache.summaries.bytes_used
         if self.cache.prefix is not None:

@@ -86,6 +86,7 @@ class PrefixStats:
     hit_tokens: int = 0  # tokens they did reuse
     pages_cached: int = 0  # pages registered
     pages_evicted: int = 0  # idle pages dropped for room
+    pages_adopted: int = 0  # of the pages cached, those another engine computed (shared pool)
 
     def record(self, query_tokens: int, hit_tokens: int) -> None:
         """A sequence was admitted: it could have reused `query_tokens`, and reused `hit_tokens`."""
@@ -131,6 +132,7 @@ class PrefixCache:
             "prefix_cache_hit_tokens": c.hit_tokens,
             "prefix_cache_pages_cached": c.pages_cached,
             "prefix_cache_pages_evicted": c.pages_evicted,
+            "prefix_cache_pages_adopted": c.pages_adopted,
             "prefix_cache_pages": len(self),
             "prefix_cache_pages_idle": self.num_idle,
             "prefix_cache_device_pages": self.num_sharing_slots * num_layers,
@@ -186,6 +188,10 @@ class PrefixCache:
     def _count_idle(self, page: CachedPage, change: int) -> None:
         self.num_idle_sharing_slots += change * page.shares_slots
         self.num_idle_sharing_keys += change * page.shares_keys
+
+    def pages(self) -> list[CachedPage]:
+        """Every cached page, live or idle."""
+        return list(self._pages.values())
 
     def idle_pages(self) -> list[CachedPage]:
         """Idle pages, next to be evicted first."""

@@ -16,6 +16,7 @@ anything would be evicted or refused.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -25,6 +26,8 @@ from speckv.pool.base import PoolUnavailable
 
 if TYPE_CHECKING:
     from speckv.kv.cache import PageTable, RequestId
+
+logger = logging.getLogger(__name__)
 
 _CACHE = -2  # `_owner` of a DEVICE slot that the prefix cache shares
 
@@ -42,17 +45,47 @@ class SharedPages:
         of its own when copying), so it commits DEVICE room as for any stored page."""
         if self.prefix is None:
             return 0
-        pages = self.prefix.lookup(keys)
         table = self._tables.get(request_id)
-        if not pages or (table is not None and table.num_pages):
+        if table is not None and table.num_pages:
             return 0
-        growth = self._attach_growth(table, len(pages))
+        pages = self.prefix.lookup(keys)
+        held = len(pages) < len(keys) and self.store is not None and \
+            self.store.backend.shares_pages
+        if held:  # acquired first: making room for adopted pages must not drop them
+            self.prefix.acquire(pages)
+            pages += self._adopt(table, keys, len(pages))
+        growth = self._attach_growth(table, len(pages)) if pages else None
         if growth is None:
+            if held:
+                self.prefix.release(pages)
             return 0
+        if not held:
+            self.prefix.acquire(pages)
         table = table or self._new_table(request_id)
-        self.prefix.acquire(pages)
         self._attach(table, pages, growth)
         return len(pages) * self.page_size
+
+    def _adopt(self, table: PageTable | None, keys: list[PageKey], have: int) -> list[CachedPage]:
+        """Pages after the first `have` of `keys` that other engines offered (a shared pool's
+        `adopt`), as many as fit beside the table's, registered (refs 1: the table's)."""
+        n = len(keys) - have
+        while n and self._attach_growth(table, have + n) is None:
+            n //= 2
+        layers = self.num_layers
+        self._make_pool_room(n * layers)
+        n = min(n, self.store.backend.num_free // layers)
+        if not n:
+            return []
+        pool_keys, extras = self.store.backend.adopt(self.prefix.root, keys[have:have + n],
+                                                     layers, self.summaries.slot_bytes)
+        ids = self.summaries.allocate(pool_keys.size).reshape(pool_keys.shape)
+        self.summaries.from_bytes(ids, extras)
+        pages = [CachedPage(keys[have + i], np.full(layers, -1, dtype=np.int64), pool_keys[i], ids[i])
+                 for i in range(len(pool_keys))]
+        for page in pages:
+            self.prefix.add(page)
+        self.prefix.counters.pages_adopted += len(pages)
+        return pages
 
     def _attach(self, table: PageTable, pages: list[CachedPage], growth: tuple[int, int]) -> None:
         h = len(pages)
@@ -82,6 +115,8 @@ class SharedPages:
             return
         table.page_keys = keys
         table.num_sealed = min(num_tokens // self.page_size, len(keys), table.num_pages)
+        if self.store is not None and self.store.backend.reconnected:
+            self._republish()
         self._register(table)
 
     def _register(self, table: PageTable) -> None:
@@ -89,6 +124,7 @@ class SharedPages:
         shareable = table.num_sealed
         if self.store is not None:
             shareable = min(shareable, self.store.first_stored + table.num_stored)
+        published = []
         for i in range(len(table.cached), shareable):
             if self.prefix.contains(keys[i]):
                 table.cached.append(None)
@@ -102,6 +138,24 @@ class SharedPages:
             table.cached.append(page)
             if in_device and self.store is not None:
                 self._owner[page.slots] = _CACHE
+            elif not in_device and self.store.backend.shares_pages:
+                published.append(page)
+        self._publish(published)
+
+    def _publish(self, pages: list[CachedPage]) -> None:
+        """Offers cached pages held in a shared pool to other engines (from now on)."""
+        if pages:
+            self.store.backend.publish(
+                self.prefix.root, [p.key for p in pages], np.stack([p.pool_keys for p in pages]),
+                self.summaries.to_bytes(np.stack([p.summary_ids for p in pages])))
+
+    def _republish(self) -> None:
+        """The shared pool's server came back and may have lost what it held: every page
+        cached here in the pool is offered again."""
+        self.store.backend.reconnected = False
+        pages = [p for p in self.prefix.pages() if p.shares_keys]
+        logger.info("offering %d cached pages to other engines again", len(pages))
+        self._publish(pages)
 
     def _store_for_cache(self, table: PageTable) -> None:
         """Stores the sealed pages of a table being freed that are not in the pool yet (the

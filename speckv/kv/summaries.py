@@ -62,6 +62,19 @@ class SummaryStore:
         lo, hi = torch.aminmax(keys, dim=1)  # [S, Hkv, D] each
         self.data[ids] = torch.stack([lo, hi], dim=2)
 
+    def to_bytes(self, ids: np.ndarray) -> np.ndarray:
+        """The summaries in slots `ids` (any shape) as host bytes: uint8 [*ids.shape, slot_bytes]."""
+        index = torch.from_numpy(np.ascontiguousarray(ids).reshape(-1)).to(self.data.device)
+        rows = self.data.index_select(0, index).cpu().contiguous()
+        return rows.view(torch.uint8).numpy().reshape(*ids.shape, self.slot_bytes)
+
+    def from_bytes(self, ids: np.ndarray, data: np.ndarray) -> None:
+        """Writes summaries given as `to_bytes` returns them into slots `ids`."""
+        index = torch.from_numpy(np.ascontiguousarray(ids).reshape(-1)).to(self.data.device)
+        rows = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, self.slot_bytes))
+        self.data[index] = rows.view(self.data.dtype).view(-1, *self.data.shape[1:]).to(
+            self.data.device)
+
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [B, P] -> [B, P, Hkv, 2, D]."""
         rows = self.data.view(self.data.shape[0], -1).index_select(0, ids.reshape(-1))  # 2-D: fastest

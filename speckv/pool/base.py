@@ -56,6 +56,8 @@ class PoolBackend(ABC):
 
     name: str = ""
     last_error: str | None = None  # why the pool was lost, while it is
+    shares_pages: bool = False  # publishes cached pages for other engines (`publish`, `adopt`)
+    reconnected: bool = False  # a sharing backend's server came back (and may have lost pages)
 
     def __init__(self, slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
@@ -122,6 +124,24 @@ class PoolBackend(ABC):
 
     def close(self) -> None:
         """Releases the pool's memory or connection."""
+
+    # a backend that `shares_pages` with other engines (e.g. `valkey`) implements these
+
+    def publish(self, root: bytes, page_keys: list[bytes], pool_keys: np.ndarray,
+                extras: np.ndarray) -> None:
+        """Offers pages held under `pool_keys` [n, L] to other engines under their content
+        keys, each row with its `extras` (uint8 [n, L, E]); failures are the backend's."""
+
+    def adopt(self, root: bytes, page_keys: list[bytes], num_layers: int,
+              extra_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """The longest prefix of `page_keys` that other engines offered, copied into new
+        keys here: (pool keys [m, L], extras uint8 [m, L, E])."""
+        return np.zeros((0, num_layers), dtype=np.int64), \
+            np.zeros((0, num_layers, extra_bytes), dtype=np.uint8)
+
+    def shared_stats(self) -> dict[str, int | float | str]:
+        """Counters of the sharing with other engines (none by default)."""
+        return {}
 
 
 class ArenaPool(PoolBackend):
@@ -226,5 +246,6 @@ class ArenaPool(PoolBackend):
 POOLS: Registry[type[PoolBackend]] = Registry("pool backend", {
     "local": "speckv.pool.local:LocalPool",
     "memnode": "speckv.pool.memnode:MemNodePool",
+    "valkey": "speckv.pool.valkey:ValkeyPool",
 })
 register_pool = POOLS.register

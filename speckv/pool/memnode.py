@@ -22,7 +22,6 @@ import logging
 import mmap
 import os
 import select
-import shutil
 import socket
 import stat
 import subprocess
@@ -37,6 +36,7 @@ import torch
 from speckv.pool import wire
 from speckv.pool.base import ArenaPool, PoolKey, PoolUnavailable
 from speckv.pool.link import parse_link
+from speckv.util import stop_child
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +63,6 @@ def spawn_memnode(size: int, socket_path: str, link: str,
         raise PoolUnavailable(f"the memory node did not start: {why}")
     proc.stdout.close()  # nothing more is read: a full pipe must never block the node
     return proc
-
-
-def _stop(proc: subprocess.Popen, directory: str | None) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()
-    if directory is not None:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 class MemNodePool(ArenaPool):
@@ -109,7 +95,7 @@ class MemNodePool(ArenaPool):
 
     def _spawn(self) -> None:
         self._proc = spawn_memnode(self._capacity, self.socket_path, self._link_override or "none")
-        self._finalizer = weakref.finalize(self, _stop, self._proc, self._dir)
+        self._finalizer = weakref.finalize(self, stop_child, self._proc, self._dir)
 
     def _connect(self) -> None:
         try:

@@ -82,8 +82,9 @@ def build_app(engine: AsyncEngine, model: ServedModel, config: ServerConfig,
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 when requests can be served; 503 naming why not (draining, a dead engine
-        loop, an unreachable KV pool)."""
+        """200 when requests can be served ("degraded" while the Valkey a shared pool uses
+        is unreachable: requests succeed, prefixes are not shared); 503 naming why not
+        (draining, a dead engine loop, an unreachable KV pool)."""
         if engine.fatal is not None:
             return JSONResponse({"status": "engine failed", "error": engine.fatal},
                                 status_code=503)
@@ -92,6 +93,9 @@ def build_app(engine: AsyncEngine, model: ServedModel, config: ServerConfig,
         if not engine.snapshot.get("pool_available", 1):
             return JSONResponse({"status": "pool unavailable",
                                  "error": engine.snapshot.get("pool_error")}, status_code=503)
+        if not engine.snapshot.get("valkey_available", 1):  # serving, without sharing
+            return JSONResponse({"status": "degraded",
+                                 "error": f"Valkey: {engine.snapshot.get('valkey_error')}"})
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

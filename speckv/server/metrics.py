@@ -32,6 +32,8 @@ _NAMED = {
     "tier_stall_seconds": ("speckv_stall_seconds", "seconds attention waited for pages to be "
                                                    "fetched"),
     "pool_available": ("speckv_pool_available", "1 while the KV pool can serve, 0 once lost"),
+    "valkey_available": ("speckv_valkey_available", "1 while the Valkey server of a shared "
+                                                    "pool answers, 0 while not (degraded)"),
     "prefetch_hit_rate": ("speckv_prefetch_hit_rate", "prefetched pages used / prefetched pages"),
     "prefix_cache_hit_rate": ("speckv_prefix_cache_hit_rate",
                               "prompt tokens reused from the prefix cache / reusable prompt "
@@ -51,7 +53,7 @@ GAUGES = frozenset({
     "prefetch_hit_rate", "selection_recall", "selection_oracle_overlap",
     "prefix_cache_hit_rate", "prefix_cache_pages", "prefix_cache_pages_idle",
     "prefix_cache_device_pages", "prefix_cache_device_pages_idle", "prefix_cache_device_bytes",
-    "prefix_cache_pool_bytes",
+    "prefix_cache_pool_bytes", "valkey_available",
 })
 
 
