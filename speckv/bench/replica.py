@@ -63,7 +63,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
         server = LocalValkey(4 << 30)
         url = server.url
     try:
-        loaded = load_model(EngineConfig.from_kwargs(**options).model)
+        loaded = load_model(EngineConfig.from_kwargs(pool="local", **options).model)
         a, b = (LLM(loaded=loaded, pool="valkey", pool_url=url, **options) for _ in range(2))
         cold = LLM(loaded=loaded, pool="local", **options)
         prompts = _users(a, ns)
