@@ -111,7 +111,18 @@ def parse_url(url: str) -> Address:
                    query.get("ca"), cluster)
 
 
-class Connection:
+class _Calls:
+    """`call` for anything with a `pipeline`."""
+
+    def call(self, *args: Arg) -> object:
+        """One command; raises ReplyError if the server answers with an error."""
+        (reply,) = self.pipeline([args])
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+
+class Connection(_Calls):
     """One connection; every call finishes or raises within `timeout` seconds."""
 
     def __init__(self, address: Address, timeout: float) -> None:
@@ -165,13 +176,6 @@ class Connection:
             except OSError:
                 pass
             self._sock = None
-
-    def call(self, *args: Arg) -> object:
-        """One command; raises ReplyError if the server answers with an error."""
-        (reply,) = self.pipeline([args])
-        if isinstance(reply, ReplyError):
-            raise reply
-        return reply
 
     def pipeline(self, commands: Iterable[Command]) -> list[object]:
         """Sends every command, then reads their replies, in order; an error reply is
@@ -373,7 +377,7 @@ def key_slot(key: bytes) -> int:
     return crc % NUM_SLOTS
 
 
-class ClusterConnection:
+class ClusterConnection(_Calls):
     """Connections to the nodes of a cluster, keys routed by their hash slots."""
 
     def __init__(self, address: Address, timeout: float) -> None:
@@ -428,15 +432,9 @@ class ClusterConnection:
             conn.close()
         self._conns.clear()
 
-    def call(self, *args: Arg) -> object:
-        (reply,) = self.pipeline([args])
-        if isinstance(reply, ReplyError):
-            raise reply
-        return reply
-
     def pipeline(self, commands: Iterable[Command]) -> list[object]:
         """As `Connection.pipeline`: each command goes to the node of its first key (a
-        command without keys, to the seed's)."""
+        command without keys, to the node of slot 0)."""
         commands = list(commands)
         for attempt in (0, 1):
             keys = [_key_of(c) for c in commands]
