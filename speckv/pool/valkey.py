@@ -15,11 +15,12 @@ loses a page:
                              reconnection is tried every RETRY_S; /health: degraded
     a page whose bytes, checksum or namespace do not match -> a miss, never read
 
-Stored value per (page, layer), under `speckv:{<page key hex>}:<layer>` (the braces
-are a cluster hash tag: one page's layers on one node)::
+Stored value per page, all its layers in one (a prefix is found page by page, and
+large values are what a pipelined GET moves fastest), under `speckv:{<page key hex>}`::
 
-    header (52 bytes: magic, version, layer, extra and row sizes, namespace key,
-    page key, CRC32 of the rest) ‖ extra (the page's key summary) ‖ encoded row
+    header (52 bytes: magic, version, layers, extra size, namespace key, page key,
+    XXH3-64 of the rest) ‖ each layer's row size (uint32) ‖ each layer's extra (the
+    page's key summary) ‖ each layer's encoded row
 
 The page key already chains from the namespace (`speckv.kv.prefix`); the header
 repeats both so that a value under a wrong name is rejected too. Without --pool-url
@@ -31,11 +32,11 @@ from __future__ import annotations
 import logging
 import struct
 import time
-import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import xxhash
 
 from speckv.pool import resp
 from speckv.pool.local import LocalPool
@@ -45,8 +46,8 @@ logger = logging.getLogger(__name__)
 TIMEOUT_S = 2.0
 RETRY_S = 2.0  # time between connection attempts while Valkey is down, doubled after each
 MAX_RETRY_S = 30.0  # failed one up to this (a stopped server costs a deadline per attempt)
-_MAGIC, _VERSION = b"SKV1", 1
-_HEADER = struct.Struct("<4sHHII16s16sI")  # magic, version, layer, extra, row, ns, key, crc
+_MAGIC, _VERSION = b"SKV1", 2
+_HEADER = struct.Struct("<4sHHI16s16sQ")  # magic, version, layers, extra, ns, key, xxh3
 _BATCH_BYTES = 16 << 20  # payload per pipelined round trip
 
 
@@ -56,18 +57,18 @@ class SharedStats:
 
     available: int = 0
     errors: int = 0  # calls that failed (unreachable, deadline, refused)
-    pages_published: int = 0  # (page, layer) values written
-    bytes_published: int = 0
+    pages_published: int = 0  # pages (values) written
+    bytes_published: int = 0  # their rows' bytes
     lookups: int = 0  # adopt calls that reached Valkey
-    pages_found: int = 0  # (page, layer) values read, checked and adopted
+    pages_found: int = 0  # pages read, checked and adopted
     bytes_found: int = 0
     pages_rejected: int = 0  # values whose size, header, namespace or checksum was wrong
     publish_seconds: float = 0.0
     lookup_seconds: float = 0.0
 
 
-def page_name(key: bytes, layer: int) -> bytes:
-    return b"speckv:{%s}:%d" % (key.hex().encode(), layer)
+def page_name(key: bytes) -> bytes:
+    return b"speckv:{%s}" % key.hex().encode()
 
 
 class ValkeyPool(LocalPool):
@@ -95,6 +96,7 @@ class ValkeyPool(LocalPool):
         self._retry_s = RETRY_S
         self._outage = False
         self._rows = self.arena.numpy()  # shares memory with the arena
+        self._buffer = np.empty(0, dtype=np.uint8)  # what lookups read into (`_staging`)
         if self._connection() is not None:
             logger.info("sharing prefix-cached pages through Valkey at %s", self.address)
 
@@ -173,17 +175,21 @@ class ValkeyPool(LocalPool):
         if conn is None or not page_keys:
             return
         started = time.perf_counter()
+        layers, extra_bytes = pool_keys.shape[1], extras.shape[2]
         commands, size = [], 0
         try:
             for i, key in enumerate(page_keys):
-                for layer, pool_key in enumerate(pool_keys[i]):
-                    row = self._rows[pool_key, :self._nbytes[pool_key]]
-                    extra = extras[i, layer]
-                    crc = zlib.crc32(row, zlib.crc32(extra))
-                    header = _HEADER.pack(_MAGIC, _VERSION, layer, extra.size, row.size, root,
-                                          key, crc)
-                    commands.append(("SET", page_name(key, layer), (header, extra, row)))
-                    size += row.size
+                row_bytes = self._nbytes[pool_keys[i]].astype("<u4")
+                rows = [self._rows[k, :n] for k, n in zip(pool_keys[i], row_bytes)]
+                extra = np.ascontiguousarray(extras[i])
+                digest = xxhash.xxh3_64(row_bytes.tobytes())
+                digest.update(extra)
+                for row in rows:
+                    digest.update(row)
+                header = _HEADER.pack(_MAGIC, _VERSION, layers, extra_bytes, root, key,
+                                      digest.intdigest())
+                commands.append(("SET", page_name(key), (header, row_bytes, extra, *rows)))
+                size += int(row_bytes.sum())
                 if size >= _BATCH_BYTES or i == len(page_keys) - 1:
                     _expect_ok(conn.pipeline(commands))
                     self.shared.pages_published += len(commands)
@@ -195,86 +201,103 @@ class ValkeyPool(LocalPool):
 
     def adopt(self, root: bytes, page_keys: list[bytes], num_layers: int,
               extra_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-        """Looks up the longest prefix of `page_keys` whose every layer Valkey holds, checked,
-        and copies those pages into new keys of this pool (the caller made room for all).
+        """Looks up the longest prefix of `page_keys` that Valkey holds, checked, and
+        copies those pages into new keys of this pool (the caller made room for all).
         Returns (pool keys [m, L], extras uint8 [m, L, E]) of the m pages found."""
-        found: list[tuple[np.ndarray, np.ndarray]] = []  # per batch: its values, their sizes
+        found: list[tuple[np.ndarray, np.ndarray]] = []  # per batch: (keys, extras)
         conn = self._connection()
-        value_bytes = _HEADER.size + extra_bytes + self.slot_bytes
+        rows_at = _HEADER.size + num_layers * (4 + extra_bytes)
+        value_bytes = rows_at + num_layers * self.slot_bytes
         if conn is not None and page_keys:
             started = time.perf_counter()
             self.shared.lookups += 1
-            per_batch = max(1, _BATCH_BYTES // (num_layers * value_bytes))
+            per_batch = max(1, _BATCH_BYTES // value_bytes)
             try:
                 for first in range(0, len(page_keys), per_batch):
                     batch = page_keys[first:first + per_batch]
-                    values = np.empty((len(batch) * num_layers, value_bytes), dtype=np.uint8)
+                    values = self._staging(len(batch), value_bytes)
                     sizes = conn.get_into(
-                        [page_name(k, layer) for k in batch for layer in range(num_layers)],
+                        [page_name(k) for k in batch],
                         lambda i, size: memoryview(values[i])[:size] if size <= value_bytes
                         else None)
                     complete = self._checked(root, batch, values, sizes, num_layers, extra_bytes)
-                    found.append((values[:complete * num_layers], sizes[:complete * num_layers]))
+                    if complete:
+                        found.append(self._take(values[:complete], num_layers, extra_bytes))
                     if complete < len(batch):
                         break
             except (resp.RespError, resp.ReplyError) as exc:
                 self._failed(exc)
             self.shared.lookup_seconds += time.perf_counter() - started
-        m = sum(len(sizes) for _, sizes in found) // num_layers
-        keys = self.allocate(m * num_layers) if m else []
+        if not found:
+            return (np.zeros((0, num_layers), dtype=np.int64),
+                    np.zeros((0, num_layers, extra_bytes), dtype=np.uint8))
+        keys = np.concatenate([k for k, _ in found])
+        self.shared.pages_found += len(keys)
+        return keys, np.concatenate([e for _, e in found])
+
+    def _take(self, values: np.ndarray, num_layers: int, extra_bytes: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Copies checked values' rows into new keys of this pool: (keys [n, L], extras)."""
+        n, rows_at = len(values), _HEADER.size + num_layers * (4 + extra_bytes)
+        keys = self.allocate(n * num_layers)
         if keys is None:
             raise RuntimeError("bug: adopting pages into a pool without room for them")
-        keys = np.asarray(keys, dtype=np.int64).reshape(m, num_layers)
-        extras = np.empty((m, num_layers, extra_bytes), dtype=np.uint8)
-        rows = np.concatenate([np.asarray(sizes, dtype=np.int64) for _, sizes in found]) \
-            - _HEADER.size - extra_bytes if m else np.zeros(0, dtype=np.int64)
-        offset = 0
-        for values, _ in found:
-            n = len(values)
-            flat = keys.reshape(-1)[offset:offset + n]
-            extras.reshape(-1, extra_bytes)[offset:offset + n] = \
-                values[:, _HEADER.size:_HEADER.size + extra_bytes]
-            self._rows[flat] = values[:, _HEADER.size + extra_bytes:]  # (past a row's size: junk)
-            offset += n
-        self.counters.encoded_bytes += int(rows.sum())
-        self._nbytes[keys.reshape(-1)] = rows
-        self.shared.pages_found += m * num_layers
-        self.shared.bytes_found += int(rows.sum())
-        return keys, extras
+        grid = np.asarray(keys, dtype=np.int64).reshape(n, num_layers)
+        sizes = values[:, _HEADER.size:_HEADER.size + 4 * num_layers].copy().view("<u4")
+        extras = values[:, _HEADER.size + 4 * num_layers:rows_at] \
+            .reshape(n, num_layers, extra_bytes).copy()
+        if (sizes == self.slot_bytes).all():  # fixed-size rows: one copy for them all
+            self._rows[grid] = values[:, rows_at:].reshape(n, num_layers, self.slot_bytes)
+        else:
+            for i in range(n):
+                offset = rows_at
+                for layer, size in enumerate(sizes[i].tolist()):
+                    self._rows[grid[i, layer], :size] = values[i, offset:offset + size]
+                    offset += size
+        self._nbytes[grid.reshape(-1)] = sizes.reshape(-1)
+        self.counters.encoded_bytes += int(sizes.sum())
+        self.shared.bytes_found += int(sizes.sum())
+        return grid, extras
+
+    def _staging(self, pages: int, value_bytes: int) -> np.ndarray:
+        """A buffer for `pages` values, kept between lookups (its memory already mapped)."""
+        need = pages * value_bytes
+        if self._buffer.size < need:
+            self._buffer = np.empty(max(need, _BATCH_BYTES + value_bytes), dtype=np.uint8)
+        return self._buffer[:need].reshape(pages, value_bytes)
 
     def _checked(self, root: bytes, page_keys: list[bytes], values: np.ndarray,
                  sizes: list[int | None], num_layers: int, extra_bytes: int) -> int:
-        """How many leading pages have all their layers there and valid."""
+        """How many leading pages are there and valid."""
         for i, key in enumerate(page_keys):
-            for layer in range(num_layers):
-                j = i * num_layers + layer
-                size = sizes[j]
-                if size is None:
-                    return i
-                why = "too large" if size > values.shape[1] else \
-                    self._invalid(memoryview(values[j])[:size], root, key, layer, extra_bytes)
-                if why is not None:
-                    self.shared.pages_rejected += 1
-                    logger.warning("Valkey page %s layer %d rejected (%s): recomputed",
-                                   key.hex(), layer, why)
-                    return i
+            size = sizes[i]
+            if size is None:
+                return i
+            why = "too large" if size > values.shape[1] else \
+                self._invalid(values[i, :size], root, key, num_layers, extra_bytes)
+            if why is not None:
+                self.shared.pages_rejected += 1
+                logger.warning("Valkey page %s rejected (%s): recomputed", key.hex(), why)
+                return i
         return len(page_keys)
 
-    def _invalid(self, value: memoryview, root: bytes, key: bytes, layer: int,
+    def _invalid(self, value: np.ndarray, root: bytes, key: bytes, num_layers: int,
                  extra_bytes: int) -> str | None:
         """Why a stored value may not be read (None: it may)."""
-        if len(value) < _HEADER.size:
+        if len(value) < _HEADER.size + 4 * num_layers:
             return "too short"
-        magic, version, got_layer, extra, row, ns, got_key, crc = _HEADER.unpack_from(value)
+        magic, version, layers, extra, ns, got_key, digest = _HEADER.unpack_from(value)
         if magic != _MAGIC or version != _VERSION:
             return "not a speckv page of this version"
         if ns != root:
             return "another namespace (model, dtype, codec or page size)"
-        if got_key != key or got_layer != layer:
+        if got_key != key:
             return "stored under another page's name"
-        if extra != extra_bytes or row > self.slot_bytes or len(value) != _HEADER.size + extra + row:
+        rows = value[_HEADER.size:_HEADER.size + 4 * num_layers].copy().view("<u4")
+        if layers != num_layers or extra != extra_bytes or (rows > self.slot_bytes).any() \
+                or len(value) != _HEADER.size + num_layers * (4 + extra) + int(rows.sum()):
             return "wrong size"
-        if zlib.crc32(value[_HEADER.size:]) != crc:
+        if xxhash.xxh3_64_intdigest(value[_HEADER.size:]) != digest:
             return "checksum mismatch"
         return None
 
