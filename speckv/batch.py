@@ -72,11 +72,19 @@ def read_jsonl(lines: Iterable[str], defaults: SamplingParams) -> tuple[list[Job
 
 
 def _record(job: Job, out: RequestOutput) -> dict[str, Any]:
-    return {"line": job.line, "id": job.id, "text": out.text, "token_ids": out.token_ids,
-            "finish_reason": out.finish_reason, "num_prompt_tokens": out.num_prompt_tokens,
-            "num_generated_tokens": out.num_generated_tokens,
-            "time_to_first_token": out.time_to_first_token,
-            "per_token_latency": out.per_token_latency}
+    record = {"line": job.line, "id": job.id, "text": out.text, "token_ids": out.token_ids,
+              "finish_reason": out.finish_reason, "num_prompt_tokens": out.num_prompt_tokens,
+              "num_generated_tokens": out.num_generated_tokens,
+              "time_to_first_token": out.time_to_first_token,
+              "per_token_latency": out.per_token_latency}
+    if len(out.outputs) > 1 or out.outputs[0].logprobs is not None:  # n > 1, or logprobs
+        record["choices"] = [
+            {"index": c.index, "text": c.text, "token_ids": c.token_ids,
+             "finish_reason": c.finish_reason, "cumulative_logprob": c.cumulative_logprob,
+             "logprobs": None if c.logprobs is None else
+             [{str(t): lp.logprob for t, lp in entry.items()} for entry in c.logprobs]}
+            for c in out.outputs]
+    return record
 
 
 def run_jsonl(llm: LLM, jobs: list[Job], errors: list[LineError], output: str | None) -> int:

@@ -310,10 +310,18 @@ def _generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         llm = _make_llm(ns)
         prompt = llm.apply_chat_template([{"role": "user", "content": ns.prompt}]) if ns.chat else ns.prompt
         out = None
-        for out in llm.stream(prompt, params):
-            sys.stdout.write(out.delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        if params.num_choices == 1:
+            for out in llm.stream(prompt, params):
+                sys.stdout.write(out.delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:  # several choices: each in full, once all are done
+            out = llm.generate(prompt, params, use_tqdm=False)[0]
+            for choice in out.outputs:
+                print(f"--- choice {choice.index} ({choice.finish_reason}) ---\n{choice.text}")
+        if out is not None and params.logprobs is not None:
+            for choice in out.outputs:
+                print(_logprob_table(choice, params.logprobs), file=sys.stderr)
         if out is not None:
             print(f"[{out.finish_reason}: {out.num_prompt_tokens} prompt + "
                   f"{out.num_generated_tokens} generated tokens, ttft "
@@ -328,6 +336,17 @@ def _generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         with open(ns.stats_json, "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=2)
     return status
+
+
+def _logprob_table(choice, top: int) -> str:
+    """A choice's tokens, each with its log probability and the `top` most likely."""
+    lines = [f"logprobs of choice {choice.index} (token, logprob, rank; then the most likely):"]
+    for token, entry in zip(choice.token_ids, choice.logprobs):
+        lp = entry[token]
+        best = sorted((x for x in entry.values() if x.rank <= top), key=lambda x: x.rank)
+        alts = "  ".join(f"{x.decoded_token!r} {x.logprob:.3f}" for x in best)
+        lines.append(f"  {lp.decoded_token!r:>16} {lp.logprob:8.3f} {lp.rank:6d}   {alts}")
+    return "\n".join(lines)
 
 
 def format_stats(stats: dict) -> str:

@@ -168,6 +168,76 @@ def test_seed_makes_sampling_reproducible(server):
     assert any(sample(s) != first for s in (8, 9, 10))
 
 
+def test_n_choices_with_logprobs_and_echo(server, reference):
+    """Each choice is the in-process engine's with seed + i, its logprobs the engine's in
+    OpenAI's completions shape; echo puts the prompt (and its tokens' logprobs) first."""
+    client = server.client()
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, n=2,
+                                    temperature=0.9, seed=5, logprobs=2)
+    assert [c.index for c in out.choices] == [0, 1]
+    for i, choice in enumerate(out.choices):
+        want = reference.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0.9, seed=5 + i,
+                                                         logprobs=2), use_tqdm=False)[0].outputs[0]
+        assert choice.text == want.text
+        lp = choice.logprobs
+        assert "".join(lp.tokens) == want.text
+        assert lp.token_logprobs == pytest.approx(
+            [e[t].logprob for t, e in zip(want.token_ids, want.logprobs)], abs=1e-5)
+        assert all(len(top) in (2, 3) and tok in top for tok, top in zip(lp.tokens, lp.top_logprobs))
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
+    assert out.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in out.choices)
+    echo = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
+                                     echo=True, logprobs=1)
+    choice = echo.choices[0]
+    prompt_ids = reference.tokenizer.encode(PROMPT)
+    assert choice.text.startswith(PROMPT)
+    assert len(choice.logprobs.tokens) == len(prompt_ids) + 3
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    want = reference.engine.score(prompt_ids).log_softmax(dim=-1)
+    assert choice.logprobs.token_logprobs[1:len(prompt_ids)] == pytest.approx(
+        [want[p - 1, prompt_ids[p]].item() for p in range(1, len(prompt_ids))], abs=1e-4)
+
+
+def test_chat_logprobs_and_streamed_choices(server, reference):
+    client = server.client()
+    messages = [{"role": "developer", "content": "Answer briefly."},
+                {"role": "user", "content": "Name a colour."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, n=2,
+                                          temperature=1.0, seed=9, logprobs=True, top_logprobs=3)
+    for choice in full.choices:
+        content = choice.logprobs.content
+        assert "".join(e.token for e in content) == choice.message.content
+        for e in content:
+            assert bytes(e.bytes).decode(errors="replace") == e.token
+            assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, n=2,
+                                            temperature=1.0, seed=9, stream=True)
+    texts, reasons = {0: "", 1: ""}, {}
+    for event in stream:
+        for c in event.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason is not None:
+                assert c.index not in reasons  # once per choice
+                reasons[c.index] = c.finish_reason
+    assert [texts[0], texts[1]] == [c.message.content for c in full.choices]
+    assert reasons == {c.index: c.finish_reason for c in full.choices}
+    # developer messages are the system role of the template
+    system = [{"role": "system", "content": "Answer briefly."}, messages[1]]
+    want = reference.chat(system, SamplingParams(max_tokens=5), use_tqdm=False)[0].text
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5,
+                                         temperature=0)
+    assert got.choices[0].message.content == want
+
+
+def test_best_of_through_the_server(server, reference):
+    out = server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, n=2,
+                                             best_of=3, temperature=1.0, seed=4)
+    want = reference.generate(PROMPT, SamplingParams(max_tokens=6, temperature=1.0, seed=4,
+                                                     n=2, best_of=3), use_tqdm=False)[0]
+    assert [c.text for c in out.choices] == [c.text for c in want.outputs]
+    assert out.choices[0].logprobs is None
+
+
 def test_a_repeated_prefix_is_reported_as_cached_tokens(server):
     """usage.prompt_tokens_details.cached_tokens, as OpenAI's; cache_prompt=false opts out."""
     client = server.client()
@@ -230,7 +300,14 @@ BAD = [
     ({"model": MODEL, "prompt": PROMPT, "max_tokens": 9000}, "max_tokens"),
     ({"model": MODEL, "prompt": PROMPT, "temperature": -1}, "temperature"),
     ({"model": MODEL, "prompt": PROMPT, "top_p": 0}, "top_p"),
-    ({"model": MODEL, "prompt": PROMPT, "n": 2}, "n"),
+    ({"model": MODEL, "prompt": PROMPT, "n": 0}, "n"),
+    ({"model": MODEL, "prompt": PROMPT, "n": 500}, "n"),
+    ({"model": MODEL, "prompt": PROMPT, "n": 2, "best_of": 1}, "best_of"),
+    ({"model": MODEL, "prompt": PROMPT, "best_of": 3, "stream": True}, "best_of"),
+    ({"model": MODEL, "prompt": PROMPT, "logprobs": 21}, "logprobs"),
+    ({"model": MODEL, "prompt": PROMPT, "logprobs": True}, "logprobs"),
+    ({"model": MODEL, "prompt": PROMPT, "suffix": "x"}, "suffix"),
+    ({"model": MODEL, "prompt": PROMPT, "max_token": 5}, "max_token"),  # misspelt: not ignored
     ({"model": MODEL, "prompt": PROMPT, "stop": [""]}, "stop"),
     ({"model": MODEL, "prompt": PROMPT, "stream": "yes"}, "stream"),
     ({"model": MODEL, "prompt": PROMPT, "seed": "x"}, "seed"),
@@ -264,8 +341,12 @@ def test_bad_completion_requests_are_400_naming_the_field(server, body, param):
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
     ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
-     "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     "top_logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+      "top_logprobs": 21}, "top_logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": "ann"}]},
+     "messages[0].name"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
       "response_format": {"type": "json_object"}}, "response_format"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
@@ -275,6 +356,45 @@ def test_bad_completion_requests_are_400_naming_the_field(server, body, param):
 def test_bad_chat_requests_are_400_naming_the_field(server, body, param):
     status, err, _ = server.post("/v1/chat/completions", body)
     assert status == 400 and err["error"]["param"] == param, err
+
+
+# what each endpoint honours of the official client's request fields (each has its own
+# tests); everything else the client can send must be refused by name
+HONOURED = {
+    "/v1/completions": {"best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
+                        "max_tokens", "model", "n", "presence_penalty", "prompt", "seed",
+                        "stop", "stream_options", "temperature", "top_p", "user"},
+    "/v1/chat/completions": {"frequency_penalty", "logit_bias", "logprobs",
+                             "max_completion_tokens", "max_tokens", "messages", "model", "n",
+                             "presence_penalty", "seed", "stop", "stream_options",
+                             "temperature", "top_logprobs", "top_p", "user"},
+}
+REFUSED_BY_VALUE = {"/v1/completions": {"suffix"},  # declared, a 400 when given (BAD above)
+                    "/v1/chat/completions": {"response_format", "tools", "tool_choice"}}
+
+
+@pytest.mark.parametrize("route", sorted(HONOURED))
+def test_every_field_of_the_official_client_is_honoured_or_refused_by_name(server, route):
+    """The table is openai's own request types: a field a newer client adds is refused
+    until it is built, never ignored."""
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+
+    from speckv.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat = route == "/v1/chat/completions"
+    fields = set((chat_create_params if chat else completion_create_params)
+                 .CompletionCreateParamsBase.__annotations__)
+    declared = set((ChatCompletionRequest if chat else CompletionRequest).model_fields)
+    assert fields & declared == HONOURED[route] | REFUSED_BY_VALUE[route]
+    base = {"model": MODEL, "max_tokens": 2}
+    base.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": PROMPT})
+    for field in sorted(fields - declared):
+        status, err, _ = server.post(route, {**base, field: True})
+        assert status == 400 and err["error"]["param"] == field, (field, err)
+        assert "not supported" in err["error"]["message"]
+    status, body, _ = server.post(route, base)  # and the server goes on
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
 
 
 def test_malformed_json_oversized_body_and_the_server_goes_on(server):

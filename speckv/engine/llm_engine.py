@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -72,8 +73,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.cache)
         sampler = Sampler(config.sampler.engine_seed, self._stop_ids)
         self.runner = ModelRunner(self.model, self.cache, sampler, attention, self.selection,
-                                  self.prefetcher)
+                                  self.prefetcher, token_text=self.tokenizer.token_text)
         self._sequences: dict[RequestId, Sequence] = {}
+        # requests of n > 1 (or best_of): request id -> (its params, its choices by index)
+        self._groups: dict[RequestId, tuple[SamplingParams, list[Sequence]]] = {}
         self._ids = itertools.count()
         self._trace = None if config.prefetch.trace is None else StepTrace(config.prefetch.trace)
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d bytes",
@@ -183,7 +186,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Releases the pool (stopping a memory node this engine spawned)."""
-        for rid in list(self._sequences):
+        for rid in self._request_ids():
             self.abort(rid)
         if self.prefetcher is not None:
             self.prefetcher.close()
@@ -239,18 +242,41 @@ class LLMEngine:
                 f"prompt is {len(token_ids)} tokens; the context window is "
                 f"{self.max_model_len} tokens and needs room for at least one generated token")
         rid = RequestId(request_id if request_id is not None else f"req-{next(self._ids)}")
-        if rid in self._sequences:
+        if rid in self._sequences or rid in self._groups:
             raise ValueError(f"request id {rid!r} is already in use")
         most_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
         choice = self.selection.choice(params.selector, params.token_budget, most_tokens)
         self._ensure_pool()
         self._check_fits(most_tokens)
-        seq = Sequence(rid, text, token_ids, params, IncrementalDetokenizer(self.tokenizer))
-        seq.choice = choice
-        seq.max_num_tokens = most_tokens
-        self._sequences[rid] = seq
-        self.scheduler.add(seq)
+        if params.num_choices == 1:
+            seqs = [Sequence(rid, text, token_ids, params, IncrementalDetokenizer(self.tokenizer))]
+        else:
+            seqs = [Sequence(RequestId(f"{rid}#{i}"), text, token_ids, self._choice_params(params, i),
+                             IncrementalDetokenizer(self.tokenizer), index=i)
+                    for i in range(params.num_choices)]
+            for seq in seqs:
+                seq.group = rid
+                if seq.index and self.cache.prefix is not None and params.cache_prompt:
+                    seq.after = seqs[0]  # admitted once it can reuse the first's prompt pages
+            self._groups[rid] = (params, seqs)
+        for seq in seqs:
+            seq.choice = choice
+            seq.max_num_tokens = most_tokens
+            self._sequences[seq.request_id] = seq
+            self.scheduler.add(seq)
         return rid
+
+    @staticmethod
+    def _choice_params(params: SamplingParams, i: int) -> SamplingParams:
+        """Choice i of a request of n > 1: its own seed (seed + i), its prompt logprobs
+        taken once (by choice 0), logprobs kept where best_of ranks choices by them."""
+        logprobs = params.logprobs
+        if logprobs is None and params.num_choices > params.n:
+            logprobs = 0
+        return dataclasses.replace(
+            params, n=1, best_of=None, logprobs=logprobs,
+            seed=None if params.seed is None else params.seed + i,
+            prompt_logprobs=params.prompt_logprobs if i == 0 else None)
 
     def _checked_token_ids(self, prompt: object) -> list[int]:
         """A prompt of token ids, each an int in [0, vocab_size), checked before anything
@@ -306,12 +332,15 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its pages; returns its final output, or None if unknown."""
-        seq = self._sequences.pop(RequestId(request_id), None)
-        if seq is None:
+        rid = RequestId(request_id)
+        n, seqs = self._groups.get(rid, (1, [self._sequences.get(rid)]))
+        if seqs[0] is None:
             return None
-        self.scheduler.remove(seq.request_id)
-        seq.finish(FinishReason.ABORT)
-        return self._output(seq)
+        for seq in seqs:
+            if self._sequences.pop(seq.request_id, None) is not None:
+                self.scheduler.remove(seq.request_id)
+                seq.finish(FinishReason.ABORT)
+        return self._group_output(rid, seqs, seqs) if rid in self._groups else self._output(seqs[0])
 
     def set_selection(self, request_id: str, selector: str | None = None,
                       token_budget: int | float | str | None = None) -> None:
@@ -326,7 +355,11 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def num_unfinished(self) -> int:
-        return len(self._sequences)
+        return len(self._request_ids())
+
+    def _request_ids(self) -> list[RequestId]:
+        """Every unfinished request's id (a request of n > 1 once)."""
+        return list(self._groups) + [rid for rid, s in self._sequences.items() if s.group is None]
 
     # ------------------------------------------------------------ stepping
 
@@ -339,7 +372,7 @@ class LLMEngine:
             if sched.is_empty:
                 return []
             started = time.perf_counter()
-            tokens = self.runner.execute(sched)
+            tokens, logprobs = self.runner.execute(sched)
             if self._trace is not None:
                 self._trace.write(sched, time.perf_counter() - started, self.stats())
         except PoolUnavailable:
@@ -347,21 +380,53 @@ class LLMEngine:
             raise
         now = time.perf_counter()
         outputs = []
-        for seq, chunk, token in zip(sched.seqs, sched.chunks, tokens):
+        groups: dict[RequestId, list[Sequence]] = {}  # requests of n > 1 that advanced
+        for seq, chunk, token, logprob in zip(sched.seqs, sched.chunks, tokens, logprobs):
             seq.num_computed_tokens += chunk.num_tokens
             self._cache_pages(seq)
             if token is None:
                 continue
             try:
-                self._advance(seq, token, now)
+                self._advance(seq, token, logprob, now)
             except Exception as exc:  # noqa: BLE001 — this request fails, the others go on
                 logger.exception("request %s failed", seq.request_id)
                 self._fail(seq, f"{type(exc).__name__}: {exc}")
             if seq.is_finished:
                 self.scheduler.remove(seq.request_id)
                 self._sequences.pop(seq.request_id, None)
-            outputs.append(self._output(seq))
+            if seq.group is None:
+                outputs.append(self._output(seq))
+            elif seq.group in self._groups:
+                groups.setdefault(seq.group, []).append(seq)
+        for rid, advanced in groups.items():
+            out = self._group_output(rid, self._groups[rid][1], advanced)
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _group_output(self, rid: RequestId, seqs: list[Sequence], advanced: list[Sequence]
+                      ) -> RequestOutput | None:
+        """The output of a request of n > 1 after a step that advanced `advanced` of its
+        choices (None while best_of > n is unfinished: its choices are ranked at the end)."""
+        params = self._groups[rid][0]
+        n = params.n
+        done = all(s.is_finished for s in seqs)
+        if done:
+            del self._groups[rid]
+        if len(seqs) > n and not done:
+            return None
+        texts = [self._visible(s) if s in advanced else
+                 (s.text if s.is_finished else s.text[:s.emitted], "") for s in seqs]
+        out = RequestOutput.of_choices(seqs, texts, request_id=rid)
+        if len(seqs) > n:  # best_of: the n choices most likely under the model
+            best = sorted(out.outputs, key=lambda c: -(c.cumulative_logprob or 0.0))[:n]
+            choices = [dataclasses.replace(c, index=i, logprobs=c.logprobs if params.logprobs
+                                           is not None else None) for i, c in enumerate(best)]
+            out = dataclasses.replace(out, outputs=choices, text=choices[0].text,
+                                      delta=choices[0].delta, token_ids=choices[0].token_ids,
+                                      finish_reason=out.finish_reason if out.error
+                                      else choices[0].finish_reason)
+        return out
 
     def _cache_pages(self, seq: Sequence) -> None:
         """Offers the prefix cache the pages `seq` has sealed so far."""
@@ -373,11 +438,14 @@ class LLMEngine:
             prefix.keys_of(seq.page_keys, seq.all_token_ids[:n])
         self.cache.cache_pages(seq.request_id, seq.page_keys, n)
 
-    def _advance(self, seq: Sequence, token: int | SampleError, now: float) -> None:
+    def _advance(self, seq: Sequence, token: int | SampleError, logprob, now: float) -> None:
         if isinstance(token, SampleError):
             self._fail(seq, token.message)
-        else:
-            self._append_token(seq, token, now)
+            return
+        if seq.logprobs is not None and logprob is not None:
+            seq.logprobs.append(logprob)
+            seq.cumulative_logprob += logprob[token].logprob
+        self._append_token(seq, token, now)
 
     @staticmethod
     def _fail(seq: Sequence, why: str) -> None:
@@ -388,7 +456,7 @@ class LLMEngine:
         """Aborts every request (their pooled pages are gone), and forgets the cached pages
         that were in the pool; the engine stays usable."""
         logger.error("%s: aborting %d request(s)", why, len(self._sequences))
-        for rid in list(self._sequences):
+        for rid in self._request_ids():
             self.abort(rid)
         self.cache.forget_pool_pages()
 
@@ -420,16 +488,20 @@ class LLMEngine:
         seq.text = seq.text[:min(cuts)]
         return True
 
+    @classmethod
+    def _output(cls, seq: Sequence) -> RequestOutput:
+        return RequestOutput.of(seq, *cls._visible(seq))
+
     @staticmethod
-    def _output(seq: Sequence) -> RequestOutput:
-        """The request's output; text that could still become a stop string is held back."""
+    def _visible(seq: Sequence) -> tuple[str, str]:
+        """(text, delta) to give out; text that could still become a stop string is held back."""
         visible = len(seq.text)
         if not seq.is_finished and seq.params.stop:
             visible -= max(len(s) for s in seq.params.stop) - 1
         visible = max(visible, seq.emitted)
         delta = seq.text[seq.emitted:visible]
         seq.emitted = visible
-        return RequestOutput.of(seq, seq.text[:visible], delta)
+        return seq.text[:visible], delta
 
     # ------------------------------------------------------------ evaluation
 

@@ -1,5 +1,13 @@
 """What the engine returns for a request, shaped as vLLM's where the names mean the same:
-`out.outputs[0].text`, `out.prompt_token_ids`, `out.outputs[0].finish_reason`."""
+`out.outputs[i].text`, `out.prompt_token_ids`, `out.outputs[i].finish_reason`,
+`out.outputs[i].logprobs` (a dict per generated token: token id -> `Logprob`).
+
+A request with `n > 1` runs as n sequences (the choices); its outputs hold one
+`CompletionOutput` per choice, by index. The top-level `text`, `delta`, `token_ids`
+and `finish_reason` are choice 0's (all a request with n = 1 has), `finished` is
+whether every choice is, and `num_generated_tokens` counts the tokens of them all
+(what usage reports).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +17,31 @@ from speckv.engine.sequence import Sequence
 
 
 @dataclass(frozen=True, slots=True)
+class Logprob:
+    """One token's log probability under the model (vLLM's `Logprob`): `rank` 1 is the
+    most likely token; `decoded_token` its text (bytes not forming UTF-8 are U+FFFD)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+TokenLogprobs = dict[int, Logprob]  # the chosen token and the most likely ones at one step
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionOutput:
-    """One completion of a request (vLLM's `CompletionOutput`; speckv makes one per
-    request: `n > 1` is not implemented, nor are logprobs, so those fields are None)."""
+    """One completion (choice) of a request (vLLM's `CompletionOutput`). `logprobs`
+    and `cumulative_logprob` are None unless the request asked for logprobs; `delta`
+    is the text added since this choice's previous output (streaming)."""
 
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: None
+    logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
+    delta: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,24 +65,45 @@ class RequestOutput:
     per_token_latency: float | None
     error: str | None = None  # with finish_reason "error": what failed this request alone
     prompt_token_ids: list[int] = field(default_factory=list)
-    outputs: list[CompletionOutput] = field(default_factory=list)  # vLLM's shape: one here
+    outputs: list[CompletionOutput] = field(default_factory=list)  # one per choice
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (vLLM's name)
+    # with SamplingParams.prompt_logprobs: per prompt token (None for the first)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @classmethod
     def of(cls, seq: Sequence, text: str, delta: str) -> "RequestOutput":
-        t = seq.times
-        ttft = None if t.first_token is None else t.first_token - t.arrival
-        n = len(seq.output_token_ids)
+        return cls.of_choices([seq], [(text, delta)])
+
+    @classmethod
+    def of_choices(cls, seqs: list[Sequence], texts: list[tuple[str, str]],
+                   request_id: str | None = None) -> "RequestOutput":
+        """The output of a request whose choices are `seqs` (index order), `texts` each
+        one's (visible text, delta); `request_id` the request's when n > 1."""
+        first = seqs[0]
+        t = first.times
+        arrival = t.arrival
+        firsts = [s.times.first_token for s in seqs if s.times.first_token is not None]
+        ttft = min(firsts) - arrival if firsts else None
+        n = len(first.output_token_ids)
         tpot = None
         if n > 1 and t.first_token is not None and t.last_token is not None:
             tpot = (t.last_token - t.first_token) / (n - 1)
-        tokens = list(seq.output_token_ids)
-        reason = None if seq.finish_reason is None else seq.finish_reason.value
+        choices = [CompletionOutput(
+            s.index, text, list(s.output_token_ids),
+            s.cumulative_logprob if s.logprobs is not None else None,
+            list(s.logprobs) if s.logprobs is not None and s.params.logprobs is not None
+            else None,
+            None if s.finish_reason is None else s.finish_reason.value, delta)
+            for s, (text, delta) in zip(seqs, texts)]
+        error = next((s.error for s in seqs if s.error is not None), None)
         return cls(
-            request_id=seq.request_id, prompt=seq.prompt, text=text, delta=delta,
-            token_ids=tokens, finished=seq.is_finished, finish_reason=reason,
-            num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=n,
-            time_to_first_token=ttft, per_token_latency=tpot, error=seq.error,
-            prompt_token_ids=list(seq.prompt_token_ids),
-            outputs=[CompletionOutput(0, text, tokens, None, None, reason)],
-            num_cached_tokens=seq.num_cached_tokens or 0)
+            request_id=request_id or first.request_id, prompt=first.prompt,
+            text=choices[0].text, delta=choices[0].delta, token_ids=choices[0].token_ids,
+            finished=all(s.is_finished for s in seqs),
+            finish_reason="error" if error is not None else choices[0].finish_reason,
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_generated_tokens=sum(len(s.output_token_ids) for s in seqs),
+            time_to_first_token=ttft, per_token_latency=tpot, error=error,
+            prompt_token_ids=list(first.prompt_token_ids), outputs=choices,
+            num_cached_tokens=first.num_cached_tokens or 0,
+            prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs))

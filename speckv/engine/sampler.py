@@ -90,6 +90,24 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def ranked_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]
+                    ) -> list[tuple[float, int, list[tuple[int, float]]]]:
+    """Per row of `logits` [R, V]: the log probability of `tokens[r]` under the model
+    (log-softmax of the raw logits), its rank (1 = most likely), and the `top[r]` most
+    likely (token, log probability) pairs, most likely first."""
+    logp = logits.float().log_softmax(dim=-1)
+    index = torch.tensor(tokens, device=logp.device)[:, None]
+    chosen = logp.gather(1, index)
+    ranks = (logp > chosen).sum(dim=1) + 1
+    k = max(top, default=0)
+    best = logp.topk(k, dim=-1) if k else None
+    chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
+    values = best.values.tolist() if k else [[]] * len(tokens)
+    ids = best.indices.tolist() if k else [[]] * len(tokens)
+    return [(chosen_l[r], ranks_l[r], list(zip(ids[r][:top[r]], values[r][:top[r]])))
+            for r in range(len(tokens))]
+
+
 class Sampler:
     """Picks one token per row; rows with a seed draw from their own generator."""
 

@@ -11,6 +11,8 @@ from speckv.util import is_int, is_number
 # one-hot after softmax, and far smaller values (1e-300) would divide by zero.
 GREEDY_BELOW = 1e-5
 SEED_RANGE = 2**64  # seeds are taken modulo this (torch generators take 64 bits)
+MAX_LOGPROBS = 20  # most alternatives per token `logprobs` may ask for (vLLM's default)
+MAX_N = 128  # most choices (n, best_of) of one request
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +24,13 @@ class SamplingParams:
     vocabulary keeps it all, and the most likely token always survives `top_p`, so
     no value in range can leave nothing to sample. A request with a `seed` has its
     own random generator (seed modulo 2**64): the same seed and prompt give the same
-    text, whatever else is in the batch.
+    text, whatever else is in the batch. With `n > 1`, choice i draws from seed + i,
+    so each choice is reproducible on its own.
+
+    Log probabilities (`logprobs`, `prompt_logprobs`) are the model's own
+    distribution — log-softmax of the raw logits, before penalties, bias and
+    temperature (vLLM's default, "raw_logprobs") — so they do not depend on how a
+    token was picked.
     """
 
     max_tokens: int = field(default=64, metadata={"help": "most tokens to generate"})
@@ -58,6 +66,18 @@ class SamplingParams:
         "help": "stop when one of these token ids is generated (it stays in token_ids)"})
     min_tokens: int = field(default=0, metadata={
         "help": "generate at least this many tokens before EOS or a stop token may end it"})
+    n: int = field(default=1, metadata={
+        "help": f"completions (choices) to generate for the prompt, 1..{MAX_N}; they share "
+                "the prompt's cached pages"})
+    best_of: int | None = field(default=None, metadata={
+        "help": "generate this many choices (>= n) and return the n with the highest "
+                "cumulative log probability; default n"})
+    logprobs: int | None = field(default=None, metadata={
+        "help": f"return each generated token's log probability and those of the "
+                f"logprobs most likely tokens (0..{MAX_LOGPROBS}); default none"})
+    prompt_logprobs: int | None = field(default=None, metadata={
+        "help": f"return each prompt token's log probability and those of the most likely "
+                f"ones (0..{MAX_LOGPROBS}); such a request computes its whole prompt"})
     cache_prompt: bool = field(default=True, metadata={
         "help": "reuse cached pages of the prompt and cache this request's pages for later "
                 "ones (with the engine's prefix caching on; llama.cpp's name)"})
@@ -106,6 +126,17 @@ class SamplingParams:
         if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got "
                              f"{self.stop_token_ids!r}")
+        if not is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.best_of is not None and (not is_int(self.best_of)
+                                         or not self.n <= self.best_of <= MAX_N):
+            raise ValueError(f"best_of must be an integer in [n, {MAX_N}] (n={self.n}), got "
+                             f"{self.best_of!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or "
+                                 f"None, got {value!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got "
                              f"{self.min_tokens!r}")
@@ -113,6 +144,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def num_choices(self) -> int:
+        """Sequences the request runs: best_of, else n."""
+        return self.best_of or self.n
 
     @property
     def adjusts_logits(self) -> bool:

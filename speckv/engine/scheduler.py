@@ -6,7 +6,8 @@ Each step:
      new page when none is free preempts the youngest running sequence, whose
      pages are freed and which is recomputed later (vLLM's recompute preemption);
   2. waiting sequences join in arrival order while the batch, the token budget
-     and the free pages allow. A request that does not fit waits; without a pool
+     and the free pages allow; a request's later choices (n > 1) join once its first
+     has computed the prompt, whose cached pages they then share. A request that does not fit waits; without a pool
      it is never partly admitted while others run. With a pool, admission is
      batch-aware: a sequence joins only when the pages it needs at its longest
      fit beside those of every running sequence at theirs (`KVCacheManager.admit`),
@@ -106,6 +107,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.after is not None and not seq.after.prompt_done:
+                break  # a later choice of a request waits to reuse the first one's prompt
             reused = seq.num_computed_tokens == 0 and self._reuse_prefix(seq)
             num_tokens = self._chunk(seq, budget)
             end = seq.num_computed_tokens + num_tokens
@@ -126,8 +129,8 @@ class Scheduler:
         """Starts `seq` after the longest prefix of its tokens whose pages are cached (the
         last token is always computed: its logits pick the next one); True if it did."""
         prefix = self.cache.prefix
-        if prefix is None or not seq.params.cache_prompt:
-            return False
+        if prefix is None or not seq.params.cache_prompt or seq.prompt_logprobs is not None:
+            return False  # (prompt logprobs need every prompt position computed)
         reusable = self._reusable_pages(seq)
         keys = prefix.keys_of(seq.page_keys, seq.all_token_ids[:reusable * prefix.page_size])
         seq.num_computed_tokens = self.cache.reuse_prefix(seq.request_id, keys[:reusable])

@@ -39,8 +39,14 @@ class Sequence:
     """One request in the engine: its prompt, generated tokens and progress."""
 
     def __init__(self, request_id: RequestId, prompt: str, prompt_token_ids: list[int],
-                 params: SamplingParams, detokenizer: IncrementalDetokenizer) -> None:
+                 params: SamplingParams, detokenizer: IncrementalDetokenizer,
+                 index: int = 0) -> None:
         self.request_id = request_id
+        self.index = index  # its choice's index in a request of n > 1 (else 0)
+        self.group: RequestId | None = None  # that request's id (n > 1)
+        # admitted only once this one has computed its prompt (a choice after the first:
+        # its prompt's pages are then cached, and reused)
+        self.after: Sequence | None = None
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
@@ -58,6 +64,11 @@ class Sequence:
         self.emitted = 0  # characters of `text` already given out in outputs
         self.times = RequestTimes()
         self.generator: torch.Generator | None = None
+        # with params.logprobs: per generated token, it and the most likely ones
+        self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0  # of its generated tokens (kept with logprobs)
+        # with params.prompt_logprobs: per prompt token (None for the first), as computed
+        self.prompt_logprobs: list | None = None if params.prompt_logprobs is None else [None]
         self.choice = None  # its page selection (`speckv.selection.step.Choice`), set by the engine
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed % SEED_RANGE)
@@ -73,6 +84,11 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def prompt_done(self) -> bool:
+        """Whether its prompt's K/V are computed (or it finished)."""
+        return self.is_finished or self.num_computed_tokens >= self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -45,6 +45,23 @@ def _pre_tokenizer(pre: str | None, path: Path):
     return pre_tokenizers.Sequence(splits)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
 class Tokenizer:
     """Text <-> token ids, with the model's chat template."""
 
@@ -69,6 +86,22 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE token may hold part of a
+        UTF-8 character); a special token's own text."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        try:
+            return bytes(_BYTE_OF[c] for c in piece)
+        except KeyError:  # not a byte-level piece (added tokens with other characters)
+            return self.decode([token_id], skip_special_tokens=False).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, for logprobs (bytes that are not whole UTF-8 characters
+        become U+FFFD, as vLLM shows them)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         """Renders chat messages (`[{"role": ..., "content": ...}]`) to the prompt text."""

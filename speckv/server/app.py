@@ -125,7 +125,7 @@ def _v1_router(engine: AsyncEngine, model: ServedModel, config: ServerConfig,
 
     @router.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.as_dict() for m in body.messages]
         try:
             text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as exc:
@@ -139,7 +139,7 @@ def _v1_router(engine: AsyncEngine, model: ServedModel, config: ServerConfig,
         _check_model(body.model, model)
         text = body.prompt
         if body.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.as_dict() for m in body.messages]
             try:
                 text = model.tokenizer.apply_chat_template(
                     messages, add_generation_prompt=body.add_generation_prompt)
@@ -204,7 +204,7 @@ async def _serve(engine: AsyncEngine, model: ServedModel, config: ServerConfig, 
     first = await _next(engine, rid, outputs, request)  # ACCEPTED, or why not
     if isinstance(first, EngineError):
         raise _engine_error(first)
-    shape = ResponseShape(chat, model.name)
+    shape = ResponseShape(chat, model.name, model.tokenizer, body)
     if body.stream:
         return StreamingResponse(_sse(engine, rid, outputs, shape, body.include_usage),
                                  media_type="text/event-stream",
@@ -236,7 +236,8 @@ def _max_tokens(body: _Sampling, prompt_tokens: int, prompt_field: str, context:
 def _param_of(message: str) -> str | None:
     for name in ("token_budget", "selector", "min_tokens", "max_tokens", "temperature",
                  "top_p", "top_k", "stop_token_ids", "stop", "seed", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "prompt"):
+                 "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "best_of",
+                 "prompt_logprobs", "logprobs", "prompt"):
         if name in message:
             return name
     return None
@@ -267,7 +268,8 @@ async def _sse(engine: AsyncEngine, rid: str, outputs: asyncio.Queue, shape: Res
     """Server-sent events of one request; a client that goes away aborts it."""
     finished = False
     try:
-        first = True
+        started: set[int] = set()  # choices whose first chunk went out
+        ended: set[int] = set()  # choices whose finish_reason went out
         while not finished:
             item = await outputs.get()
             if isinstance(item, EngineError):
@@ -275,10 +277,15 @@ async def _sse(engine: AsyncEngine, rid: str, outputs: asyncio.Queue, shape: Res
                 yield _event(error_body(item.message, "server_error"))
                 break
             finished = item.finished
-            reason = item.finish_reason if finished else None
-            if item.delta or finished or (first and shape.chat):
-                yield _event(shape.chunk(item.delta, reason, first=first))
-                first = False
+            for choice in item.outputs:
+                reason = choice.finish_reason if choice.index not in ended else None
+                first = choice.index not in started
+                if choice.delta or reason is not None or (first and shape.chat) or \
+                        (first and shape.echo):
+                    yield _event(shape.chunk(item, choice, reason, first=first))
+                    started.add(choice.index)
+                if reason is not None:
+                    ended.add(choice.index)
             if finished and include_usage:
                 yield _event(shape.usage_chunk(item))
         yield "data: [DONE]\n\n"
@@ -319,6 +326,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     message = error.get("msg", "invalid value")
     if error.get("type") == "missing":
         message = "field required"
+    elif error.get("type") == "extra_forbidden":
+        message = "not supported by this server (unknown field)"
     return JSONResponse(error_body(f"{param}: {message}" if param else message, param=param),
                         status_code=400)
 

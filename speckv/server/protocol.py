@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI API (the part speckv serves) and the response shapes.
 
-Unknown fields are ignored, as OpenAI's clients send some that do not apply. Beside
-the OpenAI fields (penalties and logit_bias among them), requests take vLLM's extras
+Every field is honoured or refused: a field this server does not implement (OpenAI's
+`suffix`, `tools`, `audio`, `store`, ... or a misspelt one) is a 400 naming it, never
+silently ignored. Beside the OpenAI fields (n, best_of, logprobs and top_logprobs, echo,
+penalties and logit_bias among them), requests take vLLM's extras
 `repetition_penalty`, `min_p`, `stop_token_ids`, `min_tokens`, llama.cpp's `cache_prompt`
 (false: this request neither reuses nor leaves cached pages), and speckv's per-request
 options: `top_k`, `ignore_eos`, `selector`, `token_budget`. Usage reports
@@ -20,8 +22,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from speckv.engine.outputs import RequestOutput
-from speckv.engine.sampling_params import SamplingParams
+from speckv.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from speckv.engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
+from speckv.models.tokenizer import Tokenizer
 
 
 def _unicode(text: str) -> str:
@@ -35,7 +38,7 @@ def _unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
-_STRICT = ConfigDict(extra="ignore", strict=True)
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
@@ -55,7 +58,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -74,13 +77,6 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     selector: Text | None = None
     token_budget: int | float | Text | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -106,6 +102,9 @@ class _Sampling(BaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
+                              n=self.n, best_of=self.choices_best_of(),
+                              logprobs=self.token_logprobs(),
+                              prompt_logprobs=self.prompt_logprobs(),
                               top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop,
                               ignore_eos=self.ignore_eos, selector=self.selector,
                               token_budget=self.token_budget,
@@ -119,11 +118,22 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def choices_best_of(self) -> int | None:
+        return None
+
+    def token_logprobs(self) -> int | None:
+        """How many alternatives per generated token the response lists (None: no logprobs)."""
+        return None
+
+    def prompt_logprobs(self) -> int | None:
+        return None
+
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[int] | list[Text]
-    echo: bool = False
-    logprobs: int | None = None
+    echo: bool = False  # the prompt's text (and, with logprobs, its tokens') before the answer
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     suffix: Text | None = None
 
     @field_validator("prompt")
@@ -137,12 +147,31 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt is empty")
         return prompt
 
-    @field_validator("echo", "logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, value: Any, info) -> Any:
         if value:
             raise ValueError(f"{info.field_name} is not supported")
         return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, best_of: int | None, info) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of < n:
+            raise ValueError(f"must be at least n ({n})")
+        if best_of is not None and best_of > n and info.data.get("stream"):
+            raise ValueError("best_of > n cannot be streamed (the best are known at the end)")
+        return best_of
+
+    def choices_best_of(self) -> int | None:
+        return self.best_of
+
+    def token_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class TextPart(BaseModel):
@@ -155,8 +184,13 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's new system
     content: Text | list[TextPart]
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as the chat template takes it."""
+        return {"role": "system" if self.role == "developer" else self.role,
+                "content": self.text()}
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -168,7 +202,7 @@ class TokenizeRequest(BaseModel):
     """`/v1/tokenize` (vLLM's shape): a prompt, or chat messages rendered with the
     model's template; exactly one of the two."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = _STRICT
 
     model: Text | None = None
     prompt: Text | None = None
@@ -187,7 +221,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """`/v1/detokenize` (vLLM's shape): token ids back to text."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = _STRICT
 
     model: Text | None = None
     tokens: list[int]
@@ -196,19 +230,29 @@ class DetokenizeRequest(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    # not built yet: rejected by name rather than ignored
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # not built yet: rejected by name rather than ignored
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: Any = None
 
-    @field_validator("logprobs", "top_logprobs", "tools", "tool_choice")
+    @field_validator("tools", "tool_choice")
     @classmethod
     def _unsupported(cls, value: Any, info) -> Any:
         if value and value != "none":
             raise ValueError(f"{info.field_name} is not supported")
         return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, top: int | None, info) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return top
+
+    def token_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("response_format")
     @classmethod
@@ -246,41 +290,102 @@ def finish_reason(out: RequestOutput) -> str | None:
 
 
 class ResponseShape:
-    """Builds the response objects of one request (completion or chat)."""
+    """Builds the response objects of one request (completion or chat): a choice per
+    `CompletionOutput`, its logprobs in OpenAI's shape for the endpoint."""
 
-    def __init__(self, chat: bool, model: str) -> None:
+    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer,
+                 body: "_Sampling | None" = None) -> None:
         self.chat = chat
         self.model = model
+        self.tokenizer = tokenizer
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
+        self.echo = isinstance(body, CompletionRequest) and body.echo
+        self.top = None if body is None else body.token_logprobs()
+        self._sent_logprobs: dict[int, int] = {}  # per choice: tokens whose logprobs went out
+        self._text_offset: dict[int, int] = {}  # per choice: completions' text_offset so far
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}
 
     def full(self, out: RequestOutput) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                      "finish_reason": out.finish_reason, "logprobs": None}
-            body = self._envelope("chat.completion", [choice])
-        else:
-            choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason,
-                      "logprobs": None}
-            body = self._envelope("text_completion", [choice])
+        choices = []
+        for c in out.outputs:
+            logprobs = self._logprobs(out, c, echo=self.echo)
+            if self.chat:
+                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                "finish_reason": c.finish_reason, "logprobs": logprobs})
+            else:
+                text = out.prompt + c.text if self.echo else c.text
+                choices.append({"index": c.index, "text": text, "finish_reason": c.finish_reason,
+                                "logprobs": logprobs})
+        body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
         body["usage"] = usage(out)
         return body
 
-    def chunk(self, text: str, reason: str | None, first: bool = False) -> dict:
+    def chunk(self, out: RequestOutput, c: CompletionOutput, reason: str | None,
+              first: bool = False) -> dict:
+        """A streamed chunk of choice `c`: its new text and its new tokens' logprobs."""
+        text = c.delta
+        if self.echo and first:
+            text = out.prompt + text
+        logprobs = self._logprobs(out, c, echo=self.echo and first)
         if self.chat:
             delta: dict = {"role": "assistant", "content": text} if first else {"content": text}
             if reason is not None and not text:
                 delta = {}
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            choice = {"index": c.index, "delta": delta, "finish_reason": reason,
+                      "logprobs": logprobs}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        choice = {"index": c.index, "text": text, "finish_reason": reason, "logprobs": logprobs}
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self, out: RequestOutput) -> dict:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
         body["usage"] = usage(out)
         return body
+
+    # ------------------------------------------------------------ logprobs
+
+    def _logprobs(self, out: RequestOutput, c: CompletionOutput, echo: bool) -> dict | None:
+        """The logprobs of `c`'s tokens not given out yet (and, with `echo`, the prompt's
+        before them), as the endpoint shapes them; None without logprobs."""
+        if self.top is None or c.logprobs is None:
+            return None
+        start = self._sent_logprobs.get(c.index, 0)
+        ids, entries = c.token_ids[start:len(c.logprobs)], c.logprobs[start:]
+        self._sent_logprobs[c.index] = len(c.logprobs)
+        if self.chat:
+            return {"content": [self._chat_entry(t, e) for t, e in zip(ids, entries)]}
+        if echo:
+            ids = out.prompt_token_ids + ids
+            entries = (out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
+        tokens = [self.tokenizer.token_text(t) for t in ids]
+        offsets = []
+        offset = self._text_offset.get(c.index, 0)
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        self._text_offset[c.index] = offset
+        return {"tokens": tokens,
+                "token_logprobs": [None if e is None else e[t].logprob for t, e in zip(ids, entries)],
+                "top_logprobs": [None if e is None else self._top(t, e) for t, e in zip(ids, entries)],
+                "text_offset": offsets}
+
+    def _top(self, token: int, entry: TokenLogprobs) -> dict[str, float]:
+        """Completions' top_logprobs: the `logprobs` most likely tokens' text -> logprob,
+        and the chosen token's (vLLM's)."""
+        ranked = sorted(entry.items(), key=lambda x: x[1].rank)
+        return {lp.decoded_token: lp.logprob for t, lp in ranked
+                if lp.rank <= self.top or t == token}
+
+    def _chat_entry(self, token: int, entry: TokenLogprobs) -> dict:
+        def item(t: int, logprob: float) -> dict:
+            return {"token": self.tokenizer.token_text(t), "logprob": logprob,
+                    "bytes": list(self.tokenizer.token_bytes(t))}
+
+        ranked = sorted(((t, lp) for t, lp in entry.items() if lp.rank <= self.top),
+                        key=lambda x: x[1].rank)
+        return {**item(token, entry[token].logprob),
+                "top_logprobs": [item(t, lp.logprob) for t, lp in ranked]}
