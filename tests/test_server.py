@@ -238,6 +238,34 @@ def test_best_of_through_the_server(server, reference):
     assert out.choices[0].logprobs is None
 
 
+def test_response_format_holds_chat_output_to_json(server):
+    client = server.client()
+    person = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 16},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+    messages = [{"role": "user", "content": "Describe a person called Ann who is 31."}]
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=48, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person}})
+    got = json.loads(out.choices[0].message.content)
+    assert set(got) == {"name", "age"} and isinstance(got["age"], int)
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48,
+                                         temperature=0, response_format={"type": "json_object"})
+    assert out.choices[0].message.content.startswith("{")
+    regex = client.completions.create(model=MODEL, prompt="Is the sea salty? Answer:", max_tokens=4,
+                                      temperature=0, extra_body={"guided_regex": " ?(yes|no)"})
+    assert regex.choices[0].text.strip() in ("yes", "no")
+    for body, param in [
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+         "response_format"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "response_format"),
+    ]:
+        status, err, _ = server.post("/v1/chat/completions",
+                                     {"model": MODEL, "messages": messages, "max_tokens": 4, **body})
+        assert status == 400 and err["error"]["param"] == param, err
+
+
 def test_a_repeated_prefix_is_reported_as_cached_tokens(server):
     """usage.prompt_tokens_details.cached_tokens, as OpenAI's; cache_prompt=false opts out."""
     client = server.client()
@@ -348,7 +376,7 @@ def test_bad_completion_requests_are_400_naming_the_field(server, body, param):
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": "ann"}]},
      "messages[0].name"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-      "response_format": {"type": "json_object"}}, "response_format"),
+      "response_format": {"type": "grammar"}}, "response_format"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
       "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 9000}]}, "messages"),
@@ -366,11 +394,11 @@ HONOURED = {
                         "stop", "stream_options", "temperature", "top_p", "user"},
     "/v1/chat/completions": {"frequency_penalty", "logit_bias", "logprobs",
                              "max_completion_tokens", "max_tokens", "messages", "model", "n",
-                             "presence_penalty", "seed", "stop", "stream_options",
-                             "temperature", "top_logprobs", "top_p", "user"},
+                             "presence_penalty", "response_format", "seed", "stop",
+                             "stream_options", "temperature", "top_logprobs", "top_p", "user"},
 }
 REFUSED_BY_VALUE = {"/v1/completions": {"suffix"},  # declared, a 400 when given (BAD above)
-                    "/v1/chat/completions": {"response_format", "tools", "tool_choice"}}
+                    "/v1/chat/completions": {"tools", "tool_choice"}}
 
 
 @pytest.mark.parametrize("route", sorted(HONOURED))

@@ -17,6 +17,7 @@ import torch
 
 from speckv.config import EngineConfig, PrefetchConfig, format_size
 from speckv.plugins import check_names
+from speckv.engine.guided import Grammars
 from speckv.engine.trace import StepTrace
 from speckv.engine.model_runner import ModelRunner
 from speckv.engine.outputs import RequestOutput
@@ -74,6 +75,7 @@ class LLMEngine:
         sampler = Sampler(config.sampler.engine_seed, self._stop_ids)
         self.runner = ModelRunner(self.model, self.cache, sampler, attention, self.selection,
                                   self.prefetcher, token_text=self.tokenizer.token_text)
+        self._grammars = Grammars(self.tokenizer, self.args.vocab_size, self._stop_ids)
         self._sequences: dict[RequestId, Sequence] = {}
         # requests of n > 1 (or best_of): request id -> (its params, its choices by index)
         self._groups: dict[RequestId, tuple[SamplingParams, list[Sequence]]] = {}
@@ -259,6 +261,8 @@ class LLMEngine:
                 if seq.index and self.cache.prefix is not None and params.cache_prompt:
                     seq.after = seqs[0]  # admitted once it can reuse the first's prompt pages
             self._groups[rid] = (params, seqs)
+        for seq in seqs:  # (a bad grammar raises here, before anything is queued)
+            seq.matcher = self._grammars.matcher(params.guided_json, params.guided_regex)
         for seq in seqs:
             seq.choice = choice
             seq.max_num_tokens = most_tokens
@@ -445,6 +449,8 @@ class LLMEngine:
         if seq.logprobs is not None and logprob is not None:
             seq.logprobs.append(logprob)
             seq.cumulative_logprob += logprob[token].logprob
+        if seq.matcher is not None:
+            seq.matcher.consume(token)
         self._append_token(seq, token, now)
 
     @staticmethod

@@ -95,7 +95,11 @@ class ModelRunner:
         if not rows:
             return result, logprobs
         seqs = [sched.seqs[i] for i in rows]
-        sampled = self.sampler(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
+        picked = logits[rows]  # a copy: masks below leave the logprobs' logits alone
+        for j, seq in enumerate(seqs):
+            if seq.matcher is not None:  # only what its response format allows next
+                picked[j].masked_fill_(~seq.matcher.allowed().to(picked.device), float("-inf"))
+        sampled = self.sampler(picked, [s.params for s in seqs], [s.generator for s in seqs],
                                [(s.prompt_token_ids, s.output_token_ids) for s in seqs])
         for i, token in zip(rows, sampled):
             result[i] = token

@@ -145,8 +145,10 @@ class Sampler:
             probs = filtered.softmax(dim=-1).cpu()
             for j, i in enumerate(random_rows):
                 tokens[i] = self._draw(probs[j], generators[i] or self.generator)
-        for i in torch.nonzero(~torch.isfinite(top)).flatten().tolist():
-            tokens[i] = SampleError("the model produced non-finite logits")  # not a token
+        for i in torch.nonzero(~torch.isfinite(top)).flatten().tolist():  # not a token
+            tokens[i] = SampleError(
+                "no token is allowed: the response format, logit_bias and min_tokens exclude "
+                "every one" if top[i] == float("-inf") else "the model produced non-finite logits")
         return tokens
 
     @staticmethod

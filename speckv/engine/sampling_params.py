@@ -78,6 +78,11 @@ class SamplingParams:
     prompt_logprobs: int | None = field(default=None, metadata={
         "help": f"return each prompt token's log probability and those of the most likely "
                 f"ones (0..{MAX_LOGPROBS}); such a request computes its whole prompt"})
+    guided_json: dict | bool | None = field(default=None, metadata={
+        "help": "hold the output to this JSON schema (a dict), or to any JSON object "
+                "(True); llguidance", "cli": False})
+    guided_regex: str | None = field(default=None, metadata={
+        "help": "hold the output to this regular expression (llguidance)"})
     cache_prompt: bool = field(default=True, metadata={
         "help": "reuse cached pages of the prompt and cache this request's pages for later "
                 "ones (with the engine's prefix caching on; llama.cpp's name)"})
@@ -137,6 +142,15 @@ class SamplingParams:
             if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or "
                                  f"None, got {value!r}")
+        if self.guided_json is not None:
+            if self.guided_json is not True and not isinstance(self.guided_json, dict):
+                raise ValueError(f"guided_json must be a JSON schema (a dict) or True (any "
+                                 f"JSON object), got {self.guided_json!r}")
+            if self.guided_regex is not None:
+                raise ValueError("give guided_json or guided_regex, not both")
+        if self.guided_regex is not None and (not isinstance(self.guided_regex, str)
+                                              or not self.guided_regex):
+            raise ValueError(f"guided_regex must be a non-empty string, got {self.guided_regex!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got "
                              f"{self.min_tokens!r}")

@@ -70,6 +70,7 @@ class Sequence:
         # with params.prompt_logprobs: per prompt token (None for the first), as computed
         self.prompt_logprobs: list | None = None if params.prompt_logprobs is None else [None]
         self.choice = None  # its page selection (`speckv.selection.step.Choice`), set by the engine
+        self.matcher = None  # its structured-output grammar (`speckv.engine.guided.Matcher`)
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed % SEED_RANGE)
 

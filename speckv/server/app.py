@@ -203,7 +203,7 @@ async def _serve(engine: AsyncEngine, model: ServedModel, config: ServerConfig, 
         raise APIError(503, str(exc), kind="server_error", headers={"Retry-After": "5"}) from exc
     first = await _next(engine, rid, outputs, request)  # ACCEPTED, or why not
     if isinstance(first, EngineError):
-        raise _engine_error(first)
+        raise _engine_error(first, body)
     shape = ResponseShape(chat, model.name, model.tokenizer, body)
     if body.stream:
         return StreamingResponse(_sse(engine, rid, outputs, shape, body.include_usage),
@@ -234,7 +234,7 @@ def _max_tokens(body: _Sampling, prompt_tokens: int, prompt_field: str, context:
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("token_budget", "selector", "min_tokens", "max_tokens", "temperature",
+    for name in ("guided_json", "guided_regex", "token_budget", "selector", "min_tokens", "max_tokens", "temperature",
                  "top_p", "top_k", "stop_token_ids", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "best_of",
                  "prompt_logprobs", "logprobs", "prompt"):
@@ -243,9 +243,12 @@ def _param_of(message: str) -> str | None:
     return None
 
 
-def _engine_error(error: EngineError) -> APIError:
+def _engine_error(error: EngineError, body: _Sampling | None = None) -> APIError:
     if error.bad_request:
-        return APIError(400, error.message, param=_param_of(error.message))
+        param = _param_of(error.message)
+        if param == "guided_json" and getattr(body, "response_format", None):
+            param = "response_format"  # the schema came from there
+        return APIError(400, error.message, param=param)
     return APIError(500, error.message, kind="server_error")
 
 

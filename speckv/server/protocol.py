@@ -72,6 +72,9 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     # llama.cpp's: false = neither reuse cached pages nor cache this request's
     cache_prompt: bool = True
+    # vLLM's structured-output extras (chat also takes OpenAI's response_format)
+    guided_json: dict | None = None
+    guided_regex: Text | None = None
     # speckv's own
     top_k: int = Field(default=0, ge=0)
     ignore_eos: bool = False
@@ -112,7 +115,8 @@ class _Sampling(BaseModel):
                               frequency_penalty=self.frequency_penalty, logit_bias=bias,
                               repetition_penalty=self.repetition_penalty, min_p=self.min_p,
                               stop_token_ids=tuple(self.stop_token_ids or ()),
-                              min_tokens=self.min_tokens, cache_prompt=self.cache_prompt)
+                              min_tokens=self.min_tokens, cache_prompt=self.cache_prompt,
+                              guided_json=self.guided(), guided_regex=self.guided_regex)
 
     @property
     def include_usage(self) -> bool:
@@ -120,6 +124,10 @@ class _Sampling(BaseModel):
 
     def choices_best_of(self) -> int | None:
         return None
+
+    def guided(self) -> dict | bool | None:
+        """The JSON the output is held to: a schema, True for any object, None."""
+        return self.guided_json
 
     def token_logprobs(self) -> int | None:
         """How many alternatives per generated token the response lists (None: no logprobs)."""
@@ -232,8 +240,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict | None = None  # text, json_object or json_schema (llguidance)
     # not built yet: rejected by name rather than ignored
-    response_format: dict | None = None
     tools: list | None = None
     tool_choice: Any = None
 
@@ -256,11 +264,28 @@ class ChatCompletionRequest(_Sampling):
 
     @field_validator("response_format")
     @classmethod
-    def _plain_text(cls, value: dict | None) -> dict | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError(f"response_format {value.get('type')!r} is not supported "
-                             "(only text)")
+    def _format(cls, value: dict | None, info) -> dict | None:
+        if value is None:
+            return None
+        kind = value.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type {kind!r} is not supported (text, json_object, json_schema)")
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("json_schema must be an object with a 'schema' object")
+        if kind != "text" and (info.data.get("guided_json") is not None
+                               or info.data.get("guided_regex") is not None):
+            raise ValueError("give response_format or guided_json/guided_regex, not both")
         return value
+
+    def guided(self) -> dict | bool | None:
+        fmt = self.response_format or {}
+        if fmt.get("type") == "json_object":
+            return True
+        if fmt.get("type") == "json_schema":
+            return fmt["json_schema"].get("schema") or True
+        return self.guided_json
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
