@@ -489,6 +489,25 @@ def test_concurrent_streams_each_complete_once_and_leave_nothing(server):
     server.wait_idle()
 
 
+def test_log_requests_and_the_stats_line():
+    srv = Server("--log-requests", "--stats-interval", "0.5")
+    try:
+        client = srv.client()
+        out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        deadline = time.monotonic() + 30
+        while "request cmpl-" not in srv.output():
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.1)
+        line = next(x for x in srv.output().splitlines() if "request cmpl-" in x)
+        assert f"{out.usage.prompt_tokens} prompt tokens (0 cached), 40 generated" in line
+        assert "ttft" in line and line.endswith("length")
+        stats = [x for x in srv.output().splitlines() if "generation" in x and "tokens/s" in x]
+        assert stats and "running" in stats[0] and "DEVICE KV" in stats[0], srv.output()
+    finally:
+        assert srv.stop() == 0
+
+
 def test_api_key_is_required_on_v1_when_set():
     s = Server(env={"SPECKV_API_KEY": "sesame"})
     try:
@@ -576,7 +595,8 @@ def test_serve_rejects_bad_options():
     run = [sys.executable, "-m", "speckv.cli", "serve"]
     for args, word in ((["--port", "70000"], "port"), (["--max-waiting", "-1"], "max_waiting"),
                        (["--api-key", ""], "api_key"), (["--selector", "nope"], "selector"),
-                       (["--api-key-file", "/nonexistent/key"], "api_key_file")):
+                       (["--api-key-file", "/nonexistent/key"], "api_key_file"),
+                       (["--stats-interval", "-1"], "stats_interval")):
         p = subprocess.run(run + args, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and word in p.stderr, (args, p.stderr)
 

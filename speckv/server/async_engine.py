@@ -36,6 +36,8 @@ from speckv.pool.base import PoolUnavailable
 from speckv.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("speckv.requests")  # --log-requests: a line per request
+stats_log = logging.getLogger("speckv.stats")  # --stats-interval: the periodic line
 
 _SNAPSHOT_EVERY = 0.2  # seconds between stats snapshots while stepping
 _RATE_WINDOW = 10.0  # seconds of history behind the tokens/s gauge
@@ -66,10 +68,19 @@ class EngineError:
 
 
 @dataclass(slots=True)
+class _Window:
+    """Tokens since the last stats line (engine thread only)."""
+
+    prompt_tokens: int = 0  # computed (cached ones not counted)
+    generated_tokens: int = 0
+
+
+@dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
     arrival: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
     last_token: float | None = None
     num_tokens: int = 0
 
@@ -84,8 +95,14 @@ class AsyncEngine:
     """Runs an `LLMEngine` on a thread of its own and streams outputs to asyncio callers."""
 
     def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics,
-                 on_fatal: Callable[[], None] | None = None) -> None:
+                 on_fatal: Callable[[], None] | None = None, log_requests: bool = False,
+                 stats_interval: float = 0.0) -> None:
+        """`log_requests`: a line per finished request (logger speckv.requests);
+        `stats_interval`: seconds between stats lines while busy (speckv.stats; 0: none)."""
         self.engine = engine
+        self.log_requests = log_requests
+        self.stats_interval = stats_interval
+        self._window = _Window()  # what happened since the last stats line
         self.fatal: str | None = None  # why the loop died, if it did
         self._on_fatal = on_fatal
         self.max_waiting = max_waiting
@@ -203,6 +220,7 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         last_snapshot = last_check = 0.0
+        last_line = time.monotonic()
         busy = False
         while True:
             self._handle_commands()
@@ -226,6 +244,9 @@ class AsyncEngine:
             self._step()
             if now - last_snapshot >= _SNAPSHOT_EVERY:
                 self.snapshot, last_snapshot = self._stats(), now
+            if self.stats_interval and now - last_line >= self.stats_interval:
+                self._stats_line(now - last_line)
+                last_line = now
         self.snapshot = self._stats()
 
     def _set_in_flight(self) -> None:
@@ -304,19 +325,44 @@ class AsyncEngine:
         if new_tokens > 0:
             if stream.last_token is None:
                 self.metrics.time_to_first_token.observe(now - stream.arrival)
+                stream.first_token = now
+                self._window.prompt_tokens += out.num_prompt_tokens - out.num_cached_tokens
             else:
                 self.metrics.inter_token_latency.observe((now - stream.last_token) / new_tokens)
             stream.last_token, stream.num_tokens = now, out.num_generated_tokens
             self.metrics.generation_tokens.inc(new_tokens)
             self._recent.append((now, new_tokens))
+            self._window.generated_tokens += new_tokens
         if out.finished:
             del self._streams[out.request_id]
             self.metrics.request_finished(out.finish_reason, now - stream.arrival,
                                           out.num_prompt_tokens)
+            if self.log_requests:
+                ttft = "-" if stream.first_token is None else \
+                    f"{stream.first_token - stream.arrival:.3f} s"
+                request_log.info(
+                    "request %s: %d prompt tokens (%d cached), %d generated, ttft %s, "
+                    "total %.3f s, %s", out.request_id, out.num_prompt_tokens,
+                    out.num_cached_tokens, out.num_generated_tokens, ttft, now - stream.arrival,
+                    out.error and f"error: {out.error}" or out.finish_reason)
         if out.error is not None:  # the engine failed this request alone
             stream.put(EngineError(f"engine error: {out.error}"))
         else:
             stream.put(out)
+
+    def _stats_line(self, seconds: float) -> None:
+        """vLLM's periodic line, when something happened since the last one."""
+        w, self._window = self._window, _Window()
+        if not (w.prompt_tokens or w.generated_tokens or self.engine.has_unfinished()):
+            return
+        s = self.engine.stats()
+        used = s["device_pages_used"] / max(1, s["device_pages_total"])
+        hit = s.get("prefix_cache_hit_rate")
+        stats_log.info(
+            "prompt %.1f tokens/s, generation %.1f tokens/s, running %d, waiting %d, "
+            "DEVICE KV %.1f%% used%s", w.prompt_tokens / seconds, w.generated_tokens / seconds,
+            s["requests_running"], s["requests_waiting"], 100 * used,
+            "" if hit is None else f", prefix cache hit rate {100 * hit:.1f}%")
 
     def _tokens_per_second(self) -> float:
         now = time.perf_counter()

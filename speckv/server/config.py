@@ -35,6 +35,12 @@ class ServerConfig:
         "help": "largest request body accepted, in bytes; larger ones get 413"})
     default_max_tokens: int = field(default=256, metadata={
         "help": "max_tokens of a request that does not set it"})
+    log_requests: bool = field(default=False, metadata={
+        "help": "log one line per finished request: id, prompt tokens (cached), generated "
+                "tokens, time to first token, total time, finish reason"})
+    stats_interval: float = field(default=10.0, metadata={
+        "help": "seconds between stats lines while serving (prompt and generation tokens/s, "
+                "running, waiting, DEVICE KV use, prefix cache hit rate), as vLLM's; 0: none"})
     shutdown_grace_seconds: float = field(default=30.0, metadata={
         "help": "on SIGINT/SIGTERM, how long in-flight requests may finish before they are "
                 "aborted"})
@@ -48,6 +54,9 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.stats_interval < 0:
+            raise ValueError(f"stats_interval must be >= 0 (0: no stats lines), got "
+                             f"{self.stats_interval}")
         if self.shutdown_grace_seconds < 0:
             raise ValueError(
                 f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")

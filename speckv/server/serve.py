@@ -84,8 +84,14 @@ def run(engine: LLMEngine, config: ServerConfig, log_level: str = "info") -> int
                        config.host)
     metrics = ServerMetrics()
     server: _Server | None = None
+    if config.log_requests:  # shown whatever the level of the rest
+        logging.getLogger("speckv.requests").setLevel(logging.INFO)
+    if config.stats_interval:
+        logging.getLogger("speckv.stats").setLevel(logging.INFO)
     loop_engine = AsyncEngine(engine, config.max_waiting, metrics,
-                              on_fatal=lambda: server is not None and server.stop_on_fatal())
+                              on_fatal=lambda: server is not None and server.stop_on_fatal(),
+                              log_requests=config.log_requests,
+                              stats_interval=config.stats_interval)
     metrics.watch(lambda: loop_engine.snapshot)
     model = ServedModel(served_name(engine, config), engine.tokenizer, engine.max_model_len)
     app = build_app(loop_engine, model, config, api_key)
