@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     valkey_server.add_arguments(valkey)
 
+    from speckv.sim import simulate
+
+    simulate.add_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from speckv.bench import (capacity, contention, fidelity, kvread, prefetch, prefix,
@@ -197,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             from speckv.pool import valkey_server
 
             return valkey_server.run(ns)
+        if ns.command == "simulate":
+            from speckv.sim import simulate
+
+            return simulate.run(ns)
         if ns.command == "bench":
             from speckv.bench import (capacity, contention, fidelity, kvread, prefetch,
                                       prefix, replica, selection, serve, throughput)

@@ -80,7 +80,8 @@ class LLMEngine:
         # requests of n > 1 (or best_of): request id -> (its params, its choices by index)
         self._groups: dict[RequestId, tuple[SamplingParams, list[Sequence]]] = {}
         self._ids = itertools.count()
-        self._trace = None if config.prefetch.trace is None else StepTrace(config.prefetch.trace)
+        self._trace = None if config.prefetch.trace is None else \
+            StepTrace(config.prefetch.trace, self._trace_meta())
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d bytes",
                     self.args.name, self.device, config.model.dtype, num_pages, self.page_bytes)
 
@@ -136,6 +137,24 @@ class LLMEngine:
                 args.head_dim, pc.codec if store is not None else "none", pc.keep_sink_page))
         return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries,
                               eviction, prefix)
+
+    def _trace_meta(self) -> dict:
+        """What a projection of this engine's trace needs to know (`speckv.sim`)."""
+        from speckv.sim.shapes import of_args
+
+        store, cfg = self.cache.store, self.config
+        raw_page = self.page_bytes  # K and V of one page of one layer, in DEVICE
+        return {"shape": of_args(self.args).as_dict(), "weight_bytes": self.model.weight_bytes,
+                "kv_element_bytes": self.model.element_size, "dtype": cfg.model.dtype,
+                "page_size": cfg.cache.page_size, "pool": cfg.pool.pool,
+                "codec": None if store is None else store.codec.name,
+                "codec_ratio": 1.0 if store is None else store.codec.slot_bytes / raw_page,
+                "kv_read": None if store is None else
+                ("in_place" if self.cache.reads_in_place else "copy"),
+                "link": cfg.pool.link, "selector": cfg.selection.selector,
+                "token_budget": cfg.selection.token_budget, "predictor": cfg.prefetch.predictor,
+                "summary_bytes_per_page": self.cache.summaries.slot_bytes * self.args.num_layers,
+                "threads": torch.get_num_threads()}
 
     def _reads_in_place(self, config: EngineConfig, codec, backend) -> bool:
         """Whether attention reads pool rows in place: `in_place`, or `auto` where the

@@ -1,9 +1,13 @@
 """A per-step trace (JSON lines): what each engine step computed, moved and waited for.
 
-One line a step: its wall time, batch, tokens, and the change in every cumulative
-counter of the tiers and the prefetcher during it (pages and bytes per direction,
-stall and link-wait seconds, prefetches issued/used/late/wasted), plus the tiers'
-occupancy after it. The input of the hardware projection (`sim`, a later issue).
+The first line is `{"meta": {...}}`: the model's shape, the bytes of weights a step
+streams, the KV element and page sizes, the codec and what else shapes a step. Then
+one line a step: its wall time, batch, tokens, the KV tokens its decoding sequences
+read (`kv_tokens`) and the query-key pairs of its prefill chunks (`prefill_pairs`),
+and the change in every cumulative counter of the tiers and the prefetcher during it
+(pages and bytes per direction, stall and link-wait seconds, prefetches
+issued/used/late/wasted), plus the tiers' occupancy after it. `speckv simulate
+--trace` projects it onto other hardware (`speckv.sim`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ _LEVELS = ("device_pages_used", "prefetch_pages_used_now", "pool_encoded_bytes",
 class StepTrace:
     """Appends one JSON object per engine step to a file."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, meta: dict[str, Any] | None = None) -> None:
         try:
             self._fh = open(path, "w", encoding="utf-8")
         except OSError as exc:
@@ -39,6 +43,8 @@ class StepTrace:
         self._start = time.perf_counter()
         self._last: dict[str, Any] = {}
         self._step = 0
+        if meta is not None:
+            self._fh.write(json.dumps({"meta": meta}) + "\n")
 
     def write(self, sched: "SchedulerOutput", seconds: float, stats: dict[str, Any]) -> None:
         self._step += 1
@@ -49,6 +55,10 @@ class StepTrace:
             "batch": len(sched.chunks),
             "decode": sum(1 for c in sched.chunks if c.num_tokens == 1),
             "tokens": sum(c.num_tokens for c in sched.chunks),
+            # a decode reads its context and itself; a chunk's token j reads start + j + 1
+            "kv_tokens": sum(c.start + 1 for c in sched.chunks if c.num_tokens == 1),
+            "prefill_pairs": sum(c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2
+                                 for c in sched.chunks if c.num_tokens > 1),
         }
         for key in _CUMULATIVE:
             if key in stats:
