@@ -134,3 +134,29 @@ def test_simulate_a_named_workload_and_bad_inputs(capsys):
     assert main(["simulate", "--model", "Llama-3-8B", "--profile", "tpu-v9"]) == 2
     assert "h100-80gb-sxm" in capsys.readouterr().err  # the known ones are listed
     assert main(["simulate", "--model", "Llama-3-8B", "--pooled-fraction", "0.5"]) == 2  # no link
+
+
+def test_calibration_recovers_known_overheads(tmp_path):
+    """A synthetic trace whose steps took the roofline's time plus known overheads: the
+    fit finds them (and finds none where there are none)."""
+    from speckv.sim.simulate import calibrate
+
+    mech = Mechanisms(weight_bytes=5e6, kv_element_bytes=4, compute_dtype="bfloat16")
+    truth = dict(step_overhead_us=900.0, sequence_overhead_us=150.0, token_overhead_us=2.0,
+                 kv_token_overhead_us=0.0)
+    fitted_hw = hardware.Hardware(**{**HW.as_dict(), **truth, "sources": ("test",)})
+    steps = [Step(tokens=b, kv_tokens=b * (100 + i), decode_sequences=b)
+             for b in (1, 2, 4, 8, 16, 32) for i in range(5)]
+    steps += [Step(tokens=t, prefill_pairs=t * (t + 1) // 2) for t in (64, 256, 1024)]
+    meta = {"shape": SHAPE.as_dict(), "weight_bytes": mech.weight_bytes, "kv_element_bytes": 4,
+            "dtype": "bfloat16", "page_size": 16}
+    lines = [json.dumps({"meta": meta})] + [json.dumps({
+        "step": i, "seconds": step_time(SHAPE, fitted_hw, mech, s).total, "tokens": s.tokens,
+        "decode": s.decode_sequences, "kv_tokens": s.kv_tokens, "prefill_pairs": s.prefill_pairs})
+        for i, s in enumerate(steps)]
+    path = tmp_path / "synthetic.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    got = calibrate(str(path), HW)
+    for name, value in truth.items():
+        assert getattr(got, name) == pytest.approx(value, abs=1e-6), name
+    assert "calibrated" in got.name and str(path) in got.sources[-1]

@@ -9,7 +9,12 @@ A profile is a JSON file (`speckv/sim/profiles/*.json`, or a path given to `load
     peak_tflops           {dtype: float > 0}, dtype in bfloat16 / float16 / float32
                           (gpu and cpu only; dense, no sparsity)
     step_overhead_us      float >= 0  fixed cost of one engine step (launches,
-                          framework); for a measured CPU, what the probe found
+                          framework)
+    sequence_overhead_us  float >= 0  cost per decoding sequence per step (optional)
+    token_overhead_us     float >= 0  cost per computed token (optional)
+    kv_token_overhead_us  float >= 0  cost per past token a decode reads (optional)
+                          (the three overheads are what the roofline leaves out; for a
+                          CPU, `speckv simulate --calibrate` fits them on a trace)
     sources               [str, ...]  where each figure comes from (required)
 
 Field names carry their units; anything else is refused by name. Links between a
@@ -29,8 +34,10 @@ from pathlib import Path
 
 KINDS = ("gpu", "cpu", "memory")
 DTYPES = ("bfloat16", "float16", "float32")
-_FIELDS = {"name", "kind", "memory_gb", "memory_bandwidth_gbs", "peak_tflops",
-           "step_overhead_us", "sources"}
+OVERHEADS = ("step_overhead_us", "sequence_overhead_us", "token_overhead_us",
+             "kv_token_overhead_us")
+_FIELDS = {"name", "kind", "memory_gb", "memory_bandwidth_gbs", "peak_tflops", *OVERHEADS,
+           "sources"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,9 @@ class Hardware:
     memory_bandwidth_gbs: float
     peak_tflops: dict[str, float] = field(default_factory=dict)
     step_overhead_us: float = 0.0
+    sequence_overhead_us: float = 0.0
+    token_overhead_us: float = 0.0
+    kv_token_overhead_us: float = 0.0
     sources: tuple[str, ...] = ()
 
     def flops(self, dtype: str) -> float:
@@ -57,8 +67,8 @@ class Hardware:
     def as_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "memory_gb": self.memory_gb,
                 "memory_bandwidth_gbs": self.memory_bandwidth_gbs,
-                "peak_tflops": dict(self.peak_tflops), "step_overhead_us": self.step_overhead_us,
-                "sources": list(self.sources)}
+                "peak_tflops": dict(self.peak_tflops),
+                **{k: getattr(self, k) for k in OVERHEADS}, "sources": list(self.sources)}
 
 
 def _positive(where: str, name: str, value: object, zero: bool = False) -> float:
@@ -98,8 +108,7 @@ def validate(data: object, where: str = "profile") -> Hardware:
         memory_bandwidth_gbs=_positive(where, "memory_bandwidth_gbs",
                                        data["memory_bandwidth_gbs"]),
         peak_tflops={k: _positive(where, f"peak_tflops.{k}", v) for k, v in peaks.items()},
-        step_overhead_us=_positive(where, "step_overhead_us", data.get("step_overhead_us", 0.0),
-                                   zero=True),
+        **{k: _positive(where, k, data.get(k, 0.0), zero=True) for k in OVERHEADS},
         sources=tuple(sources))
 
 

@@ -24,7 +24,10 @@ the link each step, in the codec's bytes (`codec_ratio` = stored / raw bytes):
     hidden    = min(transfer(ahead), core)                prefetch overlaps the step
     exposed   = transfer(ahead) - hidden + transfer(demand)
 
-    step      = core + exposed + step_overhead
+    overhead  = step_overhead + sequence_overhead * decode_sequences
+                + token_overhead * tokens + kv_token_overhead * kv_tokens * f_sel
+                                                        what the roofline leaves out
+    step      = core + exposed + overhead
 
 `recall` is the predictor's fraction of needed pages that were fetched ahead (its
 hits), `precision` the fraction of fetched pages that were used (so 1/precision is
@@ -128,7 +131,9 @@ def step_time(shape: ModelShape, hw: Hardware, mech: Mechanisms, step: Step) -> 
     demand_s = _transfer(mech, demand, demand=True, layers=shape.layers)
     hidden = min(ahead_s, core)
     exposed = ahead_s - hidden + demand_s
-    overhead = hw.step_overhead_us * 1e-6
+    overhead = (hw.step_overhead_us + hw.sequence_overhead_us * step.decode_sequences
+                + hw.token_overhead_us * step.tokens
+                + hw.kv_token_overhead_us * read_tokens) * 1e-6
     return Breakdown(weights=weights, kv=kv, compute=compute, core=core,
                      transfer=ahead_s + demand_s, hidden=hidden, exposed=exposed,
                      overhead=overhead, total=core + exposed + overhead,

@@ -103,6 +103,38 @@ def project_trace(path: str, profiles: list[hardware.Hardware],
     return out
 
 
+def calibrate(path: str, hw: hardware.Hardware) -> hardware.Hardware:
+    """`hw` with the overheads the roofline leaves out fitted on a trace's measured steps:
+    least squares, relative to each step's time, of (measured - projected without
+    overheads) on (1, decoding sequences, tokens, KV tokens read), each coefficient >= 0 (a negative one
+    is dropped and the rest refitted). Calibrate on one trace, then project others: their error is the method's."""
+    import numpy as np
+
+    meta, records = read_trace(path)
+    shape = shapes.ModelShape(**meta["shape"])
+    mech = trace_mechanisms(meta, records)
+    bare = replace(hw, **{k: 0.0 for k in hardware.OVERHEADS})
+    steps = trace_steps(records)
+    measured = np.array([r["seconds"] for r in records])
+    residual = measured - np.array([step_time(shape, bare, mech, s).total for s in steps])
+    features = np.array([[1.0, s.decode_sequences, s.tokens,
+                          s.kv_tokens * mech.selection_fraction] for s in steps])
+    # relative errors are what a projection is judged by: weigh each step by 1 / its time
+    residual, features = residual / measured, features / measured[:, None]
+    keep = list(range(len(hardware.OVERHEADS)))
+    while True:
+        coef = np.linalg.lstsq(features[:, keep], residual, rcond=None)[0]
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(np.argmin(coef)))
+    fitted = dict.fromkeys(hardware.OVERHEADS, 0.0)
+    for i, c in zip(keep, coef):
+        fitted[hardware.OVERHEADS[i]] = max(0.0, float(c)) * 1e6
+    return replace(hw, name=f"{hw.name} calibrated", **fitted,
+                   sources=hw.sources + (f"overheads fitted on the trace {path} "
+                                         f"({len(steps)} steps) by speckv simulate --calibrate",))
+
+
 def project_workload(shape: shapes.ModelShape, profiles: list[hardware.Hardware],
                      mech: Mechanisms, batch: int, context: int, generate: int) -> dict[str, Any]:
     """A batch's prefill and decode on each profile, its throughput, and how many such
@@ -171,6 +203,10 @@ def add_parser(sub) -> None:
                       help="the codec's decode rate in GB/s (default: line rate)")
     mech.add_argument("--recall", type=float, help="prefetch recall: needed pages fetched ahead")
     mech.add_argument("--precision", type=float, help="prefetch precision: fetched pages used")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --trace and one --profile: fit that profile's step, sequence and "
+                        "token overheads on the trace's measured steps (then --save-profile)")
+    p.add_argument("--save-profile", help="write the (calibrated) profile to this JSON file")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--plot", help="draw the per-step breakdown per profile to this PNG")
 
@@ -195,6 +231,20 @@ def run(ns: argparse.Namespace) -> int:
         raise ValueError("--batch, --context and --generate must be >= 1")
     profiles = [hardware.load(p) for p in (ns.profile or ["h100-80gb-sxm"])]
     overrides = _overrides(ns)
+    if ns.calibrate:
+        if ns.trace is None or len(profiles) != 1:
+            raise ValueError("--calibrate needs --trace and exactly one --profile")
+        profiles = [calibrate(ns.trace, profiles[0])]
+        fitted = profiles[0]
+        print(f"calibrated {fitted.name}: step {fitted.step_overhead_us:.1f} us + "
+              f"{fitted.sequence_overhead_us:.1f} us per decoding sequence + "
+              f"{fitted.token_overhead_us:.2f} us per token + "
+              f"{fitted.kv_token_overhead_us * 1e3:.2f} ns per KV token read")
+    if ns.save_profile:
+        if len(profiles) != 1:
+            raise ValueError("--save-profile writes one profile: give one --profile")
+        with open(ns.save_profile, "w", encoding="utf-8") as fh:
+            json.dump(profiles[0].as_dict(), fh, indent=2)
     if ns.trace is not None:
         if ns.weight_bytes_per_param is not None:
             raise ValueError("--weight-bytes-per-param is for --model; a trace has its weights")
