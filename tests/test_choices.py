@@ -148,6 +148,7 @@ def test_a_sampling_error_in_one_choice_fails_the_request_alone(llm, monkeypatch
     outs = llm.generate([PROMPT, PROMPT + " Again."], [params, SamplingParams(max_tokens=6)],
                         use_tqdm=False)
     assert outs[0].finish_reason == "error" and "injected" in outs[0].error
+    assert "abort" in [c.finish_reason for c in outs[0].outputs]  # the other choice stopped
     assert outs[1].finish_reason in ("stop", "length") and outs[1].error is None
     monkeypatch.undo()
     assert_no_leak(llm.engine)

@@ -356,7 +356,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its pages; returns its final output, or None if unknown."""
         rid = RequestId(request_id)
-        n, seqs = self._groups.get(rid, (1, [self._sequences.get(rid)]))
+        _, seqs = self._groups.get(rid, (None, [self._sequences.get(rid)]))
         if seqs[0] is None:
             return None
         for seq in seqs:
@@ -422,6 +422,11 @@ class LLMEngine:
             elif seq.group in self._groups:
                 groups.setdefault(seq.group, []).append(seq)
         for rid, advanced in groups.items():
+            if any(s.error is not None for s in advanced):  # one choice failed: the request
+                for s in self._groups[rid][1]:               # fails, its other choices stop
+                    if self._sequences.pop(s.request_id, None) is not None:
+                        self.scheduler.remove(s.request_id)
+                        s.finish(FinishReason.ABORT)
             out = self._group_output(rid, self._groups[rid][1], advanced)
             if out is not None:
                 outputs.append(out)

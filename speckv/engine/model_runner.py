@@ -72,12 +72,12 @@ class ModelRunner:
                        in enumerate(zip(sched.seqs, sched.chunks))
                        if seq.prompt_logprobs is not None]
         prompt_rows = [(i, positions) for i, positions in prompt_rows if positions]
-        rows = list(ends)
-        for i, positions in prompt_rows:  # the rows of those positions, after the ends
+        hidden_rows = list(ends)  # each chunk's last token; then prompt logprobs' positions
+        for i, positions in prompt_rows:
             first_row = ends[i] - sched.chunks[i].num_tokens + 1 - sched.chunks[i].start
-            rows += [first_row + p for p in positions]
+            hidden_rows += [first_row + p for p in positions]
         logits = self.forward(sched.chunks, token_ids, [seq.choice for seq in sched.seqs],
-                              logits_for=torch.tensor(rows))
+                              logits_for=torch.tensor(hidden_rows))
         offset = len(ends)
         for i, positions in prompt_rows:
             seq = sched.seqs[i]

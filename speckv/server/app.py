@@ -234,8 +234,8 @@ def _max_tokens(body: _Sampling, prompt_tokens: int, prompt_field: str, context:
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("guided_json", "guided_regex", "token_budget", "selector", "min_tokens", "max_tokens", "temperature",
-                 "top_p", "top_k", "stop_token_ids", "stop", "seed", "presence_penalty",
+    for name in ("guided_json", "guided_regex", "token_budget", "selector", "min_tokens",
+                 "max_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "best_of",
                  "prompt_logprobs", "logprobs", "prompt"):
         if name in message:
