@@ -329,7 +329,8 @@ def test_trace_has_one_line_per_step_and_sums_to_the_stats(make_llm, tmp_path):
     llm.generate(PROMPTS, GREEDY)
     stats = llm.stats()
     llm.close()
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    meta, *lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert meta["meta"]["predictor"] == "layer_ahead" and meta["meta"]["pool"] != "none"
     assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
     assert len(lines) >= GREEDY.max_tokens
     for key in ("prefetch_issued", "prefetch_used", "tier_pages_fetched", "tier_stall_seconds"):
