@@ -59,10 +59,10 @@ def test_dequantize_is_gguf_py_bit_for_bit(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 8, 9, 47, 48, 130])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 8, 9, 12, 16, 21, 47, 48, 130])
 def test_quant_matmul_matches_a_float64_reference(fmt, tokens):
     # 37 rows: tiles of 4 (2 from 5 to 8 tokens) rows and a remainder; 47 / 48 tokens:
-    # either side of the switch to the GEMM path; 9: token tiles of 4 and a tail
+    # either side of the switch to the GEMM path; 9-47: groups of 8 tokens and a tail
     cols = _cols(fmt, 160)
     w, reference = _quantized(fmt, 37, cols, seed=tokens)
     x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(0))

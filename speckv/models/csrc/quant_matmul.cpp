@@ -301,29 +301,34 @@ void wide(const Rows& rows, const float* x, int64_t T, int64_t K, float* y, int6
   }
 }
 
+// One group of rows against up to 8 tokens, every product in registers.
+template <int64_t F>
+void rows_by_tokens(const Rows& w, int64_t n0, int64_t rows, const float* x, int64_t T,
+                    int64_t K, float* y, int64_t N) {
+  if (T > kTokens) {  // 2 rows x T tokens in registers, twice
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) wide<F, 2>(w.offset(n0 + r), x, T, K, y + n0 + r, N);
+    for (; r < rows; ++r) wide<F, 1>(w.offset(n0 + r), x, T, K, y + n0 + r, N);
+  } else if (rows == kRows) {
+    tokens<kRows>(CodedRows<F, kRows>{w.offset(n0)}, x, T, K, y + n0, N);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      tokens<1>(CodedRows<F, 1>{w.offset(n0 + r)}, x, T, K, y + n0 + r, N);
+  }
+}
+
 template <int64_t F>
 void matmul_rows(const float* x, int64_t T, int64_t K, const Rows& w, int64_t N, float* y) {
   const int64_t groups = (N + kRows - 1) / kRows;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(T > kWideTokens ? kRows * K : 0);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = g * kRows, rows = std::min(kRows, N - n0);
-      if (T > kTokens && T <= kWideTokens) {  // 2 rows x T tokens in registers, twice
-        int64_t r = 0;
-        for (; r + 2 <= rows; r += 2) wide<F, 2>(w.offset(n0 + r), x, T, K, y + n0 + r, N);
-        for (; r < rows; ++r) wide<F, 1>(w.offset(n0 + r), x, T, K, y + n0 + r, N);
-      } else if (T > kTokens) {  // expand once, reuse for every token tile
-        for (int64_t r = 0; r < rows; ++r)
-          expand_row<F>(w.offset(n0 + r), K, scratch.data() + r * K);
-        if (rows == kRows) tokens<kRows>(FloatRows{scratch.data(), K}, x, T, K, y + n0, N);
-        else for (int64_t r = 0; r < rows; ++r)
-          tokens<1>(FloatRows{scratch.data() + r * K, K}, x, T, K, y + n0 + r, N);
-      } else if (rows == kRows) {
-        tokens<kRows>(CodedRows<F, kRows>{w.offset(n0)}, x, T, K, y + n0, N);
-      } else {
-        for (int64_t r = 0; r < rows; ++r)
-          tokens<1>(CodedRows<F, 1>{w.offset(n0 + r)}, x, T, K, y + n0 + r, N);
-      }
+      // more than 8 tokens: groups of 8 in registers, each decoding the rows again (the
+      // rows' codes stay in L1 between groups) — measured 2x faster at 16-32 tokens
+      // than expanding them once into a float scratch and running 4-token tiles over it
+      for (int64_t t0 = 0; t0 < T; t0 += kWideTokens)
+        rows_by_tokens<F>(w, n0, rows, x + t0 * K, std::min(kWideTokens, T - t0), K,
+                          y + t0 * N, N);
     }
   });
 }
