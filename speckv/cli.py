@@ -348,11 +348,12 @@ def _generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _logprob_table(choice, top: int) -> str:
     """A choice's tokens, each with its log probability and the `top` most likely."""
+    from speckv.engine.outputs import most_likely
+
     lines = [f"logprobs of choice {choice.index} (token, logprob, rank; then the most likely):"]
     for token, entry in zip(choice.token_ids, choice.logprobs):
         lp = entry[token]
-        best = sorted((x for x in entry.values() if x.rank <= top), key=lambda x: x.rank)
-        alts = "  ".join(f"{x.decoded_token!r} {x.logprob:.3f}" for x in best)
+        alts = "  ".join(f"{x.decoded_token!r} {x.logprob:.3f}" for _, x in most_likely(entry, top))
         lines.append(f"  {lp.decoded_token!r:>16} {lp.logprob:8.3f} {lp.rank:6d}   {alts}")
     return "\n".join(lines)
 

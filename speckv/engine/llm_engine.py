@@ -360,10 +360,14 @@ class LLMEngine:
         if seqs[0] is None:
             return None
         for seq in seqs:
-            if self._sequences.pop(seq.request_id, None) is not None:
-                self.scheduler.remove(seq.request_id)
-                seq.finish(FinishReason.ABORT)
+            self._stop(seq)
         return self._group_output(rid, seqs, seqs) if rid in self._groups else self._output(seqs[0])
+
+    def _stop(self, seq: Sequence) -> None:
+        """Aborts one unfinished sequence, freeing its pages (a finished one is left as is)."""
+        if self._sequences.pop(seq.request_id, None) is not None:
+            self.scheduler.remove(seq.request_id)
+            seq.finish(FinishReason.ABORT)
 
     def set_selection(self, request_id: str, selector: str | None = None,
                       token_budget: int | float | str | None = None) -> None:
@@ -424,9 +428,7 @@ class LLMEngine:
         for rid, advanced in groups.items():
             if any(s.error is not None for s in advanced):  # one choice failed: the request
                 for s in self._groups[rid][1]:               # fails, its other choices stop
-                    if self._sequences.pop(s.request_id, None) is not None:
-                        self.scheduler.remove(s.request_id)
-                        s.finish(FinishReason.ABORT)
+                    self._stop(s)
             out = self._group_output(rid, self._groups[rid][1], advanced)
             if out is not None:
                 outputs.append(out)

@@ -29,6 +29,12 @@ class Logprob:
 TokenLogprobs = dict[int, Logprob]  # the chosen token and the most likely ones at one step
 
 
+def most_likely(entry: TokenLogprobs, top: int) -> list[tuple[int, Logprob]]:
+    """The `top` most likely (token id, Logprob) pairs of one step, most likely first."""
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank <= top),
+                  key=lambda pair: pair[1].rank)
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionOutput:
     """One completion (choice) of a request (vLLM's `CompletionOutput`). `logprobs`

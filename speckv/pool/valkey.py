@@ -71,6 +71,17 @@ def page_name(key: bytes) -> bytes:
     return b"speckv:{%s}" % key.hex().encode()
 
 
+def _layout(num_layers: int, extra_bytes: int) -> tuple[int, int]:
+    """Where a stored value's summaries and rows start (its row sizes follow the header)."""
+    extras_at = _HEADER.size + 4 * num_layers
+    return extras_at, extras_at + num_layers * extra_bytes
+
+
+def _row_sizes(values: np.ndarray, num_layers: int) -> np.ndarray:
+    """The row sizes stored after the header of each value ([..., value bytes] uint8)."""
+    return values[..., _HEADER.size:_HEADER.size + 4 * num_layers].copy().view("<u4")
+
+
 class ValkeyPool(LocalPool):
     """A local arena, write-through and read-through to Valkey for content-keyed pages."""
 
@@ -206,8 +217,7 @@ class ValkeyPool(LocalPool):
         Returns (pool keys [m, L], extras uint8 [m, L, E]) of the m pages found."""
         found: list[tuple[np.ndarray, np.ndarray]] = []  # per batch: (keys, extras)
         conn = self._connection()
-        rows_at = _HEADER.size + num_layers * (4 + extra_bytes)
-        value_bytes = rows_at + num_layers * self.slot_bytes
+        value_bytes = _layout(num_layers, extra_bytes)[1] + num_layers * self.slot_bytes
         if conn is not None and page_keys:
             started = time.perf_counter()
             self.shared.lookups += 1
@@ -238,14 +248,13 @@ class ValkeyPool(LocalPool):
     def _take(self, values: np.ndarray, num_layers: int, extra_bytes: int
               ) -> tuple[np.ndarray, np.ndarray]:
         """Copies checked values' rows into new keys of this pool: (keys [n, L], extras)."""
-        n, rows_at = len(values), _HEADER.size + num_layers * (4 + extra_bytes)
+        n, (extras_at, rows_at) = len(values), _layout(num_layers, extra_bytes)
         keys = self.allocate(n * num_layers)
         if keys is None:
             raise RuntimeError("bug: adopting pages into a pool without room for them")
         grid = np.asarray(keys, dtype=np.int64).reshape(n, num_layers)
-        sizes = values[:, _HEADER.size:_HEADER.size + 4 * num_layers].copy().view("<u4")
-        extras = values[:, _HEADER.size + 4 * num_layers:rows_at] \
-            .reshape(n, num_layers, extra_bytes).copy()
+        sizes = _row_sizes(values, num_layers)
+        extras = values[:, extras_at:rows_at].reshape(n, num_layers, extra_bytes).copy()
         if (sizes == self.slot_bytes).all():  # fixed-size rows: one copy for them all
             self._rows[grid] = values[:, rows_at:].reshape(n, num_layers, self.slot_bytes)
         else:
@@ -284,7 +293,8 @@ class ValkeyPool(LocalPool):
     def _invalid(self, value: np.ndarray, root: bytes, key: bytes, num_layers: int,
                  extra_bytes: int) -> str | None:
         """Why a stored value may not be read (None: it may)."""
-        if len(value) < _HEADER.size + 4 * num_layers:
+        extras_at, rows_at = _layout(num_layers, extra_bytes)
+        if len(value) < extras_at:
             return "too short"
         magic, version, layers, extra, ns, got_key, digest = _HEADER.unpack_from(value)
         if magic != _MAGIC or version != _VERSION:
@@ -293,9 +303,9 @@ class ValkeyPool(LocalPool):
             return "another namespace (model, dtype, codec or page size)"
         if got_key != key:
             return "stored under another page's name"
-        rows = value[_HEADER.size:_HEADER.size + 4 * num_layers].copy().view("<u4")
+        rows = _row_sizes(value, num_layers)
         if layers != num_layers or extra != extra_bytes or (rows > self.slot_bytes).any() \
-                or len(value) != _HEADER.size + num_layers * (4 + extra) + int(rows.sum()):
+                or len(value) != rows_at + int(rows.sum()):
             return "wrong size"
         if xxhash.xxh3_64_intdigest(value[_HEADER.size:]) != digest:
             return "checksum mismatch"

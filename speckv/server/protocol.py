@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from speckv.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from speckv.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs, most_likely
 from speckv.engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from speckv.models.tokenizer import Tokenizer
 
@@ -401,16 +401,14 @@ class ResponseShape:
     def _top(self, token: int, entry: TokenLogprobs) -> dict[str, float]:
         """Completions' top_logprobs: the `logprobs` most likely tokens' text -> logprob,
         and the chosen token's (vLLM's)."""
-        ranked = sorted(entry.items(), key=lambda x: x[1].rank)
-        return {lp.decoded_token: lp.logprob for t, lp in ranked
-                if lp.rank <= self.top or t == token}
+        best = dict(most_likely(entry, self.top))
+        best.setdefault(token, entry[token])  # ranked below them, so last
+        return {lp.decoded_token: lp.logprob for lp in best.values()}
 
     def _chat_entry(self, token: int, entry: TokenLogprobs) -> dict:
         def item(t: int, logprob: float) -> dict:
             return {"token": self.tokenizer.token_text(t), "logprob": logprob,
                     "bytes": list(self.tokenizer.token_bytes(t))}
 
-        ranked = sorted(((t, lp) for t, lp in entry.items() if lp.rank <= self.top),
-                        key=lambda x: x[1].rank)
         return {**item(token, entry[token].logprob),
-                "top_logprobs": [item(t, lp.logprob) for t, lp in ranked]}
+                "top_logprobs": [item(t, lp.logprob) for t, lp in most_likely(entry, self.top)]}

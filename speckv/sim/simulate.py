@@ -57,8 +57,7 @@ def trace_mechanisms(meta: dict[str, Any], steps: list[dict[str, Any]]) -> Mecha
     visible = sum(s.get("selection_pages_visible", 0) for s in steps)
     selected = sum(s.get("selection_pages_selected", 0) for s in steps)
     fraction = selected / visible if visible else 1.0
-    dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
-        meta.get("dtype"), "float32")
+    dtype = meta.get("dtype") if meta.get("dtype") in hardware.DTYPES else "float32"
     return Mechanisms(weight_bytes=meta["weight_bytes"], kv_element_bytes=meta["kv_element_bytes"],
                       compute_dtype=dtype, page_size=meta["page_size"],
                       selection_fraction=min(1.0, fraction),
