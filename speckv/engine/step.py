@@ -326,13 +326,17 @@ class StepAttention:
         def summaries(local: torch.Tensor) -> torch.Tensor:
             return cache.summaries.gather(sids[rows[local]])
 
+        def centroids(local: torch.Tensor) -> torch.Tensor:
+            return cache.summaries.gather_centroids(sids[rows[local]])
+
         def keys(local: torch.Tensor) -> torch.Tensor:  # [b, P * ps, Hkv, D]
             ids = tables[rows[local]]
             k_pages, _, listed = self._pages(ids)
             k = k_pages.index_select(0, listed.reshape(-1))
             return k.view(ids.shape[0], ids.shape[1] * ps, *k.shape[2:])
 
-        return sel.select(layer, rows, q, positions, valid, summaries, keys, self.meta.num_pages)
+        return sel.select(layer, rows, q, positions, valid, summaries, keys, self.meta.num_pages,
+                          centroids)
 
     def _needed(self, decode_mask: torch.Tensor | None,
                 prefill_mask: torch.Tensor | None) -> torch.Tensor:

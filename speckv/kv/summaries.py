@@ -1,4 +1,4 @@
-"""Page summaries: the per-channel key min and max of every sealed page, per KV head.
+"""Page summaries: the per-channel key min, max and mean of every sealed page, per KV head.
 
 A summary lives in fast memory for as long as its page lives, wherever the page's
 data is (DEVICE or only the pool): selectors score pages from summaries without
@@ -8,14 +8,15 @@ back when its sequence is freed; the slot is written when the page is sealed.
 Layout (one tensor, allocated once; pages that are never summarized are never
 touched, so on the CPU the untouched part costs address space only)::
 
-    data: [num_slots, num_kv_heads, 2, head_dim]    [:, :, 0] = key min, [:, :, 1] = key max
+    data:      [num_slots, num_kv_heads, 2, head_dim]   [:, :, 0] = key min, [:, :, 1] = key max
+    centroids: [num_slots, num_kv_heads, head_dim]      the mean key (a page's landmark)
 
 (min and max of a head side by side: a quest score is one matmul of [min | max] with
-[q- | q+] per KV head.)
+[q- | q+] per KV head; the fused quest kernel reads `data` alone.)
 
-Summaries take 2 / (2 * page_size) of the KV bytes they describe (1/16 at 16-token
-pages); they are reported in `stats()` as `summary_bytes` and are not part of the
-DEVICE budget.
+Summaries take 3 / (2 * page_size) of the KV bytes they describe (3/32 at 16-token
+pages: 1/16 the boxes, 1/32 the centroids); they are reported in `stats()` as
+`summary_bytes` and are not part of the DEVICE budget.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class SummaryStore:
     def __init__(self, num_slots: int, num_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.data = torch.empty(num_slots, num_kv_heads, 2, head_dim, dtype=dtype, device=device)
+        self.centroids = torch.empty(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
         self._slots = SlotAllocator(num_slots)
-        self.slot_bytes = 2 * num_kv_heads * head_dim * self.data.element_size()
+        self._box_bytes = 2 * num_kv_heads * head_dim * self.data.element_size()
+        self.slot_bytes = 3 * num_kv_heads * head_dim * self.data.element_size()
 
     @property
     def num_used(self) -> int:
@@ -61,21 +64,37 @@ class SummaryStore:
         """
         lo, hi = torch.aminmax(keys, dim=1)  # [S, Hkv, D] each
         self.data[ids] = torch.stack([lo, hi], dim=2)
+        self.centroids[ids] = keys.mean(dim=1, dtype=torch.float32).to(self.centroids.dtype)
 
     def to_bytes(self, ids: np.ndarray) -> np.ndarray:
-        """The summaries in slots `ids` (any shape) as host bytes: uint8 [*ids.shape, slot_bytes]."""
+        """The summaries in slots `ids` (any shape) as host bytes: uint8 [*ids.shape, slot_bytes]
+        (boxes, then centroids)."""
         index = torch.from_numpy(np.ascontiguousarray(ids).reshape(-1)).to(self.data.device)
-        rows = self.data.index_select(0, index).cpu().contiguous()
-        return rows.view(torch.uint8).numpy().reshape(*ids.shape, self.slot_bytes)
+        n = index.numel()
+        rows = torch.cat([self.data.index_select(0, index).reshape(n, -1),
+                          self.centroids.index_select(0, index).reshape(n, -1)], dim=1)
+        return rows.cpu().contiguous().view(torch.uint8).numpy().reshape(*ids.shape,
+                                                                         self.slot_bytes)
 
     def from_bytes(self, ids: np.ndarray, data: np.ndarray) -> None:
         """Writes summaries given as `to_bytes` returns them into slots `ids`."""
         index = torch.from_numpy(np.ascontiguousarray(ids).reshape(-1)).to(self.data.device)
         rows = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, self.slot_bytes))
-        self.data[index] = rows.view(self.data.dtype).view(-1, *self.data.shape[1:]).to(
-            self.data.device)
+        boxes, centroids = rows[:, :self._box_bytes], rows[:, self._box_bytes:]
+        self.data[index] = boxes.contiguous().view(self.data.dtype).view(
+            -1, *self.data.shape[1:]).to(self.data.device)
+        self.centroids[index] = centroids.contiguous().view(self.centroids.dtype).view(
+            -1, *self.centroids.shape[1:]).to(self.centroids.device)
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [B, P] -> [B, P, Hkv, 2, D]."""
-        rows = self.data.view(self.data.shape[0], -1).index_select(0, ids.reshape(-1))  # 2-D: fastest
-        return rows.view(*ids.shape, *self.data.shape[1:])
+        return _gather(self.data, ids)
+
+    def gather_centroids(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [B, P] -> [B, P, Hkv, D]."""
+        return _gather(self.centroids, ids)
+
+
+def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    rows = table.view(table.shape[0], -1).index_select(0, ids.reshape(-1))  # 2-D: fastest
+    return rows.view(*ids.shape, *table.shape[1:])

@@ -61,8 +61,11 @@ class StepPrefetch:
         def gather(local: torch.Tensor) -> torch.Tensor:
             return summaries.gather(sids[rows[local]])
 
+        def centroids(local: torch.Tensor) -> torch.Tensor:
+            return summaries.gather_centroids(sids[rows[local]])
+
         mask = self.selection.predict(rows, q[:, None], positions[:, None], gather,
-                                      view.max_pages)  # [n, 1, Hkv, P]
+                                      view.max_pages, centroids)  # [n, 1, Hkv, P]
         pages[:n] = mask.any(2).any(1).cpu().numpy() & view.all_pages[:n]
         return pages
 

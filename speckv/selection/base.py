@@ -11,8 +11,10 @@ into a selection under a token budget, the same way for every selector:
                 at least the forced ones; the rest are the best-scored candidates
 
 Every (sequence, query, KV head) gets its own pages; with grouped-query attention a
-page's score for a KV head is the max over the query heads of its group (a page any
-of them needs is kept). Ties between candidates go to the older page (topk order).
+page's score for a KV head folds the query heads of its group: quest takes the max
+(a page any of them bounds high is kept), `union_by_rank` interleaves their own
+rankings (each head's best page first, then each head's second, ...). Ties between
+candidates go to the older page (topk order).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class SelectionInputs:
         valid for sealed pages only.
     keys(): [B, P * page_size, Hkv, D] every key of the listed pages (costs a full
         read: only the oracle and evaluation call it).
+    centroids(): [B, P, Hkv, D] per-page mean key, valid for sealed pages only.
     """
 
     q: torch.Tensor
@@ -46,6 +49,11 @@ class SelectionInputs:
     num_kv_heads: int
     summaries: Callable[[], torch.Tensor]
     keys: Callable[[], torch.Tensor]
+    centroids: Callable[[], torch.Tensor] = lambda: _no_centroids()
+
+
+def _no_centroids() -> torch.Tensor:
+    raise RuntimeError("bug: these selection inputs carry no page centroids")
 
 
 class Selector(ABC):
@@ -68,10 +76,38 @@ class Selector(ABC):
 SELECTORS: Registry[type[Selector]] = Registry("selector", {
     "full": "speckv.selection.selectors:Full",
     "quest": "speckv.selection.selectors:Quest",
+    "centroid": "speckv.selection.selectors:Centroid",
     "sink_recent": "speckv.selection.selectors:SinkRecent",
     "oracle": "speckv.selection.selectors:Oracle",
 })
 register_selector = SELECTORS.register
+
+
+def union_by_rank(scores: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Folds per-query-head scores into one score per KV head so that the top k of the
+    result is the union of each head's own best pages, taken rank by rank.
+
+    Args:
+        scores: [B, Hkv, Q, G, P] per query head (G heads share a KV head).
+        positions: [B, Q] query positions (pages from the query's own on are not ranked).
+
+    Returns:
+        [B, Q, Hkv, P]: minus a page's best rank over the group (0 for a page some
+        head ranks first), plus a tie-break in (0, 1e-3) from its best score, so a page
+        two heads rank second beats a page one head ranks third, and among the pages
+        of one rank the better scored comes first.
+    """
+    num_pages = scores.shape[-1]
+    page = torch.arange(num_pages, device=scores.device)
+    unseen = page >= (positions // page_size)[..., None]  # [B, Q, P]
+    scores = scores.masked_fill(unseen[:, None, :, None, :], NEG)
+    rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0: the head's best
+    best = scores.amax(3)  # [B, Hkv, Q, P]
+    spread = best.masked_fill(best == NEG, 0)
+    lo, hi = spread.amin(-1, keepdim=True), spread.amax(-1, keepdim=True)
+    tie = 1e-3 * (spread - lo) / (hi - lo).clamp(min=1e-30) * 0.999 + 1e-7
+    folded = -rank.amin(3).to(scores.dtype) + tie
+    return folded.masked_fill(best == NEG, NEG).permute(0, 2, 1, 3)
 
 
 def budget_tokens(budget: int | float, context_lens: torch.Tensor) -> torch.Tensor:

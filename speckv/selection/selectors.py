@@ -1,11 +1,11 @@
-"""The built-in selectors: full, quest, sink_recent, oracle."""
+"""The built-in selectors: full, quest, centroid, sink_recent, oracle."""
 
 from __future__ import annotations
 
 import torch
 
 from speckv.kv.attention import grouped
-from speckv.selection.base import SelectionInputs, Selector
+from speckv.selection.base import SelectionInputs, Selector, union_by_rank
 
 
 class Full(Selector):
@@ -42,6 +42,33 @@ class Quest(Selector):
                              for h in range(num_kv)], dim=1)  # [B, Hkv, P, Q*G]
         bound = bound.view(batch, num_kv, num_pages, num_q, -1).amax(-1)  # [B, Hkv, P, Q]
         return bound.permute(0, 3, 1, 2)
+
+
+class Centroid(Selector):
+    """Landmarks (ShadowKV's chunk-mean keys), each query head ranking for itself:
+
+        estimate(q, page) = q . mean(keys of the page) = mean over the page of q . k
+
+    exactly the page's mean attention logit (times sqrt(D)), from one stored row per
+    page and KV head (half a quest box). It is an estimate, not a bound: a page whose
+    one key matches q strongly among unrelated ones is diluted by 1/page_size
+    (BENCHMARKS.md F12 measures how far it is from each page's max and from the
+    oracle). The query heads of a GQA group are folded by `union_by_rank`: every head
+    gets its best pages in turn instead of one max over the group, which lets a
+    retrieval head keep the page only it attends to.
+
+    Recommended sparse selector (BENCHMARKS.md F12: passkey at 8k with 64-128 tokens
+    where quest needs more than 512); `full` stays the default since selection is lossy.
+    """
+
+    def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
+        c = inputs.centroids()  # [B, P, Hkv, D]
+        batch, num_pages, num_kv, dim = c.shape
+        num_q = inputs.q.shape[1]
+        q = grouped(inputs.q, num_kv).to(c.dtype)  # [B, Hkv, Q*G, D]
+        est = torch.einsum("bhqd,bphd->bhqp", q, c)  # [B, Hkv, Q*G, P]
+        return union_by_rank(est.view(batch, num_kv, num_q, -1, num_pages), inputs.positions,
+                             inputs.page_size)
 
 
 class SinkRecent(Selector):

@@ -160,33 +160,37 @@ class StepSelection:
 
     def select(self, layer: int, rows: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
                valid: torch.Tensor, summaries: Callable[[torch.Tensor], torch.Tensor],
-               keys: Callable[[torch.Tensor], torch.Tensor], num_pages: int) -> torch.Tensor:
+               keys: Callable[[torch.Tensor], torch.Tensor], num_pages: int,
+               centroids: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The pages each query of `rows` reads in `layer`.
 
         Args:
             rows: [B] the rows (step order) these queries belong to.
             q: [B, Q, H, D]; positions, valid: [B, Q] (valid False for padding queries).
-            summaries, keys: row index [b] -> that rows' summaries / dense keys.
+            summaries, keys, centroids: row index [b] -> those rows' summaries / dense
+                keys / page centroids.
 
         Returns:
             [B, Q, Hkv, P] bool page mask.
         """
-        masks = self._masks(rows, q, positions, summaries, keys, num_pages)
+        masks = self._masks(rows, q, positions, summaries, keys, num_pages, centroids)
         self._count(layer, masks, positions, valid, q, summaries, keys, rows)
         return masks
 
     def predict(self, rows: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                summaries: Callable[[torch.Tensor], torch.Tensor], num_pages: int) -> torch.Tensor:
+                summaries: Callable[[torch.Tensor], torch.Tensor], num_pages: int,
+                centroids: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """What `select` would choose for the queries `q` (e.g. estimated ones), uncounted.
         Selectors that read true keys (the oracle) predict every page."""
         if any(self.owner.selectors[c.selector].needs_keys for c in self.groups):
             return torch.ones(*q.shape[:2], self.owner.num_kv_heads, num_pages, dtype=torch.bool,
                               device=q.device)
-        return self._masks(rows, q, positions, summaries, None, num_pages)
+        return self._masks(rows, q, positions, summaries, None, num_pages, centroids)
 
     def _masks(self, rows: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
                summaries: Callable[[torch.Tensor], torch.Tensor],
-               keys: Callable[[torch.Tensor], torch.Tensor] | None, num_pages: int) -> torch.Tensor:
+               keys: Callable[[torch.Tensor], torch.Tensor] | None, num_pages: int,
+               centroids: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         o = self.owner
         masks = None
         for choice, members in self.groups.items():
@@ -198,6 +202,8 @@ class StepSelection:
             inputs = SelectionInputs(sub(q), sub(positions), num_pages, o.page_size,
                                      o.num_kv_heads, lambda: summaries(local),
                                      lambda: keys(local))
+            if centroids is not None:
+                inputs.centroids = lambda: centroids(local)
             mask = self._choose(choice, inputs)
             if every:  # one choice for the whole batch: the usual case
                 return mask
