@@ -12,8 +12,8 @@ from speckv import SamplingParams
 from speckv.bench.common import bench_text
 from speckv.kv.attention import NO_ROWS, paged_attention, torch_sparse_decode_attention
 from speckv.kv.summaries import SummaryStore
-from speckv.selection.base import SELECTORS, SelectionInputs, choose_pages
-from speckv.selection.selectors import Oracle, Quest
+from speckv.selection.base import SELECTORS, SelectionInputs, choose_pages, union_by_rank
+from speckv.selection.selectors import Centroid, Oracle, Quest
 
 PS = 16
 
@@ -24,7 +24,8 @@ def inputs_for(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> 
     pages = keys.view(batch, length // PS, PS, num_kv, dim)
     lo, hi = pages.amin(2), pages.amax(2)
     return SelectionInputs(q, positions, length // PS, PS, num_kv,
-                           lambda: torch.stack([lo, hi], dim=3), lambda: keys)
+                           lambda: torch.stack([lo, hi], dim=3), lambda: keys,
+                           lambda: pages.mean(2))
 
 
 def brute_page_max(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,70 @@ def test_quest_bound_is_an_upper_bound_on_real_keys(loaded):
         bound = Quest().page_scores(inputs).double()
         exact = brute_page_max(q[None, -4:], k[None])
         assert (bound >= exact - 1e-4).all(), f"layer {layer}"
+
+
+# ---------------------------------------------------------------- the centroid estimate
+
+
+def brute_page_logits(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q.k of every query head and key: [B, Q, H, P, PS], float64."""
+    batch, length, num_kv, dim = keys.shape
+    group = q.shape[2] // num_kv
+    k = keys.double().repeat_interleave(group, 2).view(batch, length // PS, PS, -1, dim)
+    return torch.einsum("bqhd,bpthd->bqhpt", q.double(), k)
+
+
+def test_centroid_estimate_is_the_mean_logit_and_below_the_max_on_real_keys(loaded):
+    """The estimate's definition checked per query head (mean of q.k over the page), and
+    its error against the page's max logit (what retrieval needs) measured and bounded:
+    mean <= max always; the gap is what the estimate gives up."""
+    for layer in (2, 15, 29):
+        q, k = real_qk(loaded, bench_text(), layer)  # [T, H, D], [T, Hkv, D]
+        q, k = q[None, -4:], k[None]
+        num_kv = k.shape[2]
+        logits = brute_page_logits(q, k)  # [1, 4, H, P, PS]
+        c = k.view(1, -1, PS, num_kv, k.shape[-1]).mean(2)  # [1, P, Hkv, D]
+        est = torch.einsum("bqhd,bphd->bqhp", q.double(),
+                           c.double().repeat_interleave(q.shape[2] // num_kv, 2))
+        torch.testing.assert_close(est, logits.mean(-1), rtol=1e-6, atol=1e-4)
+        gap = logits.amax(-1) - est
+        assert (gap >= -1e-4).all() and gap.max() > 0, f"layer {layer}"
+
+
+def test_union_by_rank_gives_every_query_head_its_best_pages_in_turn():
+    # one KV head, 3 query heads, 6 pages, query on page 5 (pages 0-4 rankable)
+    per_head = torch.tensor([[9., 8., 0., 0., 0., 7.],   # head 0: pages 0, 1
+                             [0., 0., 5., 4., 0., 0.],   # head 1: pages 2, 3
+                             [1., 2., 3., 4., 6., 0.]])  # head 2: pages 4, 3
+    scores = per_head.view(1, 1, 1, 3, 6)
+    positions = torch.tensor([[5 * PS]])
+    folded = union_by_rank(scores, positions, PS)  # [1, 1, 1, 6]
+    assert folded[0, 0, 0, 5] == float("-inf")  # the query's own page is not ranked
+    order = folded[0, 0, 0, :5].argsort(descending=True).tolist()
+    # rank 0 of each head (0, 4, 2 by their best score 9, 6, 5), then rank 1 (1: 8, 3: 4)
+    assert order == [0, 4, 2, 1, 3]
+    # the max over the group would have chosen 0, 1 first: head 1's page 2 waits
+    assert per_head.amax(0)[:5].argsort(descending=True).tolist()[:2] == [0, 1]
+
+
+def test_centroid_selector_ranks_by_its_estimate_and_keeps_the_budget():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 6, 8, generator=g)
+    keys = torch.randn(1, 8 * PS, 2, 8, generator=g)
+    positions = torch.tensor([[8 * PS - 1]])
+    inputs = inputs_for(q, keys, positions)
+    scores = Centroid().page_scores(inputs)  # [1, 1, 2, 8]
+    mask = choose_pages(scores, positions, torch.tensor([[4]]), PS, keep_sink=True)
+    assert mask.sum(-1).tolist() == [[[4, 4]]]
+    assert mask[0, 0, :, 0].all() and mask[0, 0, :, 7].all()  # sink and own page
+    logits = brute_page_logits(q, keys).mean(-1)[0, 0]  # [H, P]: the estimate, by brute force
+    for h in range(2):
+        group = logits[3 * h:3 * h + 3, :7]  # the pages before the query's own
+        rank = group.argsort(-1, descending=True).argsort(-1).amin(0)  # best rank in the group
+        chosen = [p for p in range(1, 7) if mask[0, 0, h, p]]
+        left = [p for p in range(1, 7) if not mask[0, 0, h, p]]
+        assert len(chosen) == 2
+        assert max(rank[chosen]) <= min(rank[left]), (h, rank.tolist(), chosen)
 
 
 # ---------------------------------------------------------------- choosing
@@ -180,7 +245,7 @@ def test_page_mask_restricts_the_softmax_to_selected_pages():
         torch.testing.assert_close(out[0, 0, h], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_summaries_are_min_and_max_per_channel():
+def test_summaries_are_min_max_and_mean_per_channel_and_travel_as_bytes():
     store = SummaryStore(4, 2, 3, dtype=torch.float32, device=torch.device("cpu"))
     ids = store.allocate(2)
     keys = torch.randn(2, PS, 2, 3)
@@ -188,7 +253,16 @@ def test_summaries_are_min_and_max_per_channel():
     got = store.gather(torch.as_tensor(ids)[None])[0]  # [2, Hkv, 2, D]
     torch.testing.assert_close(got[:, :, 0], keys.amin(1))
     torch.testing.assert_close(got[:, :, 1], keys.amax(1))
+    torch.testing.assert_close(store.gather_centroids(torch.as_tensor(ids)[None])[0], keys.mean(1))
+    blob = store.to_bytes(ids)
+    assert blob.shape == (2, store.slot_bytes) and store.slot_bytes == 3 * 2 * 3 * 4
+    other = store.allocate(2)
+    store.from_bytes(other, blob)
+    torch.testing.assert_close(store.gather(torch.as_tensor(other)[None]), got[None])
+    torch.testing.assert_close(store.gather_centroids(torch.as_tensor(other)[None])[0],
+                               keys.mean(1))
     store.free(ids)
+    store.free(other)
     assert store.num_used == 0
 
 
@@ -216,8 +290,11 @@ def test_full_through_the_selector_path_and_whole_budget_quest_equal_dense(loade
     got = run(llm, batch, mixed)
     assert got[1:] == reference[1:]
     assert got[0] != reference[0]  # 64 tokens of ~340: quest changes the text
-    whole = SamplingParams(max_tokens=40, ignore_eos=True, selector="quest", token_budget=1.0)
-    assert run(llm, batch, [whole] * 3) == reference
+    for name in ("quest", "centroid"):
+        whole = SamplingParams(max_tokens=40, ignore_eos=True, selector=name, token_budget=1.0)
+        assert run(llm, batch, [whole] * 3) == reference, name
+    sparse = SamplingParams(max_tokens=40, ignore_eos=True, selector="centroid", token_budget=64)
+    assert run(llm, batch, [sparse] * 3) != reference
     stats = llm.stats()
     assert 0 < stats["selection_pages_selected"] < stats["selection_pages_visible"]
     assert_no_leak(llm.engine)
@@ -290,7 +367,7 @@ def test_score_continuation_equals_greedy_decoding(loaded, make_llm):
 
 
 def test_bad_selection_options_name_the_problem(make_llm, llm):
-    with pytest.raises(ValueError, match="unknown selector 'topk'; known: full, oracle, quest"):
+    with pytest.raises(ValueError, match="unknown selector 'topk'; known: centroid, full, oracle, quest"):
         make_llm(selector="topk")
     with pytest.raises(ValueError, match="token_budget must be >= 1 token"):
         make_llm(token_budget=0)

@@ -8,12 +8,13 @@ Three tasks (`--tasks`, default all), each in one process on the same weights:
             scored under every selector and budget: correct when greedy decoding would
             produce the whole key (`LLMEngine.score_continuation`, exact).
   ppl       perplexity of the F2 text (speckv/bench/data) with every query reading only
-            its selected pages, `full` vs `quest`/`sink_recent` at `--ppl-budgets`.
+            its selected pages, `full` vs each of `--selectors` but the oracle at
+            `--ppl-budgets`.
   speed     decode tokens/s at long context: batch `--batch-sizes` x contexts
-            `--speed-contexts`, `full` vs `quest` at `--speed-budgets`, on the same
-            prefilled sequences (selection switched between rounds, rounds alternate),
-            median of `--rounds`; with the time per step split into attention, selection
-            and the rest; and one layer's scoring + gather + attention eager vs
+            `--speed-contexts`, `full` vs each of `--speed-selectors` (default quest)
+            at `--speed-budgets`, on the same prefilled sequences (selection switched
+            between rounds, rounds alternate), median of `--rounds`; with the time per
+            step split into attention, selection and the rest; and one layer's scoring + gather + attention eager vs
             `torch.compile` vs the C++ kernel.
 """
 
@@ -43,8 +44,8 @@ def add_parser(sub, add_engine_options) -> None:
                        "page selectors", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="passkey,ppl,speed", help="comma-separated (default: all)")
-    p.add_argument("--selectors", default="quest,sink_recent,oracle",
-                   help="selectors compared with full (default: quest,sink_recent,oracle)")
+    p.add_argument("--selectors", default="quest,centroid,sink_recent,oracle",
+                   help="selectors compared with full (default: quest,centroid,sink_recent,oracle)")
     p.add_argument("--contexts", default="1024,2048,4096,8192",
                    help="passkey context lengths in tokens (default: 1024,2048,4096,8192)")
     p.add_argument("--trials", type=int, default=20, help="passkey trials per context (default: 20)")
@@ -55,6 +56,8 @@ def add_parser(sub, add_engine_options) -> None:
     p.add_argument("--speed-contexts", default="2048,4096,8192",
                    help="speed contexts in tokens (default: 2048,4096,8192)")
     p.add_argument("--speed-budgets", default="0.125,0.25", help="speed budgets (default: 0.125,0.25)")
+    p.add_argument("--speed-selectors", default="quest",
+                   help="selectors timed against full (default: quest)")
     p.add_argument("--rounds", type=int, default=3, help="speed rounds per config (default: 3)")
     p.add_argument("--steps", type=int, default=6, help="timed decode steps per round (default: 6)")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -69,6 +72,16 @@ def _numbers(text: str, kind=float) -> list:
     if not values or any(v <= 0 for v in values):
         raise ValueError(f"expected positive numbers, got {text!r}")
     return values
+
+
+def _names(text: str) -> list[str]:
+    """Comma-separated selector names, each one the registry knows."""
+    from speckv.selection.base import SELECTORS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for name in names:
+        SELECTORS.get(name)
+    return names
 
 
 def _budget(value: float) -> int | float:
@@ -118,8 +131,8 @@ def run_ppl(engine, ns, bar) -> list[dict[str, Any]]:
     ids = engine.tokenizer.encode(bench_text())
     target = torch.tensor(ids[1:])
     rows = []
-    configs = [("full", None)] + [(s, _budget(b)) for s in ("quest", "sink_recent")
-                                  for b in _numbers(ns.ppl_budgets)]
+    configs = [("full", None)] + [(s, _budget(b)) for s in _names(ns.selectors)
+                                  if s != "oracle" for b in _numbers(ns.ppl_budgets)]
     for selector, budget in configs:
         logits = engine.score(ids, selector=selector, token_budget=budget)
         nll = torch.nn.functional.cross_entropy(logits[:-1], target).item()
@@ -165,7 +178,8 @@ def run_speed(llm, ns, bar) -> list[dict[str, Any]]:
     from speckv import SamplingParams
 
     engine = llm.engine
-    configs = [("full", None)] + [("quest", _budget(b)) for b in _numbers(ns.speed_budgets)]
+    configs = [("full", None)] + [(s, _budget(b)) for s in _names(ns.speed_selectors)
+                                  for b in _numbers(ns.speed_budgets)]
     rows = []
     g = torch.Generator().manual_seed(7)
     for context in _numbers(ns.speed_contexts, int):
@@ -277,15 +291,13 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     from tqdm.auto import tqdm
 
     from speckv import LLM
-    from speckv.selection.base import SELECTORS
 
     tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
     unknown = set(tasks) - {"passkey", "ppl", "speed"}
     if unknown or not tasks:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; known: passkey, ppl, speed")
-    selectors = [s.strip() for s in ns.selectors.split(",") if s.strip()]
-    for s in selectors:
-        SELECTORS.get(s)
+    selectors = _names(ns.selectors)
+    _names(ns.speed_selectors)
     if ns.trials < 1 or ns.rounds < 1 or ns.steps < 1:
         raise ValueError("--trials, --rounds and --steps must be >= 1")
     configs = [("full", "full", None)] + [(s, s, _budget(b)) for s in selectors
@@ -295,7 +307,8 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     longest = max(contexts + speed_ctx + [4096])
     batch = max(_numbers(ns.batch_sizes, int)) if "speed" in tasks else 1
     report: dict[str, Any] = {"options": options, "tasks": tasks}
-    total = (len(contexts) * ns.trials + (1 + 2 * len(_numbers(ns.ppl_budgets)) if "ppl" in tasks else 0)
+    ppl_runs = 1 + len([s for s in selectors if s != "oracle"]) * len(_numbers(ns.ppl_budgets))
+    total = (len(contexts) * ns.trials + (ppl_runs if "ppl" in tasks else 0)
              + len(speed_ctx) * len(_numbers(ns.batch_sizes, int)))
     with tqdm(total=total, desc="selection", file=sys.stderr) as bar:
         llm = LLM(**{"max_model_len": longest, **options})
