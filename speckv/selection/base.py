@@ -98,6 +98,7 @@ def union_by_rank(scores: torch.Tensor, positions: torch.Tensor, page_size: int)
         of one rank the better scored comes first.
     """
     num_pages = scores.shape[-1]
+    scores = scores.float()  # ranks up to P exact, and room for the tie-break
     page = torch.arange(num_pages, device=scores.device)
     unseen = page >= (positions // page_size)[..., None]  # [B, Q, P]
     scores = scores.masked_fill(unseen[:, None, :, None, :], NEG)
