@@ -11,9 +11,9 @@ speckv.selection.base.union_by_rank's rule).
     .venv/bin/python benchmarks/selection_explore_f12.py CONTEXTS TRIALS BUDGETS NAMES
     e.g. 8192 10 64,128 q_max,cent_union,bc_max
 """
-import sys, time, math, json
+import sys, time
 import torch
-from speckv.selection.base import Selector, register_selector, SELECTORS
+from speckv.selection.base import Selector, SELECTORS
 from speckv.kv.attention import grouped
 
 def parts(inputs):
