@@ -14,8 +14,8 @@ Three tasks (`--tasks`, default all), each in one process on the same weights:
             `--speed-contexts`, `full` vs each of `--speed-selectors` (default quest)
             at `--speed-budgets`, on the same prefilled sequences (selection switched
             between rounds, rounds alternate), median of `--rounds`; with the time per
-            step split into attention, selection and the rest; and one layer's scoring + gather + attention eager vs
-            `torch.compile` vs the C++ kernel.
+            step split into attention, selection and the rest; and one layer's
+            scoring + gather + attention eager vs `torch.compile` vs the C++ kernel.
 """
 
 from __future__ import annotations

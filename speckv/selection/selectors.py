@@ -51,14 +51,15 @@ class Centroid(Selector):
 
     exactly the page's mean attention logit (times sqrt(D)), from one stored row per
     page and KV head (half a quest box). It is an estimate, not a bound: a page whose
-    one key matches q strongly among unrelated ones is diluted by 1/page_size
-    (BENCHMARKS.md F12 measures how far it is from each page's max and from the
-    oracle). The query heads of a GQA group are folded by `union_by_rank`: every head
+    one key matches q strongly among unrelated ones is diluted by 1/page_size (it
+    never exceeds the page's max logit; tests/test_selection.py checks both on real
+    keys). The query heads of a GQA group are folded by `union_by_rank`: every head
     gets its best pages in turn instead of one max over the group, which lets a
     retrieval head keep the page only it attends to.
 
-    Recommended sparse selector (BENCHMARKS.md F12: passkey at 8k with 64-128 tokens
-    where quest needs more than 512); `full` stays the default since selection is lossy.
+    Recommended sparse selector (BENCHMARKS.md F12, passkey at 8k: 95% with 128 tokens,
+    100% with 256, where quest gets 45% / 55%, and 60% with 512 in F3); `full` stays
+    the default since selection is lossy.
     """
 
     def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
