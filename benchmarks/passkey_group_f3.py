@@ -5,7 +5,7 @@ import torch, sys
 from speckv import LLM
 from speckv.selection.base import register_selector, Selector
 from speckv.selection.selectors import grouped
-from speckv.bench.selection import passkey_prompt
+from speckv.bench.tasks import passkey_prompt
 
 @register_selector("quest_sum")
 class QuestSum(Selector):

@@ -110,13 +110,13 @@ def main():
     from speckv import LLM
     from speckv.bench import selection as bs
     import argparse
-    ns = argparse.Namespace(contexts=contexts, trials=trials)
+    ns = argparse.Namespace(contexts=contexts, trials=trials, seed=2026)
     configs = [('full', 'full', None)] + [(n, n, int(b)) for n in names for b in budgets.split(',')]
     llm = LLM(max_model_len=max(int(c) for c in contexts.split(',')))
     from tqdm import tqdm
     t0 = time.time()
     with tqdm(total=len(contexts.split(','))*trials, file=sys.stderr) as bar:
-        rows = bs.run_passkey(llm.engine, ns, configs, bar)
+        rows = bs.run_retrieval(llm.engine, ns, 'passkey', configs, bar)
     print(bs.format_report({'passkey': rows}))
     print('elapsed', time.time() - t0)
 

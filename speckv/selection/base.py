@@ -77,6 +77,7 @@ SELECTORS: Registry[type[Selector]] = Registry("selector", {
     "full": "speckv.selection.selectors:Full",
     "quest": "speckv.selection.selectors:Quest",
     "centroid": "speckv.selection.selectors:Centroid",
+    "twilight": "speckv.selection.selectors:Twilight",
     "sink_recent": "speckv.selection.selectors:SinkRecent",
     "oracle": "speckv.selection.selectors:Oracle",
 })

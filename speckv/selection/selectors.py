@@ -1,11 +1,11 @@
-"""The built-in selectors: full, quest, centroid, sink_recent, oracle."""
+"""The built-in selectors: full, quest, centroid, twilight, sink_recent, oracle."""
 
 from __future__ import annotations
 
 import torch
 
 from speckv.kv.attention import grouped
-from speckv.selection.base import SelectionInputs, Selector, union_by_rank
+from speckv.selection.base import NEG, SelectionInputs, Selector, union_by_rank
 
 
 class Full(Selector):
@@ -63,13 +63,59 @@ class Centroid(Selector):
     """
 
     def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
-        c = inputs.centroids()  # [B, P, Hkv, D]
-        batch, num_pages, num_kv, dim = c.shape
-        num_q = inputs.q.shape[1]
-        q = grouped(inputs.q, num_kv).to(c.dtype)  # [B, Hkv, Q*G, D]
-        est = torch.einsum("bhqd,bphd->bhqp", q, c)  # [B, Hkv, Q*G, P]
-        return union_by_rank(est.view(batch, num_kv, num_q, -1, num_pages), inputs.positions,
-                             inputs.page_size)
+        return union_by_rank(centroid_logits(inputs), inputs.positions, inputs.page_size)
+
+
+class Twilight(Selector):
+    """An adaptive budget (Twilight's top-p) over the centroid estimate: each query head
+    takes pages in order of their estimated share of its attention mass until the
+    shares reach `top_p`; a KV head reads the union of its query heads' pages, ranked
+    as `centroid` ranks them, and the token budget is the cap. A step whose query
+    attends a few pages reads a few; one that spreads its attention reads up to the cap.
+
+    The share is softmax over the candidate pages of q.c / sqrt(D), the page's mean
+    logit: by Jensen exp(mean) <= mean(exp), so a page with one strong key among weak
+    ones is underestimated, the estimate is flatter than the true mass, and top-p takes
+    more pages than the true mass would need (it errs towards reading more; tests
+    measure the estimate against the true per-page mass on real keys).
+    """
+
+    top_p: float = 0.9
+
+    def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
+        logits = centroid_logits(inputs)  # [B, Hkv, Q, G, P]
+        ranked = union_by_rank(logits, inputs.positions, inputs.page_size)
+        if self.top_p >= 1:  # every page wanted: the budget alone decides, as centroid
+            return ranked
+        num_pages = logits.shape[-1]
+        page = torch.arange(num_pages, device=logits.device)
+        unseen = page >= (inputs.positions // inputs.page_size)[..., None]  # [B, Q, P]
+        unseen = unseen[:, None, :, None, :]
+        share = estimated_page_shares(logits, unseen, inputs.q.shape[-1])
+        ordered, order = share.sort(dim=-1, descending=True, stable=True)
+        before = ordered.cumsum(-1) - ordered  # mass of the pages ranked above
+        taken = torch.zeros_like(share, dtype=torch.bool).scatter_(-1, order, before < self.top_p)
+        wanted = (taken & ~unseen).any(3).permute(0, 2, 1, 3)  # [B, Q, Hkv, P]
+        return ranked.masked_fill(~wanted, NEG)
+
+
+def centroid_logits(inputs: SelectionInputs) -> torch.Tensor:
+    """[B, Hkv, Q, G, P]: q . c of every query head and page centroid (unscaled)."""
+    c = inputs.centroids()  # [B, P, Hkv, D]
+    batch, num_pages, num_kv, dim = c.shape
+    num_q = inputs.q.shape[1]
+    q = grouped(inputs.q, num_kv).to(c.dtype)  # [B, Hkv, Q*G, D]
+    est = torch.einsum("bhqd,bphd->bhqp", q, c)  # [B, Hkv, Q*G, P]
+    return est.view(batch, num_kv, num_q, -1, num_pages)
+
+
+def estimated_page_shares(logits: torch.Tensor, unseen: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each page's estimated share of a query head's attention mass over the pages it
+    may rank: softmax of `centroid_logits` / sqrt(D) over the pages not `unseen`
+    (every page holds page_size keys: that factor cancels), 0 for the unseen."""
+    scaled = (logits.float() * dim ** -0.5).masked_fill(unseen, float("-inf"))
+    share = scaled.softmax(-1)
+    return share.nan_to_num(0.0)  # a query with no candidate page: no shares
 
 
 class SinkRecent(Selector):
