@@ -5,11 +5,13 @@ summary would hold, so rankings are compared without building their storage:
   q_*      quest's box over 16 tokens        b8_* / b4_*   boxes over 8 / 4 tokens
   cent_*   q . page mean key (a landmark)    bc_*          half box bound, half centroid
   tok_*    the true max q.k of a page        sparq8_*      8 channels chosen by |q|
+  c8_* / c4_*  the best of a page's 8- / 4-token slice centroids
+  cs1_* / cs2_*  q . c + 1 or 2 x the keys' spread along q (sqrt(sum q_i^2 var_i))
 and each folds the query heads of a GQA group by `max` or by `union` (rank by rank,
 speckv.selection.base.union_by_rank's rule).
 
-    .venv/bin/python benchmarks/selection_explore_f12.py CONTEXTS TRIALS BUDGETS NAMES
-    e.g. 8192 10 64,128 q_max,cent_union,bc_max
+    .venv/bin/python benchmarks/selection_explore_f12.py CONTEXTS TRIALS BUDGETS NAMES [TASK]
+    e.g. 8192 10 64,128 q_max,cent_union,bc_max multikey
 """
 import sys, time
 import torch
@@ -78,6 +80,20 @@ def sparq(r):
         return torch.einsum('bhgd,bpthd->bhgpt', qq, kk).amax(-1)
     return f
 
+def sub_centroid(s):  # centroids of s-token slices of a page, the best slice
+    def f(k, q):
+        B, P, ps, Hkv, D = k.shape
+        c = k.view(B, P, ps // s, s, Hkv, D).mean(3)  # [B,P,S,Hkv,D]
+        return torch.einsum('bhgd,bpshd->bhgps', q, c).amax(-1)
+    return f
+
+def centroid_spread(a):  # q.c + a * sqrt(sum q_i^2 var_i): mean plus a spread along q
+    def f(k, q):
+        c, v = k.mean(2), k.var(2, unbiased=False)
+        return (torch.einsum('bhgd,bphd->bhgp', q, c)
+                + a * torch.einsum('bhgd,bphd->bhgp', q * q, v).clamp(min=0).sqrt())
+    return f
+
 def bound_plus_centroid(s, a):
     def f(k, q):
         return a * box_bound(k, q, s) + (1 - a) * centroid(k, q)
@@ -85,6 +101,7 @@ def bound_plus_centroid(s, a):
 
 def main():
     contexts = sys.argv[1]; trials = int(sys.argv[2]); budgets = sys.argv[3]; names = sys.argv[4].split(',')
+    task = sys.argv[5] if len(sys.argv) > 5 else 'passkey'
     fns = {
         'q_max': (lambda k, q: box_bound(k, q, 16), 'max'),
         'q_union': (lambda k, q: box_bound(k, q, 16), 'union'),
@@ -102,6 +119,10 @@ def main():
         'tok_union': (true_max, 'union'),
         'sparq8_union': (sparq(8), 'union'),
         'sparq16_union': (sparq(16), 'union'),
+        'c8_union': (sub_centroid(8), 'union'),
+        'c4_union': (sub_centroid(4), 'union'),
+        'cs1_union': (centroid_spread(1.0), 'union'),
+        'cs2_union': (centroid_spread(2.0), 'union'),
         'sparq8_max': (sparq(8), 'max'),
     }
     for n in names:
@@ -116,8 +137,8 @@ def main():
     from tqdm import tqdm
     t0 = time.time()
     with tqdm(total=len(contexts.split(','))*trials, file=sys.stderr) as bar:
-        rows = bs.run_retrieval(llm.engine, ns, 'passkey', configs, bar)
-    print(bs.format_report({'passkey': rows}))
+        rows = bs.run_retrieval(llm.engine, ns, task, configs, bar)
+    print(bs.format_report({task: rows}))
     print('elapsed', time.time() - t0)
 
 if __name__ == '__main__':

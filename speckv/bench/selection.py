@@ -127,11 +127,15 @@ def run_ppl(engine, ns, bar) -> list[dict[str, Any]]:
     rows = []
     configs = [("full", None)] + [(s, _budget(b)) for s in _names(ns.selectors)
                                   if s != "oracle" for b in _numbers(ns.ppl_budgets)]
+    counters = engine.selection.counters
     for selector, budget in configs:
+        before = counters.pages_selected.sum().item(), counters.pages_visible.sum().item()
         logits = engine.score(ids, selector=selector, token_budget=budget)
+        selected = counters.pages_selected.sum().item() - before[0]
+        visible = counters.pages_visible.sum().item() - before[1]
         nll = torch.nn.functional.cross_entropy(logits[:-1], target).item()
         rows.append({"selector": selector, "budget": budget, "tokens": len(ids),
-                     "ppl": math.exp(nll)})
+                     "ppl": math.exp(nll), "read_fraction": selected / visible if visible else 1.0})
         bar.update(1)
     return rows
 
@@ -345,9 +349,11 @@ def format_report(report: dict[str, Any]) -> str:
     if "ppl" in report:
         rows = report["ppl"]
         ref = rows[0]["ppl"]
-        lines += ["perplexity", "", "| selector | budget | ppl | vs full |", "|---|---:|---:|---:|"]
+        lines += ["perplexity (read: the share of visible pages attended, dense layers included)",
+                  "", "| selector | budget | ppl | vs full | read |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['selector']} | {r['budget'] or '-'} | {r['ppl']:.3f} | "
-                  f"{100 * (r['ppl'] / ref - 1):+.2f}% |" for r in rows]
+                  f"{100 * (r['ppl'] / ref - 1):+.2f}% | {100 * r.get('read_fraction', 1):.1f}% |"
+                  for r in rows]
         lines.append("")
     if "speed" in report:
         lines += ["decode speed", "", "| context | batch | selector | budget | decode tok/s | vs full | "
