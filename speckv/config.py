@@ -218,8 +218,10 @@ class SelectionConfig:
         "plugin": "selector",
         "help": "page selector for decode attention: full (default: exact), centroid "
                 "(recommended sparse one: page mean keys, each query head's best pages), "
-                "quest (key-bound scores, top pages), sink_recent (first page + most "
-                "recent), oracle (true top pages; evaluation only); overridable per request"})
+                "twilight (centroid with an adaptive budget: pages until 90%% of the "
+                "estimated attention mass, the token budget as the cap), quest (key-bound "
+                "scores, top pages), sink_recent (first page + most recent), oracle (true "
+                "top pages; evaluation only); overridable per request"})
     token_budget: int | float | str = field(default=0.25, metadata={
         "help": "tokens a selector keeps per sequence, KV head and layer: whole tokens "
                 "(512) or a fraction of the context (0.25); the sink and open pages "

@@ -196,7 +196,8 @@ def test_bench_fidelity_reference_codec_is_exact(tmp_path):
 
 def test_bench_selection_rejects_bad_arguments(capsys):
     assert main(["bench", "selection", "--tasks", "passkey,typing"]) == 2
-    assert "unknown task(s) ['typing']; known: passkey, ppl, speed" in capsys.readouterr().err
+    assert ("unknown task(s) ['typing']; known: passkey, multikey, multivalue, vartrack, ppl, "
+            "speed") in capsys.readouterr().err
     assert main(["bench", "selection", "--selectors", "quest,psychic"]) == 2
     assert "unknown selector 'psychic'" in capsys.readouterr().err
     assert main(["bench", "selection", "--budgets", "64,-1"]) == 2
