@@ -12,7 +12,8 @@ from speckv import SamplingParams
 from speckv.bench.common import bench_text
 from speckv.kv.attention import NO_ROWS, paged_attention, torch_sparse_decode_attention
 from speckv.kv.summaries import SummaryStore
-from speckv.selection.base import SELECTORS, SelectionInputs, choose_pages, union_by_rank
+from speckv.selection.base import (SELECTORS, SelectionInputs, choose_pages, union_by_rank,
+                                   unseen_pages)
 from speckv.selection.selectors import (Centroid, Oracle, Quest, Twilight, centroid_logits,
                                         estimated_page_shares, page_attention_mass)
 
@@ -170,7 +171,7 @@ def test_twilight_mass_estimate_bounds_each_page_and_its_error_is_measured(loade
         bound = PS * (logits.double() * dim ** -0.5).exp().permute(0, 2, 1, 3, 4).reshape(
             1, 4, -1, num_pages)
         assert (bound <= true.exp().sum(-1) * (1 + 1e-6)).all(), f"layer {layer}"
-        unseen = (torch.arange(num_pages) >= (positions // PS)[..., None])[:, None, :, None, :]
+        unseen = unseen_pages(positions, num_pages, PS)[:, None, :, None, :]
         share = estimated_page_shares(logits, unseen, dim)
         mass = page_attention_mass(inputs).masked_fill(unseen, 0)
         mass = mass / mass.sum(-1, keepdim=True)

@@ -39,6 +39,7 @@ from speckv.kv.attention import NO_ROWS
 
 OTHER_TASKS = ("ppl", "speed")
 
+
 def add_parser(sub, add_engine_options) -> None:
     p = sub.add_parser("selection", help="retrieval accuracy, perplexity and decode speed of "
                        "page selectors", description=__doc__,

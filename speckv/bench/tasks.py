@@ -45,6 +45,7 @@ PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot
                  "irrelevant text. Find it and memorize it. I will quiz you about it.\n")
 NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure "
               "to memorize them. I will quiz you about the numbers afterwards.\n")
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
 VT_INTRO = ("Memorize and track the chain of variable assignments hidden in the following "
             "text.\n")
 
@@ -122,8 +123,8 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> tuple[lis
     filler: F3's passkey task."""
     enc = tokenizer.encode
     intro, filler = enc(PASSKEY_INTRO), enc(PASSKEY_FILLER)
-    needle = enc(f" The pass key is {key}. Remember it. {key} is the pass key. ")
-    question = enc(" What is the pass key? The pass key is")
+    needle = enc(f" {_passkey_needle(key)} ")
+    question = enc(PASSKEY_QUESTION)
     answer = enc(f" {key}")
     room = context - len(intro) - len(needle) - len(question) - len(answer)
     if room < len(filler):
@@ -136,10 +137,12 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> tuple[lis
 def _passkey(tokenizer, context: int, depth: float, rng: random.Random) -> Sample:
     key = str(rng.randrange(10000, 100000))
     prompt, answer = passkey_prompt(tokenizer, context, depth, key)
-    return Sample("passkey", prompt, answer, f" {key}",
-                  (f"The pass key is {key}. Remember it. {key} is the pass key.",), (key,), depth,
-                  len(tokenizer.encode(" What is the pass key? The pass key is")),
-                  ((0, len(answer)),))
+    return Sample("passkey", prompt, answer, f" {key}", (_passkey_needle(key),), (key,), depth,
+                  len(tokenizer.encode(PASSKEY_QUESTION)), ((0, len(answer)),))
+
+
+def _passkey_needle(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
 def _multikey(tokenizer, context: int, depth: float, rng: random.Random) -> Sample:

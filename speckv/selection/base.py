@@ -98,10 +98,8 @@ def union_by_rank(scores: torch.Tensor, positions: torch.Tensor, page_size: int)
         two heads rank second beats a page one head ranks third, and among the pages
         of one rank the better scored comes first.
     """
-    num_pages = scores.shape[-1]
     scores = scores.float()  # ranks up to P exact, and room for the tie-break
-    page = torch.arange(num_pages, device=scores.device)
-    unseen = page >= (positions // page_size)[..., None]  # [B, Q, P]
+    unseen = unseen_pages(positions, scores.shape[-1], page_size)
     scores = scores.masked_fill(unseen[:, None, :, None, :], NEG)
     rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0: the head's best
     best = scores.amax(3)  # [B, Hkv, Q, P]
@@ -110,6 +108,13 @@ def union_by_rank(scores: torch.Tensor, positions: torch.Tensor, page_size: int)
     tie = 1e-3 * (spread - lo) / (hi - lo).clamp(min=1e-30) * 0.999 + 1e-7
     folded = -rank.amin(3).to(scores.dtype) + tie
     return folded.masked_fill(best == NEG, NEG).permute(0, 2, 1, 3)
+
+
+def unseen_pages(positions: torch.Tensor, num_pages: int, page_size: int) -> torch.Tensor:
+    """[B, Q, P] bool: the pages a query at `positions` [B, Q] does not rank (its own
+    open page and the causally invisible ones after it)."""
+    page = torch.arange(num_pages, device=positions.device)
+    return page >= (positions // page_size)[..., None]
 
 
 def budget_tokens(budget: int | float, context_lens: torch.Tensor) -> torch.Tensor:

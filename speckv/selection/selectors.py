@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from speckv.kv.attention import grouped
-from speckv.selection.base import NEG, SelectionInputs, Selector, union_by_rank
+from speckv.selection.base import NEG, SelectionInputs, Selector, union_by_rank, unseen_pages
 
 
 class Full(Selector):
@@ -87,10 +87,8 @@ class Twilight(Selector):
         ranked = union_by_rank(logits, inputs.positions, inputs.page_size)
         if self.top_p >= 1:  # every page wanted: the budget alone decides, as centroid
             return ranked
-        num_pages = logits.shape[-1]
-        page = torch.arange(num_pages, device=logits.device)
-        unseen = page >= (inputs.positions // inputs.page_size)[..., None]  # [B, Q, P]
-        unseen = unseen[:, None, :, None, :]
+        unseen = unseen_pages(inputs.positions, logits.shape[-1], inputs.page_size)
+        unseen = unseen[:, None, :, None, :]  # [B, 1, Q, 1, P]
         share = estimated_page_shares(logits, unseen, inputs.q.shape[-1])
         ordered, order = share.sort(dim=-1, descending=True, stable=True)
         before = ordered.cumsum(-1) - ordered  # mass of the pages ranked above
