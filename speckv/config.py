@@ -218,6 +218,8 @@ class SelectionConfig:
         "plugin": "selector",
         "help": "page selector for decode attention: full (default: exact), centroid "
                 "(recommended sparse one: page mean keys, each query head's best pages), "
+                "subpage (centroid over --summary-slices slices of each page: tells apart "
+                "similar pages, e.g. several keys of one kind; needs --summary-slices > 1), "
                 "twilight (centroid with an adaptive budget: pages until 90%% of the "
                 "estimated attention mass, the token budget as the cap), quest (key-bound "
                 "scores, top pages), sink_recent (first page + most recent), oracle (true "
@@ -234,6 +236,12 @@ class SelectionConfig:
         "help": "queries whose context is shorter than this attend every page (a 25%% "
                 "budget of a short context is a page or two: measured +4.4%% perplexity "
                 "at 0, -0.2%% at 256; see BENCHMARKS.md)"})
+    summary_slices: int = field(default=1, metadata={
+        "help": "mean keys kept per page and KV head in fast memory (each of an equal "
+                "slice of the page): 1 = the page's mean key (centroid, twilight); more "
+                "lets the subpage selector rank a page by its best slice, at one more "
+                "row of head_dim per slice (4 at 16-token pages: summaries 19%% of the "
+                "KV bytes instead of 9%%); must divide page_size"})
     selection_eval: bool = field(default=False, metadata={
         "help": "evaluation mode: also measure each selection's attention-mass recall "
                 "and overlap with the oracle (costs a full attention per layer)"})
@@ -246,6 +254,8 @@ class SelectionConfig:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
         if self.min_context_tokens < 0:
             raise ValueError(f"min_context_tokens must be >= 0, got {self.min_context_tokens}")
+        if self.summary_slices < 1:
+            raise ValueError(f"summary_slices must be >= 1, got {self.summary_slices}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +344,9 @@ class EngineConfig:
         if self.pool.pool == "valkey" and not self.cache.enable_prefix_caching:
             raise ValueError("pool='valkey' shares prefix-cached pages between engines: it "
                              "needs enable_prefix_caching (or use pool='local')")
+        if self.cache.page_size % self.selection.summary_slices:
+            raise ValueError(f"summary_slices ({self.selection.summary_slices}) must divide "
+                             f"page_size ({self.cache.page_size})")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

@@ -14,20 +14,24 @@ from speckv.kv.attention import NO_ROWS, paged_attention, torch_sparse_decode_at
 from speckv.kv.summaries import SummaryStore
 from speckv.selection.base import (SELECTORS, SelectionInputs, choose_pages, union_by_rank,
                                    unseen_pages)
-from speckv.selection.selectors import (Centroid, Oracle, Quest, Twilight, centroid_logits,
-                                        estimated_page_shares, page_attention_mass)
+from speckv.selection.selectors import (Centroid, Oracle, Quest, Subpage, Twilight,
+                                        centroid_logits, estimated_page_shares,
+                                        page_attention_mass, slice_logits)
 
 PS = 16
 
 
-def inputs_for(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> SelectionInputs:
-    """Selection inputs for dense keys [B, L, Hkv, D] (L a multiple of PS)."""
+def inputs_for(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+               slices: int = 1) -> SelectionInputs:
+    """Selection inputs for dense keys [B, L, Hkv, D] (L a multiple of PS), with the mean
+    keys of `slices` equal slices per page."""
     batch, length, num_kv, dim = keys.shape
     pages = keys.view(batch, length // PS, PS, num_kv, dim)
     lo, hi = pages.amin(2), pages.amax(2)
+    means = pages.view(batch, length // PS, slices, PS // slices, num_kv, dim).mean(3)
     return SelectionInputs(q, positions, length // PS, PS, num_kv,
                            lambda: torch.stack([lo, hi], dim=3), lambda: keys,
-                           lambda: pages.mean(2))
+                           lambda: means.transpose(2, 3))  # [B, P, Hkv, S, D]
 
 
 def brute_page_max(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -115,6 +119,91 @@ def test_centroid_estimate_is_the_mean_logit_and_below_the_max_on_real_keys(load
         torch.testing.assert_close(est, logits.mean(-1), rtol=1e-6, atol=1e-4)
         gap = logits.amax(-1) - est
         assert (gap >= -1e-4).all() and gap.max() > 0, f"layer {layer}"
+
+
+def test_subpage_estimate_lies_between_the_page_mean_and_max_logit_on_real_keys(loaded):
+    """The best slice's mean logit, checked per query head against brute force on the
+    bundled model's keys: never below the page's mean logit (the slices average to it),
+    never above its max (each slice's mean is at most its max), and with 4-token slices
+    it closes a measured share of the mean-to-max gap that `centroid` leaves."""
+    for layer in (2, 15, 29):
+        q, k = real_qk(loaded, bench_text(), layer)
+        q, k = q[None, -4:], k[None]
+        positions = torch.full((1, 4), k.shape[1])  # every page is a candidate
+        logits = brute_page_logits(q, k)  # [1, 4, H, P, PS]
+        est = slice_logits(inputs_for(q, k, positions, slices=4)).amax(-1)  # [1, Hkv, 4, G, P]
+        est = est.permute(0, 2, 1, 3, 4).reshape(logits.shape[:-1]).double()
+        slices = logits.view(*logits.shape[:-1], 4, PS // 4).mean(-1).amax(-1)
+        torch.testing.assert_close(est, slices, rtol=1e-5, atol=1e-4)
+        mean, top = logits.mean(-1), logits.amax(-1)
+        assert (est >= mean - 1e-4).all() and (est <= top + 1e-4).all(), f"layer {layer}"
+        closed = ((est - mean) / (top - mean).clamp(min=1e-6)).median()
+        assert 0.1 < closed < 0.9, f"layer {layer}: {closed:.2f} of the gap closed"
+
+
+def test_subpage_tells_apart_pages_whose_means_tie():
+    """Six candidate pages with the same mean key; page 4's first slice points along q
+    and its other slices away: centroid cannot tell the pages apart (ties go to the older
+    page), subpage picks page 4."""
+    dim = 8
+    q = torch.zeros(1, 1, 3, dim)
+    q[..., 0] = 1.0  # 3 query heads on one KV head, all along channel 0
+    keys = torch.zeros(1, 8 * PS, 1, dim)
+    keys[0, :, 0, 1] = 1.0
+    needle = keys[0, 4 * PS:5 * PS, 0]
+    needle[:4, 0], needle[4:, 0] = 3.0, -1.0  # mean 0 on channel 0, as every page
+    positions = torch.tensor([[8 * PS - 1]])  # own page 7, sink 0, candidates 1..6
+    budget = torch.tensor([[3]])  # sink + own + one
+    picked = {}
+    for name, selector in (("centroid", Centroid()), ("subpage", Subpage())):
+        scores = selector.page_scores(inputs_for(q, keys, positions, slices=4))
+        mask = choose_pages(scores, positions, budget, PS, keep_sink=True)
+        picked[name] = mask[0, 0, 0].nonzero().flatten().tolist()
+    assert picked == {"centroid": [0, 1, 7], "subpage": [0, 4, 7]}
+
+
+@pytest.mark.parametrize("name, slices", [("centroid", 1), ("centroid", 4), ("subpage", 4)])
+def test_fused_landmark_kernel_chooses_as_the_selector_and_attends_as_the_sparse_path(name,
+                                                                                      slices):
+    """`landmark_decode_attention` (CPU) against the torch path on random pages: the same
+    pages chosen for every sequence and KV head (union_by_rank's order, exactly), and the
+    output of the sparse kernel over them."""
+    from speckv.kv.attention import cpu_kernel_fused_attention
+    from speckv.kv.cpu_kernels import load_cpu_kernels
+
+    kernels = load_cpu_kernels()
+    g = torch.Generator().manual_seed(11)
+    batch, num_pages, num_kv, group, dim = 3, 20, 2, 3, 16
+    k_pages = torch.randn(batch * num_pages, PS, num_kv, dim, generator=g)
+    v_pages = torch.randn_like(k_pages)
+    store = SummaryStore(batch * num_pages, num_kv, dim, dtype=torch.float32,
+                         device=torch.device("cpu"), slices=slices)
+    slots = torch.as_tensor(store.allocate(batch * num_pages))
+    perm = torch.randperm(batch * num_pages, generator=g)  # pages and summaries anywhere
+    store.summarize(slots[perm], k_pages)
+    block_table = torch.arange(batch * num_pages).view(batch, num_pages)
+    summary_table = slots[perm].view(batch, num_pages)
+    lens = torch.tensor([20 * PS, 13 * PS + 5, 7 * PS - 2])
+    q = torch.randn(batch, num_kv * group, dim, generator=g)
+    positions = (lens - 1)[:, None]
+    budget = torch.tensor([6, 5, 4])
+    out, chosen = cpu_kernel_fused_attention(kernels)[name](
+        q, k_pages, v_pages, store, summary_table, block_table, lens, budget, True)
+    inputs = SelectionInputs(q[:, None], positions, num_pages, PS, num_kv,
+                             lambda: store.gather(summary_table), lambda: None,
+                             lambda: store.gather_centroids(summary_table))
+    want = choose_pages(SELECTORS.get(name)().page_scores(inputs), positions, budget[:, None],
+                        PS, keep_sink=True)[:, 0]  # [B, Hkv, P]
+    assert torch.equal(chosen, want)
+    count = want.sum(-1)  # [B, Hkv]
+    logical = torch.where(want, torch.arange(num_pages), num_pages).sort(-1).values
+    head_tables = block_table.gather(1, logical.clamp(max=num_pages - 1).view(batch, -1))
+    own = (lens - 1) // PS
+    sel_lens = (count.amax(1) - 1) * PS + (lens - own * PS)
+    assert (count == count[:, :1]).all()  # every KV head reads `budget` pages
+    ref = torch_sparse_decode_attention(q, k_pages, v_pages,
+                                        head_tables.view(batch, num_kv, -1), sel_lens)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_union_by_rank_gives_every_query_head_its_best_pages_in_turn():
@@ -308,17 +397,35 @@ def test_summaries_are_min_max_and_mean_per_channel_and_travel_as_bytes():
     got = store.gather(torch.as_tensor(ids)[None])[0]  # [2, Hkv, 2, D]
     torch.testing.assert_close(got[:, :, 0], keys.amin(1))
     torch.testing.assert_close(got[:, :, 1], keys.amax(1))
-    torch.testing.assert_close(store.gather_centroids(torch.as_tensor(ids)[None])[0], keys.mean(1))
+    torch.testing.assert_close(store.gather_centroids(torch.as_tensor(ids)[None])[0, :, :, 0],
+                               keys.mean(1))
     blob = store.to_bytes(ids)
     assert blob.shape == (2, store.slot_bytes) and store.slot_bytes == 3 * 2 * 3 * 4
     other = store.allocate(2)
     store.from_bytes(other, blob)
     torch.testing.assert_close(store.gather(torch.as_tensor(other)[None]), got[None])
-    torch.testing.assert_close(store.gather_centroids(torch.as_tensor(other)[None])[0],
+    torch.testing.assert_close(store.gather_centroids(torch.as_tensor(other)[None])[0, :, :, 0],
                                keys.mean(1))
     store.free(ids)
     store.free(other)
     assert store.num_used == 0
+
+
+def test_summary_slices_are_the_mean_keys_of_equal_slices_and_travel_as_bytes():
+    store = SummaryStore(4, 2, 3, dtype=torch.float32, device=torch.device("cpu"), slices=4)
+    assert store.slot_bytes == (2 + 4) * 2 * 3 * 4
+    ids = store.allocate(2)
+    keys = torch.randn(2, PS, 2, 3)
+    store.summarize(torch.as_tensor(ids), keys)
+    got = store.gather_centroids(torch.as_tensor(ids)[None])[0]  # [2, Hkv, 4, D]
+    for s in range(4):
+        torch.testing.assert_close(got[:, :, s], keys[:, 4 * s:4 * s + 4].mean(1))
+    torch.testing.assert_close(got.mean(2), keys.mean(1))  # equal slices: the page's mean
+    other = store.allocate(2)
+    store.from_bytes(other, store.to_bytes(ids))
+    assert torch.equal(store.gather_centroids(torch.as_tensor(other)[None])[0], got)
+    assert torch.equal(store.gather(torch.as_tensor(other)[None]),
+                       store.gather(torch.as_tensor(ids)[None]))
 
 
 # ---------------------------------------------------------------- the engine
@@ -353,6 +460,15 @@ def test_full_through_the_selector_path_and_whole_budget_quest_equal_dense(loade
             assert run(llm, batch, [whole] * 3) == reference, name
     finally:
         twilight.top_p = Twilight.top_p
+    with pytest.raises(ValueError, match="needs summary_slices >= 2"):
+        run(llm, batch[:1], [SamplingParams(max_tokens=4, selector="subpage")])
+    sliced = make_llm(device_kv_bytes="96MiB", summary_slices=4)
+    for name in ("subpage", "centroid"):
+        whole = SamplingParams(max_tokens=40, ignore_eos=True, selector=name, token_budget=1.0)
+        assert run(sliced, batch, [whole] * 3) == reference, name
+    sparse = SamplingParams(max_tokens=40, ignore_eos=True, selector="subpage", token_budget=64)
+    assert run(sliced, batch, [sparse] * 3) != reference
+    assert_no_leak(sliced.engine)
     sparse = SamplingParams(max_tokens=40, ignore_eos=True, selector="centroid", token_budget=64)
     assert run(llm, batch, [sparse] * 3) != reference
     stats = llm.stats()
@@ -435,6 +551,12 @@ def test_bad_selection_options_name_the_problem(make_llm, llm):
         make_llm(token_budget=1.5)
     with pytest.raises(ValueError, match="dense_layers=31 is more than the model's 30 layers"):
         make_llm(dense_layers=31)
+    with pytest.raises(ValueError, match=r"summary_slices \(3\) must divide page_size \(16\)"):
+        make_llm(summary_slices=3)
+    with pytest.raises(ValueError, match="summary_slices must be >= 1"):
+        make_llm(summary_slices=0)
+    with pytest.raises(ValueError, match="'subpage' .* needs summary_slices >= 2"):
+        make_llm(selector="subpage")
     with pytest.raises(ValueError, match="above the context window"):
         make_llm(token_budget=100_000)
     engine = llm.engine

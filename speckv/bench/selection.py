@@ -17,8 +17,9 @@ Tasks (`--tasks`), each in one process on the same weights:
             `--speed-contexts`, `full` vs each of `--speed-selectors` (default quest)
             at `--speed-budgets`, on the same prefilled sequences (selection switched
             between rounds, rounds alternate), median of `--rounds`; with the time per
-            step split into attention, selection and the rest; and one layer's
-            scoring + gather + attention eager vs `torch.compile` vs the C++ kernel.
+            step split into attention, selection and the rest. With `--compile-check`,
+            also one layer's quest scoring + gather + attention eager vs
+            `torch.compile` vs the C++ kernel.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def add_parser(sub, add_engine_options) -> None:
                    help="selectors timed against full (default: quest)")
     p.add_argument("--rounds", type=int, default=3, help="speed rounds per config (default: 3)")
     p.add_argument("--steps", type=int, default=6, help="timed decode steps per round (default: 6)")
+    p.add_argument("--compile-check", action="store_true",
+                   help="after the speed task, time one layer's quest selection + attention as "
+                   "eager torch, torch.compile and the C++ kernel (takes minutes at 8k)")
     p.add_argument("--json", help="also write the results to this JSON file")
     add_engine_options(p)
 
@@ -151,7 +155,7 @@ def timed_parts(engine, clock: dict[str, float]):
 
     kernels = engine.runner.kernels
     decode, sparse, select = kernels.decode, kernels.sparse_decode, step.StepSelection.select
-    fused = kernels.quest  # selection and attention in one call: counted as attention
+    fused = dict(kernels.fused)  # selection and attention in one call: counted as attention
 
     def timer(fn, name):
         def wrapped(*a, **k):
@@ -163,14 +167,13 @@ def timed_parts(engine, clock: dict[str, float]):
         return wrapped
 
     kernels.decode, kernels.sparse_decode = timer(decode, "attention"), timer(sparse, "attention")
-    if fused is not None:
-        kernels.quest = timer(fused, "attention")
+    kernels.fused = {name: timer(fn, "attention") for name, fn in fused.items()}
     step.StepSelection.select = timer(select, "selection")
     try:
         yield
     finally:
         kernels.decode, kernels.sparse_decode, step.StepSelection.select = decode, sparse, select
-        kernels.quest = fused
+        kernels.fused = fused
 
 
 def run_speed(llm, ns, bar) -> list[dict[str, Any]]:
@@ -325,7 +328,8 @@ def run(ns: argparse.Namespace, options: dict) -> int:
                 report["ppl"] = run_ppl(llm.engine, ns, bar)
             if "speed" in tasks:
                 report["speed"] = run_speed(llm, ns, bar)
-                report["compile_check"] = compile_check(llm, max(speed_ctx), batch)
+                if ns.compile_check:
+                    report["compile_check"] = compile_check(llm, max(speed_ctx), batch)
         finally:
             llm.close()
     publish(report, format_report, ns.json)
@@ -364,8 +368,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"| {r['context']} | {r['batch']} | {r['selector']} | {r['budget'] or '-'} | "
                          f"{r['decode_tok_s']:.1f} | {r['vs_full']:.2f}x | {r['step_ms']:.0f} | "
                          f"{r['attention_ms']:.0f} | {r['selection_ms']:.0f} | {other:.0f} |")
-        c = report.get("compile_check", {})
-        lines += ["", "one layer, scoring + choice + gather + attention (ms): " +
+        c = report.get("compile_check")
+        lines += [] if c is None else ["", "one layer, scoring + choice + gather + attention (ms): " +
                   ", ".join(f"{k[:-3]} {v:.2f}" for k, v in c.items() if k.endswith("_ms")) +
                   (f"; torch.compile failed: {c['compiled_error']}" if "compiled_error" in c else "")]
     return "\n".join(lines)

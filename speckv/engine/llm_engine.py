@@ -29,7 +29,7 @@ from speckv.util import is_int
 from speckv.engine.sequence import FinishReason, Sequence
 from speckv.engine.step import ScheduledChunk
 from speckv.kv.attention import (AttentionKernels, cpu_kernel_decode_attention,
-                                 cpu_kernel_quest_attention, cpu_kernel_sparse_decode_attention)
+                                 cpu_kernel_fused_attention, cpu_kernel_sparse_decode_attention)
 from speckv.kv.cpu_kernels import load_cpu_kernels
 from speckv.kv.cache import KVCacheManager, RequestId
 from speckv.kv.eviction import make_eviction
@@ -127,14 +127,16 @@ class LLMEngine:
             pool = DevicePagePool(num_pages, cc.page_size, args.num_kv_heads, args.head_dim,
                                   dtype=self.dtype, device=self.device)
         live_pages = num_pages + (0 if store is None else store.backend.num_slots)
+        slices = config.selection.summary_slices
         summaries = SummaryStore(live_pages, args.num_kv_heads, args.head_dim,
-                                 dtype=self.dtype, device=self.device)
+                                 dtype=self.dtype, device=self.device, slices=slices)
         prefix = None
         if cc.enable_prefix_caching:
             # everything that makes a page's bytes differ (and what is shared of it)
             prefix = PrefixCache(cc.page_size, namespace_key(
                 self.loaded.fingerprint(), cc.page_size, args.num_layers, args.num_kv_heads,
-                args.head_dim, pc.codec if store is not None else "none", pc.keep_sink_page))
+                args.head_dim, pc.codec if store is not None else "none", pc.keep_sink_page,
+                f"slices={slices}"))  # a page's stored summary row differs with them
         return KVCacheManager(pool, args.num_layers, self.max_model_len, store, summaries,
                               eviction, prefix)
 
@@ -232,7 +234,7 @@ class LLMEngine:
         kernels = load_cpu_kernels()
         return AttentionKernels(cpu_kernel_decode_attention(kernels),
                                 cpu_kernel_sparse_decode_attention(kernels),
-                                kernels.gather_pages, cpu_kernel_quest_attention(kernels)), kernels
+                                kernels.gather_pages, cpu_kernel_fused_attention(kernels)), kernels
 
     # ------------------------------------------------------------ requests
 

@@ -253,9 +253,9 @@ class StepAttention:
     def _sparse(self, layer: int, q: torch.Tensor, sel: StepSelection) -> torch.Tensor:
         """Each query reads its selected pages; only those are fetched from the pool."""
         n, g = self.meta.num_decode, self.meta.prefill
-        budget = self._fused_budget(sel)
-        if budget is not None:
-            return self._fused_sparse(layer, q, sel, budget)
+        fused = self._fused_budget(sel)
+        if fused is not None:
+            return self._fused_sparse(layer, q, sel, fused)
         tables = self.meta.block_tables[layer]
         if sel.needs_keys:  # true scores read every key: everything resident first
             tables = self._resident(layer, tables, None)
@@ -290,21 +290,22 @@ class StepAttention:
         same for every layer of the step, so worked out once."""
         if self._quest_budget is _UNSET:
             m = self.meta
-            fusable = (self.kernels.quest is not None and m.num_decode
+            fusable = (self.kernels.fused and m.num_decode
                        and (self.cache.store is None or self.in_place)
                        and (m.prefill is None or not self.select_prefill))
-            self._quest_budget = sel.fused_budget(m.positions[:m.num_decode]) if fusable \
-                else None
+            self._quest_budget = sel.fused_budget(m.positions[:m.num_decode],
+                                                  self.kernels.fused) if fusable else None
         return self._quest_budget
 
     def _fused_sparse(self, layer: int, q: torch.Tensor, sel: StepSelection,
-                      budget: torch.Tensor) -> torch.Tensor:
-        """Decode rows: quest's scores, top-k and attention in one kernel call."""
+                      fused: tuple[str, torch.Tensor]) -> torch.Tensor:
+        """Decode rows: the selector's scores, choice and attention in one kernel call."""
         n, pool, tables = self.meta.num_decode, self.cache.pool, self.meta.block_tables[layer]
+        selector, budget = fused
         started = time.perf_counter()
         out = torch.empty_like(q)
-        out[:n], chosen = self.kernels.quest(
-            q[:n], pool.k_pages, pool.v_pages, self.cache.summaries.data,
+        out[:n], chosen = self.kernels.fused[selector](
+            q[:n], pool.k_pages, pool.v_pages, self.cache.summaries,
             self.meta.summary_tables[layer, :n], tables[:n], self.meta.context_lens[:n], budget,
             sel.keep_sink, self.rows, self.row_format)
         decode_mask = chosen[:, None]  # [B, 1, Hkv, P]

@@ -12,7 +12,7 @@ the engine's: `speckv.engine.step`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -33,11 +33,12 @@ row_format) -> [B, H, D]: each KV head's queries attend the first selected_lens[
 of its own listed pages (pages in token order; only the last may be partial; entries
 past them are never read)."""
 
-FusedQuestAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-"""(q [B, H, D], k_pages, v_pages, summaries [S, Hkv, 2, D], summary_table [B, P],
+FusedSelectAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""(q [B, H, D], k_pages, v_pages, summaries (the `SummaryStore`), summary_table [B, P],
 block_table [B, P], context_lens [B], page_budget [B], keep_sink, rows, row_format)
--> (out [B, H, D], selected [B, Hkv, P] bool): quest's selection and the sparse
-attention over it in one call (TinyServe's fused kernel)."""
+-> (out [B, H, D], selected [B, Hkv, P] bool): one selector's choice of pages and the
+sparse attention over it in one call (TinyServe's fused kernel); the choice equals
+`choose_pages(selector.page_scores(...))`."""
 
 GatherPages = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """(k_pages, v_pages, rows, row_format, entries [n]) -> k, v [n, page_size, Hkv, D]: the
@@ -150,16 +151,27 @@ def cpu_kernel_sparse_decode_attention(kernels) -> SparseDecodeAttention:
     return attend
 
 
-def cpu_kernel_quest_attention(kernels) -> FusedQuestAttention:
-    """`FusedQuestAttention` by the compiled CPU kernel (float32), pages read where they lie."""
+def cpu_kernel_fused_attention(kernels) -> dict[str, FusedSelectAttention]:
+    """`FusedSelectAttention` by the compiled CPU kernels (float32), pages read where they
+    lie, by selector name: quest (key bounds), centroid and subpage (slice mean keys,
+    their mean or best, folded as `union_by_rank`)."""
 
-    def attend(q, k_pages, v_pages, summaries, summary_table, block_table, context_lens,
-               page_budget, keep_sink, rows=NO_ROWS, row_format=0):
+    def quest(q, k_pages, v_pages, summaries, summary_table, block_table, context_lens,
+              page_budget, keep_sink, rows=NO_ROWS, row_format=0):
         return tuple(kernels.quest_decode_attention(
-            q, k_pages, v_pages, summaries, summary_table, block_table, context_lens,
+            q, k_pages, v_pages, summaries.data, summary_table, block_table, context_lens,
             page_budget, keep_sink, q.shape[-1] ** -0.5, rows, row_format))
 
-    return attend
+    def landmarks(best_slice: bool) -> FusedSelectAttention:
+        def attend(q, k_pages, v_pages, summaries, summary_table, block_table, context_lens,
+                   page_budget, keep_sink, rows=NO_ROWS, row_format=0):
+            return tuple(kernels.landmark_decode_attention(
+                q, k_pages, v_pages, summaries.centroids, summary_table, block_table,
+                context_lens, page_budget, keep_sink, best_slice, q.shape[-1] ** -0.5, rows,
+                row_format))
+        return attend
+
+    return {"quest": quest, "centroid": landmarks(False), "subpage": landmarks(True)}
 
 
 def cpu_kernel_decode_attention(kernels) -> DecodeAttention:
@@ -179,6 +191,7 @@ class AttentionKernels:
     decode: DecodeAttention = torch_decode_attention
     sparse_decode: SparseDecodeAttention = torch_sparse_decode_attention
     gather: GatherPages = torch_gather_pages
-    quest: FusedQuestAttention | None = None  # quest fused with attention, where compiled
+    #: selector name -> its choice fused with attention, where compiled
+    fused: dict[str, FusedSelectAttention] = field(default_factory=dict)
 
 

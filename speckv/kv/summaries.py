@@ -1,4 +1,4 @@
-"""Page summaries: the per-channel key min, max and mean of every sealed page, per KV head.
+"""Page summaries: the per-channel key min, max and mean(s) of every sealed page, per KV head.
 
 A summary lives in fast memory for as long as its page lives, wherever the page's
 data is (DEVICE or only the pool): selectors score pages from summaries without
@@ -8,15 +8,19 @@ back when its sequence is freed; the slot is written when the page is sealed.
 Layout (one tensor, allocated once; pages that are never summarized are never
 touched, so on the CPU the untouched part costs address space only)::
 
-    data:      [num_slots, num_kv_heads, 2, head_dim]   [:, :, 0] = key min, [:, :, 1] = key max
-    centroids: [num_slots, num_kv_heads, head_dim]      the mean key (a page's landmark)
+    data:      [num_slots, num_kv_heads, 2, head_dim]       [:, :, 0] = key min, [:, :, 1] = key max
+    centroids: [num_slots, num_kv_heads, S, head_dim]    the mean key of each of the page's
+                                                         S equal slices (landmarks)
 
 (min and max of a head side by side: a quest score is one matmul of [min | max] with
-[q- | q+] per KV head; the fused quest kernel reads `data` alone.)
+[q- | q+] per KV head; the fused quest kernel reads `data` alone.) With S = 1 (the
+default) the one centroid is the page's mean key; with S > 1 (`summary_slices`) the
+page mean is the mean of the slices' (equal sizes: exact up to rounding), and the
+`subpage` selector ranks a page by its best slice.
 
-Summaries take 3 / (2 * page_size) of the KV bytes they describe (3/32 at 16-token
-pages: 1/16 the boxes, 1/32 the centroids); they are reported in `stats()` as
-`summary_bytes` and are not part of the DEVICE budget.
+Summaries take (2 + S) / (2 * page_size) of the KV bytes they describe (3/32 at
+16-token pages and S = 1: 1/16 the boxes, 1/32 the centroid; 6/32 with S = 4); they
+are reported in `stats()` as `summary_bytes` and are not part of the DEVICE budget.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ class SummaryStore:
     """Key bounding boxes of pages, addressed by summary slot."""
 
     def __init__(self, num_slots: int, num_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, slices: int = 1) -> None:
+        self.slices = slices
         self.data = torch.empty(num_slots, num_kv_heads, 2, head_dim, dtype=dtype, device=device)
-        self.centroids = torch.empty(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.centroids = torch.empty(num_slots, num_kv_heads, slices, head_dim, dtype=dtype,
+                                     device=device)
         self._slots = SlotAllocator(num_slots)
         self._box_bytes = 2 * num_kv_heads * head_dim * self.data.element_size()
-        self.slot_bytes = 3 * num_kv_heads * head_dim * self.data.element_size()
+        self.slot_bytes = (2 + slices) * num_kv_heads * head_dim * self.data.element_size()
 
     @property
     def num_used(self) -> int:
@@ -64,7 +70,10 @@ class SummaryStore:
         """
         lo, hi = torch.aminmax(keys, dim=1)  # [S, Hkv, D] each
         self.data[ids] = torch.stack([lo, hi], dim=2)
-        self.centroids[ids] = keys.mean(dim=1, dtype=torch.float32).to(self.centroids.dtype)
+        n, page_size, num_kv, dim = keys.shape
+        sliced = keys.reshape(n, self.slices, page_size // self.slices, num_kv, dim)
+        means = sliced.mean(dim=2, dtype=torch.float32).transpose(1, 2)  # [S, Hkv, slices, D]
+        self.centroids[ids] = means.to(self.centroids.dtype)
 
     def to_bytes(self, ids: np.ndarray) -> np.ndarray:
         """The summaries in slots `ids` (any shape) as host bytes: uint8 [*ids.shape, slot_bytes]
@@ -91,7 +100,7 @@ class SummaryStore:
         return _gather(self.data, ids)
 
     def gather_centroids(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [B, P] -> [B, P, Hkv, D]."""
+        """ids: [B, P] -> [B, P, Hkv, S, D] the slices' mean keys (S = 1: the page's)."""
         return _gather(self.centroids, ids)
 
 

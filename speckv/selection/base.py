@@ -39,7 +39,8 @@ class SelectionInputs:
         valid for sealed pages only.
     keys(): [B, P * page_size, Hkv, D] every key of the listed pages (costs a full
         read: only the oracle and evaluation call it).
-    centroids(): [B, P, Hkv, D] per-page mean key, valid for sealed pages only.
+    centroids(): [B, P, Hkv, S, D] the mean key of each of a page's S equal slices
+        (S = 1, the default: the page's mean key), valid for sealed pages only.
     """
 
     q: torch.Tensor
@@ -65,8 +66,10 @@ class Selector(ABC):
     #: attends every page: nothing to score
     dense: bool = False
     #: a compiled kernel scores, chooses and attends in one call for this selector
-    #: (`AttentionKernels.quest`); its choice must equal `choose_pages(page_scores)`
+    #: (`AttentionKernels.fused[name]`); its choice must equal `choose_pages(page_scores)`
     fused: bool = False
+    #: slices per page its summaries must have (`SummaryStore.slices`)
+    min_slices: int = 1
 
     @abstractmethod
     def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
@@ -77,6 +80,7 @@ SELECTORS: Registry[type[Selector]] = Registry("selector", {
     "full": "speckv.selection.selectors:Full",
     "quest": "speckv.selection.selectors:Quest",
     "centroid": "speckv.selection.selectors:Centroid",
+    "subpage": "speckv.selection.selectors:Subpage",
     "twilight": "speckv.selection.selectors:Twilight",
     "sink_recent": "speckv.selection.selectors:SinkRecent",
     "oracle": "speckv.selection.selectors:Oracle",
@@ -88,25 +92,31 @@ def union_by_rank(scores: torch.Tensor, positions: torch.Tensor, page_size: int)
     """Folds per-query-head scores into one score per KV head so that the top k of the
     result is the union of each head's own best pages, taken rank by rank.
 
+    Every query head ranks the pages before the query's own (rank 0: its best; ties: the
+    older page first); the pages are then ordered by (their best rank over the group,
+    then their best score over the group, higher first, then the older page): a page two
+    heads rank second beats a page one head ranks third, and among the pages of one rank
+    the better scored comes first. The fused CPU kernel (`landmark_decode_attention`)
+    orders them by the same key.
+
     Args:
         scores: [B, Hkv, Q, G, P] per query head (G heads share a KV head).
         positions: [B, Q] query positions (pages from the query's own on are not ranked).
 
     Returns:
-        [B, Q, Hkv, P]: minus a page's best rank over the group (0 for a page some
-        head ranks first), plus a tie-break in (0, 1e-3) from its best score, so a page
-        two heads rank second beats a page one head ranks third, and among the pages
-        of one rank the better scored comes first.
+        [B, Q, Hkv, P]: minus each page's place in that order (distinct whole numbers:
+        no ties for top-k to break), -inf for the pages not ranked.
     """
-    scores = scores.float()  # ranks up to P exact, and room for the tie-break
+    scores = scores.float()
     unseen = unseen_pages(positions, scores.shape[-1], page_size)
     scores = scores.masked_fill(unseen[:, None, :, None, :], NEG)
     rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0: the head's best
-    best = scores.amax(3)  # [B, Hkv, Q, P]
-    spread = best.masked_fill(best == NEG, 0)
-    lo, hi = spread.amin(-1, keepdim=True), spread.amax(-1, keepdim=True)
-    tie = 1e-3 * (spread - lo) / (hi - lo).clamp(min=1e-30) * 0.999 + 1e-7
-    folded = -rank.amin(3).to(scores.dtype) + tie
+    best_rank, best = rank.amin(3), scores.amax(3)  # [B, Hkv, Q, P]
+    # lexicographic by stable sorts, least significant key first (the page index: as is)
+    by_score = best.argsort(dim=-1, descending=True, stable=True)
+    order = by_score.gather(-1, best_rank.gather(-1, by_score).argsort(dim=-1, stable=True))
+    place = order.argsort(dim=-1)
+    folded = -place.to(scores.dtype)
     return folded.masked_fill(best == NEG, NEG).permute(0, 2, 1, 3)
 
 

@@ -1,4 +1,4 @@
-"""The built-in selectors: full, quest, centroid, twilight, sink_recent, oracle."""
+"""The built-in selectors: full, quest, centroid, subpage, twilight, sink_recent, oracle."""
 
 from __future__ import annotations
 
@@ -62,8 +62,31 @@ class Centroid(Selector):
     the default since selection is lossy.
     """
 
+    fused = True  # CPU: `landmark_decode_attention`, the mean of the slices' estimates
+
     def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
         return union_by_rank(centroid_logits(inputs), inputs.positions, inputs.page_size)
+
+
+class Subpage(Selector):
+    """Sub-page landmarks: a page's score for a query head is its best slice's,
+
+        estimate(q, page) = max over slices s of q . mean(keys of s)
+
+    from the `summary_slices` mean keys stored per page and KV head (4 slices of 4
+    tokens at 16-token pages: 4 rows, twice a quest box). A key that matches q among
+    unrelated ones is diluted by 1/slice_size instead of 1/page_size, so a page holding
+    one of several similar needles (multi-key retrieval) is told apart by the slice that
+    holds its key. Still an estimate: above the page's mean logit, never above its max
+    (tests check both on real keys). Folded over a GQA group by `union_by_rank`, as
+    `centroid`.
+    """
+
+    min_slices = 2
+    fused = True  # CPU: `landmark_decode_attention`, the best of the slices' estimates
+
+    def page_scores(self, inputs: SelectionInputs) -> torch.Tensor:
+        return union_by_rank(slice_logits(inputs).amax(-1), inputs.positions, inputs.page_size)
 
 
 class Twilight(Selector):
@@ -99,12 +122,24 @@ class Twilight(Selector):
 
 def centroid_logits(inputs: SelectionInputs) -> torch.Tensor:
     """[B, Hkv, Q, G, P]: q . c of every query head and page centroid (unscaled)."""
-    c = inputs.centroids()  # [B, P, Hkv, D]
+    c = inputs.centroids()  # [B, P, Hkv, S, D]
+    c = c[..., 0, :] if c.shape[3] == 1 else c.mean(3)  # equal slices: the page's mean
     batch, num_pages, num_kv, dim = c.shape
     num_q = inputs.q.shape[1]
     q = grouped(inputs.q, num_kv).to(c.dtype)  # [B, Hkv, Q*G, D]
     est = torch.einsum("bhqd,bphd->bhqp", q, c)  # [B, Hkv, Q*G, P]
     return est.view(batch, num_kv, num_q, -1, num_pages)
+
+
+def slice_logits(inputs: SelectionInputs) -> torch.Tensor:
+    """[B, Hkv, Q, G, P, S]: q . c of every query head and slice centroid (unscaled)."""
+    c = inputs.centroids()  # [B, P, Hkv, S, D]
+    batch, num_pages, num_kv, num_slices, dim = c.shape
+    num_q = inputs.q.shape[1]
+    q = grouped(inputs.q, num_kv).to(c.dtype)  # [B, Hkv, Q*G, D]
+    rows = c.permute(0, 2, 3, 1, 4).reshape(batch, num_kv, num_slices * num_pages, dim)
+    est = q @ rows.transpose(-1, -2)  # [B, Hkv, Q*G, S*P]
+    return est.view(batch, num_kv, num_q, -1, num_slices, num_pages).transpose(-1, -2)
 
 
 def estimated_page_shares(logits: torch.Tensor, unseen: torch.Tensor, dim: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ pages), so one vectorized path serves the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
@@ -66,6 +66,7 @@ class PageSelection:
         self.default = Choice(config.selector, config.token_budget)
         self.selectors: dict[str, Selector] = {n: SELECTORS.get(n)() for n in SELECTORS.names()}
         self.counters = SelectionCounters(num_layers)
+        self._check_slices(config.selector)
 
     def choice(self, selector: str | None, token_budget: int | float | str | None,
                max_context: int | None = None) -> Choice:
@@ -77,6 +78,7 @@ class PageSelection:
         """
         name = self.default.selector if selector is None else selector
         SELECTORS.get(name)
+        self._check_slices(name)
         budget = self.default.token_budget if token_budget is None else \
             parse_token_budget(token_budget)
         if token_budget is not None and isinstance(budget, int) and max_context is not None \
@@ -84,6 +86,13 @@ class PageSelection:
             raise ValueError(f"token_budget={budget} is above the request's context of "
                              f"{max_context} tokens (prompt + max_tokens)")
         return Choice(name, budget)
+
+    def _check_slices(self, name: str) -> None:
+        need = SELECTORS.get(name).min_slices
+        if need > self.config.summary_slices:
+            raise ValueError(f"selector {name!r} ranks pages by their slices' mean keys: it "
+                             f"needs summary_slices >= {need} (the engine keeps "
+                             f"{self.config.summary_slices}; start it with --summary-slices 4)")
 
     def plan(self, choices: list[Choice], evaluate: bool | None = None) -> "StepSelection | None":
         """The step's selection, or None when every sequence attends every page."""
@@ -133,17 +142,20 @@ class StepSelection:
     def keep_sink(self) -> bool:
         return self.owner.config.keep_sink
 
-    def fused_budget(self, positions: torch.Tensor) -> torch.Tensor | None:
-        """[B] pages each decode query at `positions` [B] may read, when every row uses
-        one selector that a fused kernel implements (`Selector.fused`) and nothing is
-        evaluated; else None (the step scores and chooses through `select`)."""
+    def fused_budget(self, positions: torch.Tensor,
+                     kernels: Collection[str]) -> tuple[str, torch.Tensor] | None:
+        """The selector and the [B] pages each decode query at `positions` [B] may read,
+        when every row uses one selector that declares a fused kernel (`Selector.fused`)
+        and `kernels` (the selector names with one) has it, and nothing is evaluated;
+        else None (the step scores and chooses through `select`)."""
         if self.evaluate or len(self.groups) != 1:
             return None
         (choice,) = self.groups
-        if not self.owner.selectors[choice.selector].fused:
+        if not self.owner.selectors[choice.selector].fused or choice.selector not in kernels:
             return None
-        return page_budget(choice.token_budget, positions, self.owner.page_size,
-                           self.owner.config.min_context_tokens)
+        return choice.selector, page_budget(choice.token_budget, positions,
+                                            self.owner.page_size,
+                                            self.owner.config.min_context_tokens)
 
     def count(self, layer: int, masks: torch.Tensor, positions: torch.Tensor) -> None:
         """Counts the pages that a fused kernel selected: masks [B, Q, Hkv, P] for the

@@ -468,15 +468,13 @@ void quest_scores(const float* qh, const float* summaries, const int64_t* summar
   }
 }
 
-// The pages one sequence and KV head reads under quest: the open page, the sink page
-// (keep_sink) and the `budget - forced` best-scored candidates (ties: the older page),
-// in token order, written as page entries into `listed`; returns how many. `chosen`
-// [P] is set where a page is selected.
-template <int64_t kDim>
-int64_t quest_choose(const float* qh, const float* summaries, const int64_t* summary_ids,
-                     const int64_t* entries, int64_t ctx, int64_t budget, bool keep_sink,
-                     int64_t page_size, int64_t h, int64_t Hkv, int64_t G, int64_t D,
-                     float* scores, int64_t* order, int64_t* listed, bool* chosen) {
+// The pages one sequence and KV head reads: the open page, the sink page (keep_sink)
+// and `budget - forced` candidates of [first, own) that `pick(first, own, extra)` marks
+// in `chosen` [P], in token order, written as page entries into `listed`; returns how
+// many. Every candidate when the budget covers them.
+template <typename Pick>
+int64_t choose_and_list(const int64_t* entries, int64_t ctx, int64_t budget, bool keep_sink,
+                        int64_t page_size, int64_t* listed, bool* chosen, Pick pick) {
   const int64_t own = (ctx - 1) / page_size;
   const bool sink = keep_sink && own > 0;
   const int64_t first = sink ? 1 : 0;  // candidates [first, own)
@@ -484,41 +482,134 @@ int64_t quest_choose(const float* qh, const float* summaries, const int64_t* sum
   std::fill(chosen, chosen + own + 1, false);
   chosen[own] = true;
   if (sink) chosen[0] = true;
-  if (extra >= own - first) {
+  if (extra >= own - first)
     std::fill(chosen + first, chosen + own, true);
-  } else if (extra > 0) {
-    quest_scores<kDim>(qh, summaries, summary_ids, first, own, h, Hkv, G, D, scores);
-    int64_t n = 0;
-    for (int64_t p = first; p < own; ++p) order[n++] = p;
-    // the `extra` best under a strict order (score, then the older page): a unique set,
-    // found in linear time (only the set matters: pages are listed in token order)
-    std::nth_element(order, order + extra - 1, order + n, [scores](int64_t a, int64_t b) {
-      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
-    });
-    for (int64_t i = 0; i < extra; ++i) chosen[order[i]] = true;
-  }
+  else if (extra > 0)
+    pick(first, own, extra);
   int64_t count = 0;
   for (int64_t p = 0; p <= own; ++p)
     if (chosen[p]) listed[count++] = entries[p];
   return count;
 }
 
-// Fused quest decode attention (TinyServe's fused kernel): per sequence and KV head,
-// page scoring from the key bounds, top-k under the page budget and attention over
-// the chosen pages (each read where it lies) in one pass, with no per-layer tensors
-// in between. q: [B, H, D]; summaries: [S, Hkv, 2, D] key min | max; summary_table,
-// block_table: [B, P] (int64) summary slots and page entries; context_lens,
-// page_budget: [B] (int64). Returns [out [B, H, D], selected [B, Hkv, P] bool].
-std::vector<torch::Tensor> quest_decode_attention(
-    torch::Tensor q, torch::Tensor k_pages, torch::Tensor v_pages, torch::Tensor summaries,
-    torch::Tensor summary_table, torch::Tensor block_table, torch::Tensor context_lens,
-    torch::Tensor page_budget, bool keep_sink, double scale, torch::Tensor arena,
-    int64_t format) {
-  check_pages(q, k_pages, v_pages, block_table, context_lens, "quest_decode_attention");
+// Marks in `chosen` the `extra` candidates of order[0, n) first under `before` (a strict
+// order): a unique set, found in linear time (only the set matters: pages are listed
+// in token order).
+template <typename Before>
+void mark_best(int64_t* order, int64_t n, int64_t extra, bool* chosen, Before before) {
+  std::nth_element(order, order + extra - 1, order + n, before);
+  for (int64_t i = 0; i < extra; ++i) chosen[order[i]] = true;
+}
+
+// Quest's choice: the best-scored candidates (ties: the older page).
+template <int64_t kDim>
+int64_t quest_choose(const float* qh, const float* summaries, const int64_t* summary_ids,
+                     const int64_t* entries, int64_t ctx, int64_t budget, bool keep_sink,
+                     int64_t page_size, int64_t h, int64_t Hkv, int64_t G, int64_t D,
+                     float* scores, int64_t* order, int64_t* listed, bool* chosen) {
+  return choose_and_list(entries, ctx, budget, keep_sink, page_size, listed, chosen,
+                         [&](int64_t first, int64_t own, int64_t extra) {
+    quest_scores<kDim>(qh, summaries, summary_ids, first, own, h, Hkv, G, D, scores);
+    int64_t n = 0;
+    for (int64_t p = first; p < own; ++p) order[n++] = p;
+    mark_best(order, n, extra, chosen, [scores](int64_t a, int64_t b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+    });
+  });
+}
+
+// Landmark estimates (the centroid and subpage selectors) of the pages [0, own) of one
+// sequence and KV head, per query head g: est[g * P + p] = q_g . c over the S slice
+// centroids of page p, their mean (centroid: q . the page's mean key) or their max
+// (subpage: the best slice). centroids: [slots, Hkv, S, D].
+void landmark_estimates(const float* qh, const float* centroids, const int64_t* summary_ids,
+                        int64_t own, int64_t h, int64_t Hkv, int64_t S, int64_t G, int64_t D,
+                        bool best_slice, int64_t P, float* est) {
+  for (int64_t p = 0; p < own; ++p) {
+    if (p + kSummaryPrefetch < own) {
+      const float* next = centroids + (summary_ids[p + kSummaryPrefetch] * Hkv + h) * S * D;
+      for (int64_t off = 0; off < S * D; off += 16) __builtin_prefetch(next + off);
+    }
+    const float* c = centroids + (summary_ids[p] * Hkv + h) * S * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qr = qh + g * D;
+      float reduced = best_slice ? kNegBig : 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* cs = c + s * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qr[d] * cs[d];
+        reduced = best_slice ? std::max(reduced, dot) : reduced + dot;
+      }
+      est[g * P + p] = best_slice ? reduced : reduced / static_cast<float>(S);
+    }
+  }
+}
+
+// A landmark selector's choice: the candidates first in union_by_rank's order
+// (speckv/selection/base.py): each query head ranks the pages [0, own) by its estimate
+// (ties: the older page); a page's key is (its best rank over the group, then its best
+// estimate, higher first, then the older page).
+int64_t landmark_choose(const float* qh, const float* centroids, const int64_t* summary_ids,
+                        const int64_t* entries, int64_t ctx, int64_t budget, bool keep_sink,
+                        int64_t page_size, int64_t h, int64_t Hkv, int64_t S, int64_t G,
+                        int64_t D, bool best_slice, int64_t P, float* est, float* best,
+                        int64_t* rank, int64_t* order, int64_t* listed, bool* chosen) {
+  return choose_and_list(entries, ctx, budget, keep_sink, page_size, listed, chosen,
+                         [&](int64_t first, int64_t own, int64_t extra) {
+    landmark_estimates(qh, centroids, summary_ids, own, h, Hkv, S, G, D, best_slice, P, est);
+    std::fill(rank, rank + own, own);
+    std::fill(best, best + own, kNegBig);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* e = est + g * P;
+      for (int64_t p = 0; p < own; ++p) order[p] = p;
+      std::sort(order, order + own, [e](int64_t a, int64_t b) {
+        return e[a] > e[b] || (e[a] == e[b] && a < b);
+      });
+      for (int64_t i = 0; i < own; ++i) rank[order[i]] = std::min(rank[order[i]], i);
+      for (int64_t p = 0; p < own; ++p) best[p] = std::max(best[p], e[p]);
+    }
+    int64_t n = 0;
+    for (int64_t p = first; p < own; ++p) order[n++] = p;
+    mark_best(order, n, extra, chosen, [rank, best](int64_t a, int64_t b) {
+      if (rank[a] != rank[b]) return rank[a] < rank[b];
+      if (best[a] != best[b]) return best[a] > best[b];
+      return a < b;
+    });
+  });
+}
+
+// What a fused selector's choice needs per thread (scores, orders, the listed pages).
+struct ChooseBuffers {
+  explicit ChooseBuffers(int64_t P, int64_t G)
+      : scores(P), est(G * P), best(P), rank(P), order(P), listed(P) {}
+  std::vector<float> scores, est, best;
+  std::vector<int64_t> rank, order, listed;
+};
+
+// Fused decode attention (TinyServe's fused kernel): per sequence and KV head, the
+// selector's page choice under the page budget (`choose`: from the sequence's summary
+// slots, fills buf.listed, marks `chosen`, returns the count) and attention over the
+// chosen pages (each read where it lies) in one pass, with no per-layer tensors in
+// between. q: [B, H, D]; summaries: [slots, Hkv, R, D] float32 (a selector's rows per
+// page and KV head, handed to `choose` with the sequence's slots); summary_table, block_table: [B, P] (int64) summary slots and page
+// entries; context_lens, page_budget: [B] (int64). Returns [out [B, H, D], selected
+// [B, Hkv, P] bool].
+template <typename Choose>
+std::vector<torch::Tensor> fused_decode_attention(
+    const char* name, torch::Tensor q, const torch::Tensor& k_pages,
+    const torch::Tensor& v_pages, const torch::Tensor& summaries, torch::Tensor summary_table,
+    torch::Tensor block_table, torch::Tensor context_lens, torch::Tensor page_budget,
+    double scale, const torch::Tensor& arena, int64_t format, Choose choose) {
+  check_pages(q, k_pages, v_pages, block_table, context_lens, name);
   TORCH_CHECK(summaries.dtype() == torch::kFloat32 && summaries.is_contiguous() &&
-                  summary_table.dtype() == torch::kInt64 && page_budget.dtype() == torch::kInt64,
-              "quest_decode_attention: float32 summaries, int64 tables and budgets");
-  const auto pool = speckv::pool_rows(arena, format, "quest_decode_attention");
+                  summaries.dim() == 4 && summary_table.dtype() == torch::kInt64 &&
+                  page_budget.dtype() == torch::kInt64,
+              name, ": float32 summaries [slots, Hkv, R, D], int64 tables and budgets");
+  TORCH_CHECK(summaries.size(1) == k_pages.size(2) && summaries.size(3) == q.size(2) &&
+                  summary_table.sizes() == block_table.sizes(),
+              name, ": bad shapes");
+  const auto pool = speckv::pool_rows(arena, format, name);
   q = q.contiguous();
   block_table = block_table.contiguous();
   summary_table = summary_table.contiguous();
@@ -527,9 +618,7 @@ std::vector<torch::Tensor> quest_decode_attention(
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const speckv::PageGeometry geo{k_pages.size(1), k_pages.size(2), D};
   const int64_t Hkv = geo.H, G = H / Hkv, P = block_table.size(1);
-  TORCH_CHECK(H % Hkv == 0 && k_pages.size(3) == D && summaries.size(1) == Hkv &&
-                  summaries.size(3) == D && summary_table.sizes() == block_table.sizes(),
-              "quest_decode_attention: bad shapes");
+  TORCH_CHECK(H % Hkv == 0 && k_pages.size(3) == D, name, ": bad shapes");
   auto out = torch::empty_like(q);
   auto selected = torch::zeros({B, Hkv, P}, q.options().dtype(torch::kBool));
   const float* qp = q.data_ptr<float>();
@@ -544,25 +633,61 @@ std::vector<torch::Tensor> quest_decode_attention(
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
   const Attend run = attend_for(D);
-  const auto choose = D == 64 ? quest_choose<64> : D == 128 ? quest_choose<128> : quest_choose<0>;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     TaskBuffers buf(G, D, geo, pool.base != nullptr);
-    std::vector<float> page_scores(P);
-    std::vector<int64_t> order(P), listed(P);
+    ChooseBuffers cb(P, G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const int64_t ctx = std::min(cl[b], P * geo.T);
       const float* qh = qp + (b * H + h * G) * D;
-      const int64_t count = choose(qh, sp, st + b * P, bt + b * P, ctx, pb[b], keep_sink,
-                                         geo.T, h, Hkv, G, D, page_scores.data(), order.data(),
-                                         listed.data(), chosen_all + task * P);
+      const int64_t count = choose(qh, sp, st + b * P, bt + b * P, ctx, pb[b], geo.T, h, Hkv, G,
+                                   D, P, cb, chosen_all + task * P);
       const int64_t own = (ctx - 1) / geo.T;
       const int64_t selected_len = (count - 1) * geo.T + (ctx - own * geo.T);
-      run(qh, kp, vp, pool, listed.data(), selected_len, h, h + 1, geo, G, fscale,
+      run(qh, kp, vp, pool, cb.listed.data(), selected_len, h, h + 1, geo, G, fscale,
           op + (b * H + h * G) * D, buf);
     }
   });
   return {out, selected};
+}
+
+// Fused quest: summaries [slots, Hkv, 2, D] key min | max.
+std::vector<torch::Tensor> quest_decode_attention(
+    torch::Tensor q, torch::Tensor k_pages, torch::Tensor v_pages, torch::Tensor summaries,
+    torch::Tensor summary_table, torch::Tensor block_table, torch::Tensor context_lens,
+    torch::Tensor page_budget, bool keep_sink, double scale, torch::Tensor arena,
+    int64_t format) {
+  const int64_t D = q.size(2);
+  const auto pick = D == 64 ? quest_choose<64> : D == 128 ? quest_choose<128> : quest_choose<0>;
+  return fused_decode_attention(
+      "quest_decode_attention", q, k_pages, v_pages, summaries, summary_table, block_table,
+      context_lens, page_budget, scale, arena, format,
+      [&](const float* qh, const float* sp, const int64_t* slots, const int64_t* entries,
+          int64_t ctx, int64_t budget, int64_t T, int64_t h, int64_t Hkv, int64_t G, int64_t D_,
+          int64_t, ChooseBuffers& cb, bool* chosen) {
+        return pick(qh, sp, slots, entries, ctx, budget, keep_sink, T, h, Hkv, G, D_,
+                    cb.scores.data(), cb.order.data(), cb.listed.data(), chosen);
+      });
+}
+
+// Fused landmark selectors (centroid: best_slice false; subpage: true): centroids
+// [slots, Hkv, S, D] the slices' mean keys.
+std::vector<torch::Tensor> landmark_decode_attention(
+    torch::Tensor q, torch::Tensor k_pages, torch::Tensor v_pages, torch::Tensor centroids,
+    torch::Tensor summary_table, torch::Tensor block_table, torch::Tensor context_lens,
+    torch::Tensor page_budget, bool keep_sink, bool best_slice, double scale,
+    torch::Tensor arena, int64_t format) {
+  const int64_t S = centroids.dim() == 4 ? centroids.size(2) : 0;
+  return fused_decode_attention(
+      "landmark_decode_attention", q, k_pages, v_pages, centroids, summary_table,
+      block_table, context_lens, page_budget, scale, arena, format,
+      [&](const float* qh, const float* cp, const int64_t* slots, const int64_t* entries,
+          int64_t ctx, int64_t budget, int64_t T, int64_t h, int64_t Hkv, int64_t G, int64_t D,
+          int64_t P, ChooseBuffers& cb, bool* chosen) {
+        return landmark_choose(qh, cp, slots, entries, ctx, budget, keep_sink, T, h, Hkv, S, G,
+                               D, best_slice, P, cb.est.data(), cb.best.data(), cb.rank.data(),
+                               cb.order.data(), cb.listed.data(), chosen);
+      });
 }
 
 }  // namespace
@@ -605,6 +730,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quest_decode_attention", &quest_decode_attention,
         "fused quest: page scores from key bounds, top-k under a budget and attention over "
         "the chosen pages, read where they lie (CPU, float32)",
+        release());
+  m.def("landmark_decode_attention", &landmark_decode_attention,
+        "fused centroid / subpage: page estimates from slice mean keys, union_by_rank's "
+        "choice under a budget and attention over the chosen pages (CPU, float32)",
         release());
   m.def("fetch_pages", &fetch_pages, "pool rows -> decoded float32 DEVICE page slots, one pass",
         release());
