@@ -162,18 +162,20 @@ def test_subpage_tells_apart_pages_whose_means_tie():
     assert picked == {"centroid": [0, 1, 7], "subpage": [0, 4, 7]}
 
 
-@pytest.mark.parametrize("name, slices", [("centroid", 1), ("centroid", 4), ("subpage", 4)])
-def test_fused_landmark_kernel_chooses_as_the_selector_and_attends_as_the_sparse_path(name,
-                                                                                      slices):
+@pytest.mark.parametrize("name, slices, dim", [("centroid", 1, 16), ("centroid", 4, 16),
+                                               ("subpage", 4, 16), ("centroid", 1, 64),
+                                               ("subpage", 4, 64)])
+def test_fused_landmark_kernel_chooses_as_the_selector_and_attends_as_the_sparse_path(
+        name, slices, dim):
     """`landmark_decode_attention` (CPU) against the torch path on random pages: the same
     pages chosen for every sequence and KV head (union_by_rank's order, exactly), and the
-    output of the sparse kernel over them."""
+    output of the sparse kernel over them (head dim 64: the 16-pages-at-a-time path)."""
     from speckv.kv.attention import cpu_kernel_fused_attention
     from speckv.kv.cpu_kernels import load_cpu_kernels
 
     kernels = load_cpu_kernels()
     g = torch.Generator().manual_seed(11)
-    batch, num_pages, num_kv, group, dim = 3, 20, 2, 3, 16
+    batch, num_pages, num_kv, group = 3, 40, 2, 3
     k_pages = torch.randn(batch * num_pages, PS, num_kv, dim, generator=g)
     v_pages = torch.randn_like(k_pages)
     store = SummaryStore(batch * num_pages, num_kv, dim, dtype=torch.float32,
@@ -183,10 +185,10 @@ def test_fused_landmark_kernel_chooses_as_the_selector_and_attends_as_the_sparse
     store.summarize(slots[perm], k_pages)
     block_table = torch.arange(batch * num_pages).view(batch, num_pages)
     summary_table = slots[perm].view(batch, num_pages)
-    lens = torch.tensor([20 * PS, 13 * PS + 5, 7 * PS - 2])
+    lens = torch.tensor([40 * PS, 23 * PS + 5, 7 * PS - 2])
     q = torch.randn(batch, num_kv * group, dim, generator=g)
     positions = (lens - 1)[:, None]
-    budget = torch.tensor([6, 5, 4])
+    budget = torch.tensor([9, 5, 4])
     out, chosen = cpu_kernel_fused_attention(kernels)[name](
         q, k_pages, v_pages, store, summary_table, block_table, lens, budget, True)
     inputs = SelectionInputs(q[:, None], positions, num_pages, PS, num_kv,

@@ -156,7 +156,7 @@ class StepAttention:
         self.select_prefill = select_prefill
         self.meta = m = StepMetadata.build(cache, chunks, device)
         self.positions = m.positions  # the model reads them
-        self._quest_budget = _UNSET  # [B] page budgets or None, once known: `_fused_budget`
+        self._fused_choice = _UNSET  # once known (`_fused_budget`): (selector, budgets) or None
         self._prefetcher = prefetcher
         self.prefetch = None  # the prefetcher's view of this step, when one runs
         if prefetcher is not None and prefetcher.active:
@@ -284,18 +284,18 @@ class StepAttention:
         self._read_in_place(tables, needed, started)
         return out
 
-    def _fused_budget(self, sel: StepSelection) -> torch.Tensor | None:
-        """[B] page budgets of the decode rows when one kernel call can select and attend
-        (a fused selector, nothing copied into DEVICE first, prefill chunks dense); the
-        same for every layer of the step, so worked out once."""
-        if self._quest_budget is _UNSET:
+    def _fused_budget(self, sel: StepSelection) -> tuple[str, torch.Tensor] | None:
+        """The selector and [B] page budgets of the decode rows when one kernel call can
+        select and attend (a fused selector, nothing copied into DEVICE first, prefill
+        chunks dense); the same for every layer of the step, so worked out once."""
+        if self._fused_choice is _UNSET:
             m = self.meta
             fusable = (self.kernels.fused and m.num_decode
                        and (self.cache.store is None or self.in_place)
                        and (m.prefill is None or not self.select_prefill))
-            self._quest_budget = sel.fused_budget(m.positions[:m.num_decode],
+            self._fused_choice = sel.fused_budget(m.positions[:m.num_decode],
                                                   self.kernels.fused) if fusable else None
-        return self._quest_budget
+        return self._fused_choice
 
     def _fused_sparse(self, layer: int, q: torch.Tensor, sel: StepSelection,
                       fused: tuple[str, torch.Tensor]) -> torch.Tensor:

@@ -522,15 +522,57 @@ int64_t quest_choose(const float* qh, const float* summaries, const int64_t* sum
 // sequence and KV head, per query head g: est[g * P + p] = q_g . c over the S slice
 // centroids of page p, their mean (centroid: q . the page's mean key) or their max
 // (subpage: the best slice). centroids: [slots, Hkv, S, D].
+template <int64_t kDim>
 void landmark_estimates(const float* qh, const float* centroids, const int64_t* summary_ids,
-                        int64_t own, int64_t h, int64_t Hkv, int64_t S, int64_t G, int64_t D,
+                        int64_t own, int64_t h, int64_t Hkv, int64_t S, int64_t G, int64_t D_,
                         bool best_slice, int64_t P, float* est) {
-  for (int64_t p = 0; p < own; ++p) {
-    if (p + kSummaryPrefetch < own) {
-      const float* next = centroids + (summary_ids[p + kSummaryPrefetch] * Hkv + h) * S * D;
-      for (int64_t off = 0; off < S * D; off += 16) __builtin_prefetch(next + off);
+  const int64_t D = kDim > 0 ? kDim : D_;
+  const int64_t row = S * D;
+  auto prefetch = [&](int64_t p) {
+    if (p >= own) return;
+    const float* next = centroids + (summary_ids[p] * Hkv + h) * row;
+    for (int64_t off = 0; off < row; off += 16) __builtin_prefetch(next + off);
+  };
+  for (int64_t p = 0; p < std::min(own, kSummaryPrefetch); ++p) prefetch(p);
+  const float inv = 1.f / static_cast<float>(S);
+#if defined(__AVX512F__)
+  if constexpr (kDim > 0 && kDim % 16 == 0) {
+    // sixteen pages at a time, as `quest_scores`: one partial vector per page and slice,
+    // summed by `sum_lanes_16`, reduced over the slices lane-wise
+    constexpr int64_t NV = kDim / 16;
+    __m512 part[16];
+    for (int64_t p0 = 0; p0 < own; p0 += 16) {
+      const int64_t n = std::min<int64_t>(16, own - p0);
+      for (int64_t i = 0; i < n; ++i) prefetch(p0 + i + kSummaryPrefetch);
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 qv[NV];
+        for (int64_t c = 0; c < NV; ++c) qv[c] = _mm512_loadu_ps(qh + g * kDim + 16 * c);
+        __m512 reduced = _mm512_set1_ps(best_slice ? kNegBig : 0.f);
+        for (int64_t s = 0; s < S; ++s) {
+          for (int64_t i = 0; i < 16; ++i) {
+            if (i >= n) {
+              part[i] = _mm512_setzero_ps();
+              continue;
+            }
+            const float* cs = centroids + (summary_ids[p0 + i] * Hkv + h) * row + s * kDim;
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(cs));
+            for (int64_t c = 1; c < NV; ++c)
+              acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(cs + 16 * c), acc);
+            part[i] = acc;
+          }
+          const __m512 dots = sum_lanes_16(part);
+          reduced = best_slice ? _mm512_max_ps(reduced, dots) : _mm512_add_ps(reduced, dots);
+        }
+        if (!best_slice) reduced = _mm512_mul_ps(reduced, _mm512_set1_ps(inv));
+        _mm512_mask_storeu_ps(est + g * P + p0, (__mmask16)((1u << n) - 1), reduced);
+      }
     }
-    const float* c = centroids + (summary_ids[p] * Hkv + h) * S * D;
+    return;
+  }
+#endif
+  for (int64_t p = 0; p < own; ++p) {
+    prefetch(p + kSummaryPrefetch);
+    const float* c = centroids + (summary_ids[p] * Hkv + h) * row;
     for (int64_t g = 0; g < G; ++g) {
       const float* qr = qh + g * D;
       float reduced = best_slice ? kNegBig : 0.f;
@@ -541,7 +583,7 @@ void landmark_estimates(const float* qh, const float* centroids, const int64_t* 
         for (int64_t d = 0; d < D; ++d) dot += qr[d] * cs[d];
         reduced = best_slice ? std::max(reduced, dot) : reduced + dot;
       }
-      est[g * P + p] = best_slice ? reduced : reduced / static_cast<float>(S);
+      est[g * P + p] = best_slice ? reduced : reduced * inv;
     }
   }
 }
@@ -550,6 +592,7 @@ void landmark_estimates(const float* qh, const float* centroids, const int64_t* 
 // (speckv/selection/base.py): each query head ranks the pages [0, own) by its estimate
 // (ties: the older page); a page's key is (its best rank over the group, then its best
 // estimate, higher first, then the older page).
+template <int64_t kDim>
 int64_t landmark_choose(const float* qh, const float* centroids, const int64_t* summary_ids,
                         const int64_t* entries, int64_t ctx, int64_t budget, bool keep_sink,
                         int64_t page_size, int64_t h, int64_t Hkv, int64_t S, int64_t G,
@@ -557,16 +600,20 @@ int64_t landmark_choose(const float* qh, const float* centroids, const int64_t* 
                         int64_t* rank, int64_t* order, int64_t* listed, bool* chosen) {
   return choose_and_list(entries, ctx, budget, keep_sink, page_size, listed, chosen,
                          [&](int64_t first, int64_t own, int64_t extra) {
-    landmark_estimates(qh, centroids, summary_ids, own, h, Hkv, S, G, D, best_slice, P, est);
+    landmark_estimates<kDim>(qh, centroids, summary_ids, own, h, Hkv, S, G, D, best_slice, P, est);
+    // only ranks up to `extra` can be chosen (one head's top extra + 1 hold at least
+    // `extra` candidates, the sink page being ranked too), so each head orders just its
+    // top extra + 1; the others keep rank `own`, after all of those
     std::fill(rank, rank + own, own);
     std::fill(best, best + own, kNegBig);
+    const int64_t top = std::min(extra + 1, own);
     for (int64_t g = 0; g < G; ++g) {
       const float* e = est + g * P;
       for (int64_t p = 0; p < own; ++p) order[p] = p;
-      std::sort(order, order + own, [e](int64_t a, int64_t b) {
+      std::partial_sort(order, order + top, order + own, [e](int64_t a, int64_t b) {
         return e[a] > e[b] || (e[a] == e[b] && a < b);
       });
-      for (int64_t i = 0; i < own; ++i) rank[order[i]] = std::min(rank[order[i]], i);
+      for (int64_t i = 0; i < top; ++i) rank[order[i]] = std::min(rank[order[i]], i);
       for (int64_t p = 0; p < own; ++p) best[p] = std::max(best[p], e[p]);
     }
     int64_t n = 0;
@@ -677,16 +724,19 @@ std::vector<torch::Tensor> landmark_decode_attention(
     torch::Tensor summary_table, torch::Tensor block_table, torch::Tensor context_lens,
     torch::Tensor page_budget, bool keep_sink, bool best_slice, double scale,
     torch::Tensor arena, int64_t format) {
-  const int64_t S = centroids.dim() == 4 ? centroids.size(2) : 0;
+  const int64_t S = centroids.dim() == 4 ? centroids.size(2) : 0, dim = q.size(2);
+  const auto pick = dim == 64    ? landmark_choose<64>
+                    : dim == 128 ? landmark_choose<128>
+                                 : landmark_choose<0>;
   return fused_decode_attention(
       "landmark_decode_attention", q, k_pages, v_pages, centroids, summary_table,
       block_table, context_lens, page_budget, scale, arena, format,
       [&](const float* qh, const float* cp, const int64_t* slots, const int64_t* entries,
           int64_t ctx, int64_t budget, int64_t T, int64_t h, int64_t Hkv, int64_t G, int64_t D,
           int64_t P, ChooseBuffers& cb, bool* chosen) {
-        return landmark_choose(qh, cp, slots, entries, ctx, budget, keep_sink, T, h, Hkv, S, G,
-                               D, best_slice, P, cb.est.data(), cb.best.data(), cb.rank.data(),
-                               cb.order.data(), cb.listed.data(), chosen);
+        return pick(qh, cp, slots, entries, ctx, budget, keep_sink, T, h, Hkv, S, G, D,
+                    best_slice, P, cb.est.data(), cb.best.data(), cb.rank.data(),
+                    cb.order.data(), cb.listed.data(), chosen);
       });
 }
 
