@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from speckv import LLM, SamplingParams
+from speckv.kv.prefix import extend_page_keys
 from speckv.pool import resp, valkey
 from speckv.pool.valkey import ValkeyPool, page_name
 from speckv.pool.valkey_server import LocalValkey
@@ -338,7 +339,9 @@ def test_a_corrupted_stored_page_is_detected_and_recomputed(make_llm, fresh):
     a = make_llm(**shared(fresh.url))
     ask(a, QUESTIONS[0])
     conn = raw(fresh)
-    name = sorted(conn.call("KEYS", "speckv:*"))[0]
+    # the system prompt's first page: one the second engine is sure to look up
+    first = a.tokenizer.encode(SYSTEM + QUESTIONS[1])[:16]
+    name = page_name(extend_page_keys([], a.engine.cache.prefix.root, first, 16)[0])
     value = bytearray(conn.call("GET", name))
     value[len(value) // 2] ^= 0x01
     conn.call("SET", name, bytes(value))
