@@ -121,14 +121,9 @@ class Twilight(Selector):
 
 
 def centroid_logits(inputs: SelectionInputs) -> torch.Tensor:
-    """[B, Hkv, Q, G, P]: q . c of every query head and page centroid (unscaled)."""
-    c = inputs.centroids()  # [B, P, Hkv, S, D]
-    c = c[..., 0, :] if c.shape[3] == 1 else c.mean(3)  # equal slices: the page's mean
-    batch, num_pages, num_kv, dim = c.shape
-    num_q = inputs.q.shape[1]
-    q = grouped(inputs.q, num_kv).to(c.dtype)  # [B, Hkv, Q*G, D]
-    est = torch.einsum("bhqd,bphd->bhqp", q, c)  # [B, Hkv, Q*G, P]
-    return est.view(batch, num_kv, num_q, -1, num_pages)
+    """[B, Hkv, Q, G, P]: q . c of every query head and page centroid (unscaled): the
+    mean of the slices' estimates (equal slices: q . the page's mean key)."""
+    return slice_logits(inputs).mean(-1)
 
 
 def slice_logits(inputs: SelectionInputs) -> torch.Tensor:

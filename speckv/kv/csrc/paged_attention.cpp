@@ -395,16 +395,18 @@ torch::Tensor sparse_decode_attention(torch::Tensor q, torch::Tensor k_pages,
 // scoring pass at 8k x 8 took half the time with it).
 constexpr int64_t kSummaryPrefetch = 4;
 
-inline const float* page_bounds(const float* summaries, const int64_t* summary_ids, int64_t p,
-                                int64_t h, int64_t Hkv, int64_t D) {
-  return summaries + (summary_ids[p] * Hkv + h) * 2 * D;
+// A page's summary row of `row` floats for KV head h (summaries: [slots, Hkv, row]),
+// and its software prefetch (pages past `own` are not candidates: nothing fetched).
+inline const float* summary_row(const float* summaries, const int64_t* summary_ids, int64_t p,
+                                int64_t h, int64_t Hkv, int64_t row) {
+  return summaries + (summary_ids[p] * Hkv + h) * row;
 }
 
-inline void prefetch_bounds(const float* summaries, const int64_t* summary_ids, int64_t p,
-                            int64_t own, int64_t h, int64_t Hkv, int64_t D) {
+inline void prefetch_summary(const float* summaries, const int64_t* summary_ids, int64_t p,
+                             int64_t own, int64_t h, int64_t Hkv, int64_t row) {
   if (p >= own) return;
-  const float* next = page_bounds(summaries, summary_ids, p, h, Hkv, D);
-  for (int64_t off = 0; off < 2 * D; off += 16) __builtin_prefetch(next + off);
+  const float* next = summary_row(summaries, summary_ids, p, h, Hkv, row);
+  for (int64_t off = 0; off < row; off += 16) __builtin_prefetch(next + off);
 }
 
 template <int64_t kDim>
@@ -413,7 +415,7 @@ void quest_scores(const float* qh, const float* summaries, const int64_t* summar
                   float* scores) {
   const int64_t D = kDim > 0 ? kDim : D_;
   for (int64_t p = first; p < std::min(own, first + kSummaryPrefetch); ++p)
-    prefetch_bounds(summaries, summary_ids, p, own, h, Hkv, D);
+    prefetch_summary(summaries, summary_ids, p, own, h, Hkv, 2 * D);
 #if defined(__AVX512F__)
   if constexpr (kDim > 0 && kDim % 16 == 0) {
     // sixteen pages at a time: one partial vector per page, summed by `sum_lanes_16`
@@ -435,8 +437,9 @@ void quest_scores(const float* qh, const float* summaries, const int64_t* summar
             continue;
           }
           if (g == 0)
-            prefetch_bounds(summaries, summary_ids, p0 + i + kSummaryPrefetch, own, h, Hkv, D);
-          const float* lo = page_bounds(summaries, summary_ids, p0 + i, h, Hkv, D);
+            prefetch_summary(summaries, summary_ids, p0 + i + kSummaryPrefetch, own, h, Hkv,
+                             2 * D);
+          const float* lo = summary_row(summaries, summary_ids, p0 + i, h, Hkv, 2 * D);
           __m512 s = _mm512_setzero_ps();
           for (int64_t c = 0; c < NV; ++c) {
             s = _mm512_fmadd_ps(qneg[c], _mm512_loadu_ps(lo + 16 * c), s);
@@ -452,8 +455,8 @@ void quest_scores(const float* qh, const float* summaries, const int64_t* summar
   }
 #endif
   for (int64_t p = first; p < own; ++p) {
-    prefetch_bounds(summaries, summary_ids, p + kSummaryPrefetch, own, h, Hkv, D);
-    const float* lo = page_bounds(summaries, summary_ids, p, h, Hkv, D);
+    prefetch_summary(summaries, summary_ids, p + kSummaryPrefetch, own, h, Hkv, 2 * D);
+    const float* lo = summary_row(summaries, summary_ids, p, h, Hkv, 2 * D);
     const float* hi = lo + D;
     float best = kNegBig;
     for (int64_t g = 0; g < G; ++g) {
@@ -528,11 +531,7 @@ void landmark_estimates(const float* qh, const float* centroids, const int64_t* 
                         bool best_slice, int64_t P, float* est) {
   const int64_t D = kDim > 0 ? kDim : D_;
   const int64_t row = S * D;
-  auto prefetch = [&](int64_t p) {
-    if (p >= own) return;
-    const float* next = centroids + (summary_ids[p] * Hkv + h) * row;
-    for (int64_t off = 0; off < row; off += 16) __builtin_prefetch(next + off);
-  };
+  auto prefetch = [&](int64_t p) { prefetch_summary(centroids, summary_ids, p, own, h, Hkv, row); };
   for (int64_t p = 0; p < std::min(own, kSummaryPrefetch); ++p) prefetch(p);
   const float inv = 1.f / static_cast<float>(S);
 #if defined(__AVX512F__)
@@ -554,7 +553,7 @@ void landmark_estimates(const float* qh, const float* centroids, const int64_t* 
               part[i] = _mm512_setzero_ps();
               continue;
             }
-            const float* cs = centroids + (summary_ids[p0 + i] * Hkv + h) * row + s * kDim;
+            const float* cs = summary_row(centroids, summary_ids, p0 + i, h, Hkv, row) + s * kDim;
             __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(cs));
             for (int64_t c = 1; c < NV; ++c)
               acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(cs + 16 * c), acc);
@@ -572,7 +571,7 @@ void landmark_estimates(const float* qh, const float* centroids, const int64_t* 
 #endif
   for (int64_t p = 0; p < own; ++p) {
     prefetch(p + kSummaryPrefetch);
-    const float* c = centroids + (summary_ids[p] * Hkv + h) * row;
+    const float* c = summary_row(centroids, summary_ids, p, h, Hkv, row);
     for (int64_t g = 0; g < G; ++g) {
       const float* qr = qh + g * D;
       float reduced = best_slice ? kNegBig : 0.f;
@@ -639,9 +638,9 @@ struct ChooseBuffers {
 // slots, fills buf.listed, marks `chosen`, returns the count) and attention over the
 // chosen pages (each read where it lies) in one pass, with no per-layer tensors in
 // between. q: [B, H, D]; summaries: [slots, Hkv, R, D] float32 (a selector's rows per
-// page and KV head, handed to `choose` with the sequence's slots); summary_table, block_table: [B, P] (int64) summary slots and page
-// entries; context_lens, page_budget: [B] (int64). Returns [out [B, H, D], selected
-// [B, Hkv, P] bool].
+// page and KV head, handed to `choose` with the sequence's slots); summary_table,
+// block_table: [B, P] (int64) summary slots and page entries; context_lens, page_budget:
+// [B] (int64). Returns [out [B, H, D], selected [B, Hkv, P] bool].
 template <typename Choose>
 std::vector<torch::Tensor> fused_decode_attention(
     const char* name, torch::Tensor q, const torch::Tensor& k_pages,
