@@ -63,7 +63,7 @@ def cache_resident() -> None:
         heads_table = table[:, None, :chosen].expand(batch, HKV, chosen).contiguous()
         chosen_lens = torch.full((batch,), chosen * PS - 3)
         dense = median_ms(lambda: k.paged_decode_attention(q, kp, vp, table, lens, 0.125,
-                                                           NO_ROWS, 0))
+                                                           NO_ROWS, 0, 0))
         sparse = median_ms(lambda: k.sparse_decode_attention(q, kp, vp, heads_table,
                                                              chosen_lens, 0.125, NO_ROWS, 0))
         fused = median_ms(lambda: k.quest_decode_attention(
@@ -130,10 +130,10 @@ def kv_bound(sources: list[Path]) -> None:
     fmt = 1  # cpu_kernels.FORMATS["int8"]
 
     def dense_f32(k):
-        return [k.paged_decode_attention(q, kp, vp, t, lens, 0.125, NO_ROWS, 0) for t in tables]
+        return [k.paged_decode_attention(q, kp, vp, t, lens, 0.125, NO_ROWS, 0, 0) for t in tables]
 
     def dense_int8(k):
-        return [k.paged_decode_attention(q, kp, vp, -1 - t, lens, 0.125, rows, fmt)
+        return [k.paged_decode_attention(q, kp, vp, -1 - t, lens, 0.125, rows, fmt, 0)
                 for t in tables]
 
     results: dict[str, dict[str, list[float]]] = {name: {} for name in builds}
@@ -159,7 +159,7 @@ def kv_bound(sources: list[Path]) -> None:
 
     def dense_8k(k):
         for t in tables:
-            k.paged_decode_attention(q, kp, vp, t, lens, 0.125, NO_ROWS, 0)
+            k.paged_decode_attention(q, kp, vp, t, lens, 0.125, NO_ROWS, 0, 0)
 
     def quest_8k(k):
         for t, s in zip(tables, summary_tables):
@@ -178,7 +178,7 @@ def kv_bound(sources: list[Path]) -> None:
 
     def dense_32(k):
         for t in tables:
-            k.paged_decode_attention(q32, kp, vp, t, lens, 0.125, NO_ROWS, 0)
+            k.paged_decode_attention(q32, kp, vp, t, lens, 0.125, NO_ROWS, 0, 0)
 
     time_interleaved(builds, {"dense 32": dense_32}, 9, results)
     print("| build | 8 x 4k float32 DEVICE | 8 x 4k int8 rows | f32 / int8 | 8 x 8k dense | "
@@ -213,7 +213,7 @@ def hint_sweep() -> None:
     q = torch.randn(batch, HEADS, DIM)
 
     def attend(t):
-        k.paged_decode_attention(q, empty, empty, -1 - t, lens, 0.125, rows, 1)
+        k.paged_decode_attention(q, empty, empty, -1 - t, lens, 0.125, rows, 1, 0)
 
     def plain(_):
         for t in tables:

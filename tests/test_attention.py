@@ -63,8 +63,47 @@ def test_cpu_kernel_matches_torch_path(d, page_size, hkv, group):
     lens = torch.tensor([1, page_size, 3 * page_size + 1, listed * page_size, 17])
     q = torch.randn(batch, hkv * group, d)
     ref = torch_decode_attention(q, k_pages, v_pages, table, lens)
-    out = kernels.paged_decode_attention(q, k_pages, v_pages, table, lens, d ** -0.5, NO_ROWS, 0)
+    out = kernels.paged_decode_attention(q, k_pages, v_pages, table, lens, d ** -0.5,
+                                         NO_ROWS, 0, 0)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_sliding_window_attends_the_last_window_positions():
+    """Mistral's window: query i sees keys j with i - window < j <= i, across pages."""
+    k_pages, v_pages = _pages()
+    table = torch.tensor([[7, 3, 12, 0]])
+    k = k_pages[table[0]].reshape(-1, 2, 8)[:14]
+    v = v_pages[table[0]].reshape(-1, 2, 8)[:14]
+    q = torch.randn(1, 5, 6, 8)
+    positions = torch.arange(9, 14)[None]
+    out = paged_attention(q, k_pages, v_pages, table, torch.tensor([14]), positions, window=6)
+    for i, pos in enumerate(range(9, 14)):  # keys pos-5 .. pos, dense
+        keys = slice(pos - 5, pos + 1)
+        ref = _dense(q[0, i:i + 1], k[keys], v[keys], torch.tensor([100]))
+        assert torch.allclose(out[0, i], ref[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 4, 9, 30, 200])
+def test_cpu_kernel_window_matches_torch_path(window):
+    """Windows shorter than a page, page-aligned, across pages, longer than the context;
+    entries before the window name a pool row that does not exist: never read."""
+    from speckv.kv.cpu_kernels import load_cpu_kernels
+
+    kernels = load_cpu_kernels()
+    k_pages, v_pages = _pages(num_pages=64, page_size=4, hkv=2, d=64, seed=window)
+    table = torch.randperm(64)[:5 * 9].view(5, 9)
+    lens = torch.tensor([1, 4, 13, 36, 17])
+    q = torch.randn(5, 6, 64)
+    ref = torch_decode_attention(q, k_pages, v_pages, table, lens, window=window)
+    first_page = (lens - window).clamp(min=0) // 4
+    unread = torch.arange(9)[None] < first_page[:, None]
+    poisoned = torch.where(unread, -10 ** 6, table)  # a pool row far past the empty arena
+    out = kernels.paged_decode_attention(q, k_pages, v_pages, poisoned, lens, 64 ** -0.5,
+                                         NO_ROWS, 0, window)
+    assert torch.allclose(out, ref, atol=1e-5)
+    if window >= 36:
+        assert torch.allclose(out, torch_decode_attention(q, k_pages, v_pages, table, lens),
+                              atol=1e-5)
 
 
 def test_backends_give_identical_greedy_tokens(make_llm, llm):

@@ -163,8 +163,8 @@ def test_kernels_read_pool_rows_exactly_as_decode_does(real_pages, name):
     lens = torch.tensor([4 * ps - 5, 3 * ps + 1])  # partial last pages
     mixed = torch.where(torch.arange(4) % 2 == 0, -1 - pages, pages)  # rows and DEVICE pages
     scale = dim ** -0.5
-    in_place = kernels.paged_decode_attention(q, dk, dv, mixed, lens, scale, rows, fmt)
-    decoded = kernels.paged_decode_attention(q, dk, dv, pages, lens, scale, NO_ROWS, 0)
+    in_place = kernels.paged_decode_attention(q, dk, dv, mixed, lens, scale, rows, fmt, 0)
+    decoded = kernels.paged_decode_attention(q, dk, dv, pages, lens, scale, NO_ROWS, 0, 0)
     assert (in_place - decoded).abs().max().item() == 0.0
     heads = torch.stack([pages[:, [0, 2, 3]], pages[:, [1, 2, 3]], pages[:, [0, 1, 3]]], dim=1)
     selected_lens = lens - ps

@@ -34,7 +34,8 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
-    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
+    # a window shorter than the contexts below and not a multiple of the pages (8)
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 12}),
 }
 
 
@@ -58,9 +59,8 @@ def _save(tmp_path, family: str):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_matches_transformers(family, tmp_path):
     hf = _save(tmp_path, family)
-    max_len = 64 if family == "mistral-window" else None
     llm = LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB", page_size=8,
-              max_num_seqs=4, max_num_batched_tokens=24, max_model_len=max_len)
+              max_num_seqs=4, max_num_batched_tokens=24)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (50,), generator=g).tolist()
     with torch.no_grad():
@@ -114,12 +114,48 @@ def test_unsupported_configs_are_refused_naming_what_is_supported(tmp_path):
         hf_model_args({"model_type": "qwen2", "use_sliding_window": True, **base}, tmp_path)
 
 
-def test_a_sliding_window_model_stops_at_its_window(tmp_path):
+def test_a_sliding_window_reads_only_the_window_s_pages(tmp_path):
+    """Past its window a Mistral model reads only the pages the window covers, and its
+    tokens are transformers' (torch and compiled kernels, pooled or not)."""
+    hf = _save(tmp_path, "mistral-window")
+    prompt = list(range(3, 43))  # 40 tokens: pages 0-4 of 8 tokens
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                          min_new_tokens=8, pad_token_id=0)[0, len(prompt):].tolist()
+
+    def pooled_reads(max_tokens: int) -> int:
+        """Pool rows read in place by a fresh engine whose DEVICE tier (8 pages) cannot
+        hold the prompt's 2 x 5 pages: sealed pages are read from the pool."""
+        llm = LLM(model=str(tmp_path), device="cpu", page_size=8, device_kv_bytes="16KiB",
+                  pool="local", pool_bytes="4MiB")
+        out = llm.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        assert out[0].token_ids == ref[:max_tokens]
+        assert llm.engine.stats()["kv_read"] == "in_place"
+        return llm.engine.stats()["tier_pages_read_in_place"]
+
+    # 7 decode steps at contexts 41..47 (queries at 40..46, keys from position - 11):
+    # 41-43 read pages 3 and 4, 44-47 page 4 only (page 5 is DEVICE's open page), in each
+    # of 2 layers: 2 * (3 * 2 + 4 * 1) = 20 (full attention would read pages 0-4: 70)
+    assert pooled_reads(8) - pooled_reads(1) == 20
+    for backend in ("torch", "cpu_kernel"):
+        llm = LLM(model=str(tmp_path), device="cpu", page_size=8, device_kv_bytes="4MiB",
+                  attention_backend=backend)
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        assert llm.generate([prompt], params)[0].token_ids == ref
+
+
+def test_selection_over_a_sliding_window_is_refused_by_name(tmp_path):
     _save(tmp_path, "mistral-window")
-    with pytest.raises(ValueError, match="exceeds the model's sliding window of 64 tokens"):
-        LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB", max_model_len=128)
+    with pytest.raises(ValueError, match="selector 'quest' over a sliding-window model"):
+        LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB", selector="quest")
     llm = LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB")
-    assert llm.engine.max_model_len == 64
+    with pytest.raises(ValueError, match="window of 12 tokens"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, selector="quest"))
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids) == 2
+    # a context that never outgrows the window: nothing is left out, every selector runs
+    short = LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB", max_model_len=12,
+                selector="quest")
+    assert short.engine.window == 0
 
 
 def test_generation_stops_at_any_of_the_eos_ids(tmp_path):

@@ -365,7 +365,7 @@ def test_sparse_kernel_matches_torch_and_dense_kernel_when_all_selected():
     lens = torch.tensor([3 * PS + 9, 4 * PS])
     head_tables = tables[:, None, :].expand(2, 3, 4).contiguous()
     sparse = kernels.sparse_decode_attention(q, k_pages, v_pages, head_tables, lens, 64 ** -0.5, NO_ROWS, 0)
-    dense = kernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, 64 ** -0.5, NO_ROWS, 0)
+    dense = kernels.paged_decode_attention(q, k_pages, v_pages, tables, lens, 64 ** -0.5, NO_ROWS, 0, 0)
     assert torch.equal(sparse, dense)  # the same per-head routine: bit-identical
     head_tables = torch.tensor([[[4, 11, 7], [2, 11, 7], [4, 2, 7]],
                                 [[5, 6, 0], [6, 19, 0], [5, 19, 0]]])

@@ -67,6 +67,8 @@ class LLMEngine:
         self._stop_ids = self.args.stop_ids  # EOS tokens (Llama 3 lists several)
         self.device, self.dtype = loaded.model.device, loaded.model.dtype
         self.max_model_len = loaded.context_window(config.model)
+        window = self.args.sliding_window  # attention past it leaves pages out
+        self.window = window if window and window < self.max_model_len else 0
         self.cache = self._build_cache(config)
         self.prefetcher = self._build_prefetcher(config)
         num_pages = self.cache.pool.num_pages
@@ -74,7 +76,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.cache)
         sampler = Sampler(config.sampler.engine_seed, self._stop_ids)
         self.runner = ModelRunner(self.model, self.cache, sampler, attention, self.selection,
-                                  self.prefetcher, token_text=self.tokenizer.token_text)
+                                  self.prefetcher, token_text=self.tokenizer.token_text,
+                                  window=self.window)
         self._grammars = Grammars(self.tokenizer, self.args.vocab_size, self._stop_ids)
         self._sequences: dict[RequestId, Sequence] = {}
         # requests of n > 1 (or best_of): request id -> (its params, its choices by index)
@@ -205,7 +208,7 @@ class LLMEngine:
             raise ValueError(f"token_budget={sc.token_budget} is above the context window of "
                              f"{self.max_model_len} tokens")
         return PageSelection(sc, self.args.num_layers, config.cache.page_size,
-                             self.args.num_kv_heads, self.page_bytes)
+                             self.args.num_kv_heads, self.page_bytes, self.window)
 
     def close(self) -> None:
         """Releases the pool (stopping a memory node this engine spawned)."""

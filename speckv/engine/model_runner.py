@@ -21,9 +21,11 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, cache: KVCacheManager, sampler: Sampler,
                  kernels: AttentionKernels, selection: PageSelection,
                  prefetcher: Prefetcher | None = None,
-                 token_text: Callable[[int], str] = str) -> None:
-        """`token_text`: a token id's text, for logprobs."""
+                 token_text: Callable[[int], str] = str, window: int = 0) -> None:
+        """`token_text`: a token id's text, for logprobs; `window`: the model's sliding
+        window where contexts outgrow it (0: none)."""
         self.model = model
+        self.window = window
         self.token_text = token_text
         self.prefetcher = prefetcher
         self.kernels = kernels
@@ -46,7 +48,8 @@ class ModelRunner:
         flat = torch.tensor([t for ids in token_ids for t in ids], device=self.device)
         attention = StepAttention(self.cache, chunks, self.device, self.kernels,
                                   self.selection.plan(choices), select_prefill,
-                                  query_for=self.model.project_query, prefetcher=self.prefetcher)
+                                  query_for=self.model.project_query, prefetcher=self.prefetcher,
+                                  window=self.window)
         reads_inputs = attention.prefetch is not None and self.prefetcher.reads_inputs
         hidden = self.model.forward(flat, attention.positions, attention,
                                     attention.layer_input if reads_inputs else None)

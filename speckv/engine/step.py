@@ -113,6 +113,20 @@ def _sealed_pages(chunks: list[ScheduledChunk], ps: int,
         return None
     return torch.tensor(rows, device=device), torch.tensor(pages, device=device)
 
+def _window_pages(chunks: list[ScheduledChunk], window: int, ps: int, num_pages: int,
+                  device: torch.device) -> torch.Tensor | None:
+    """[B, P] bool: the pages holding a key that some query of the row sees through a
+    sliding window of `window` tokens; None when no window leaves a page out."""
+    if window <= 0:
+        return None
+    first = torch.tensor([max(0, c.start - window + 1) // ps for c in chunks])
+    end = torch.tensor([-(-(c.start + c.num_tokens) // ps) for c in chunks])
+    if not bool((first > 0).any()):
+        return None
+    page = torch.arange(num_pages)
+    return ((page >= first[:, None]) & (page < end[:, None])).to(device)
+
+
 def _prefill_group(prefill: list[ScheduledChunk], first_token: int,
                    device: torch.device) -> PrefillGroup | None:
     if not prefill:
@@ -136,7 +150,7 @@ class StepAttention:
                  device: torch.device, kernels: AttentionKernels | None = None,
                  selection: StepSelection | None = None, select_prefill: bool = False,
                  query_for: Callable | None = None,
-                 prefetcher: Prefetcher | None = None) -> None:
+                 prefetcher: Prefetcher | None = None, window: int = 0) -> None:
         """`chunks` must list single-token (decode) chunks first, in flat token order.
 
         Args:
@@ -146,6 +160,9 @@ class StepAttention:
             query_for: the model's `project_query`, for the speculative-query predictor.
             prefetcher: the engine's `speckv.prefetch.Prefetcher` (with a pool), told what
                 each layer reads and handed the pages a layer must load.
+            window: > 0: every query attends only the last `window` positions up to its
+                own (a sliding window, as Mistral's); the pages wholly before it are
+                neither loaded nor read. Dense steps only (no selection with it).
         """
         self.cache = cache
         self.kernels = kernels or AttentionKernels()
@@ -156,6 +173,9 @@ class StepAttention:
         self.select_prefill = select_prefill
         self.meta = m = StepMetadata.build(cache, chunks, device)
         self.positions = m.positions  # the model reads them
+        self.window = window
+        # [B, P] the pages in some query's window, where a window leaves pages out
+        self.in_window = _window_pages(chunks, window, cache.page_size, m.num_pages, device)
         self._fused_choice = _UNSET  # once known (`_fused_budget`): (selector, budgets) or None
         self._prefetcher = prefetcher
         self.prefetch = None  # the prefetcher's view of this step, when one runs
@@ -198,29 +218,38 @@ class StepAttention:
     def _dense(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         pool, m = self.cache.pool, self.meta
         # decode tokens are the flat tokens [0, n): one query per sequence, no padding
-        n, lens = m.num_decode, m.context_lens
-        tables = self._resident(layer, m.block_tables[layer], None)
+        n, lens, needed = m.num_decode, m.context_lens, self.in_window
+        tables = self._resident(layer, m.block_tables[layer], needed)
+        if needed is not None:  # pages left behind by the window: never read (any slot)
+            tables = torch.where(needed, tables, 0)
         if self.prefetch is not None:
-            self.prefetch.after_read(layer, None)
+            self.prefetch.after_read(layer, needed)
         started = time.perf_counter()
         if m.prefill is None:
             out = self.kernels.decode(q, pool.k_pages, pool.v_pages, tables, lens, self.rows,
-                                      self.row_format)
+                                      self.row_format, self.window)
         else:
             out = torch.empty_like(q)
             if n:
                 out[:n] = self.kernels.decode(q[:n], pool.k_pages, pool.v_pages, tables[:n],
-                                              lens[:n], self.rows, self.row_format)
+                                              lens[:n], self.rows, self.row_format, self.window)
             self._prefill(q, tables, out, None)
-        self._read_in_place(tables, None, started)
+        self._read_in_place(tables, needed, started)
         return out
 
     def _prefill(self, q: torch.Tensor, tables: torch.Tensor, out: torch.Tensor,
                  page_mask: torch.Tensor | None) -> None:
         n, g = self.meta.num_decode, self.meta.prefill
-        k_pages, v_pages, listed = self._pages(tables[n:])
+        tables, first = tables[n:], 0
+        if self.in_window is not None:  # the columns before every chunk's window: not listed
+            first = int(self.in_window[n:].int().argmax(1).min())
+            tables = tables[:, first:]
+        k_pages, v_pages, listed = self._pages(tables)
+        indices = torch.arange(first, first + tables.shape[1], device=tables.device)
         o = paged_attention(q[g.query_index], k_pages, v_pages, listed,
-                            self.meta.context_lens[n:], g.query_positions, page_mask=page_mask)
+                            self.meta.context_lens[n:], g.query_positions,
+                            page_indices=indices.expand(tables.shape), page_mask=page_mask,
+                            window=self.window)
         out[g.query_index[g.valid]] = o[g.valid]
 
     def _pages(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

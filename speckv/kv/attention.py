@@ -22,10 +22,12 @@ NO_ROWS = torch.empty(0, 0, dtype=torch.uint8)
 """The `rows` of a step without pool rows to read in place."""
 
 DecodeAttention = Callable[..., torch.Tensor]
-"""(q [B, H, D], k_pages, v_pages, block_table [B, P], context_lens [B], rows, row_format)
--> [B, H, D]: single-token queries attending the first context_lens[b] tokens of their
-listed pages. An entry < 0 names pool row -entry - 1 of `rows` (uint8 [N, W], in
-`row_format`), read in place; only the CPU kernels take such entries."""
+"""(q [B, H, D], k_pages, v_pages, block_table [B, P], context_lens [B], rows, row_format,
+window) -> [B, H, D]: single-token queries attending the first context_lens[b] tokens of
+their listed pages, or with window > 0 only the last `window` of them (a sliding window:
+the pages wholly before it are never read). An entry < 0 names pool row -entry - 1 of
+`rows` (uint8 [N, W], in `row_format`), read in place; only the CPU kernels take such
+entries."""
 
 SparseDecodeAttention = Callable[..., torch.Tensor]
 """(q [B, H, D], k_pages, v_pages, head_tables [B, Hkv, K], selected_lens [B], rows,
@@ -57,7 +59,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     block_table: torch.Tensor, context_lens: torch.Tensor,
                     query_positions: torch.Tensor,
                     page_indices: torch.Tensor | None = None,
-                    page_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    page_mask: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Causal grouped-query attention of padded queries over a batch's pages.
 
     Args:
@@ -69,6 +71,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         page_indices: [B, P] logical page index of each listed page; default 0..P-1.
         page_mask: [B, Q, Hkv, P] bool, the listed pages each query and KV head may read
             (a selection: the softmax runs over those keys only); default all.
+        window: > 0: each query attends only the last `window` positions up to its own
+            (a sliding window, as Mistral's: key j visible to query i iff i - window < j).
 
     Returns:
         [B, Q, H, D] attention output.
@@ -87,6 +91,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     offsets = torch.arange(page_size, device=q.device)
     key_pos = (page_indices[:, :, None] * page_size + offsets).view(batch, 1, length)
     mask = (key_pos <= query_positions[:, :, None]) & (key_pos < context_lens[:, None, None])
+    if window > 0:
+        mask &= key_pos > query_positions[:, :, None] - window
     # GQA without repeating K/V: the G query heads of a KV head become G query rows.
     # q: [B, Q, H, D] -> [B, Hkv, Q*G, D]; mask: [B, Q, L] -> [B, 1, Q*G, L]
     q = grouped(q, num_kv_heads)
@@ -105,10 +111,12 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
 
 def torch_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                            block_table: torch.Tensor, context_lens: torch.Tensor,
-                           rows: torch.Tensor = NO_ROWS, row_format: int = 0) -> torch.Tensor:
+                           rows: torch.Tensor = NO_ROWS, row_format: int = 0,
+                           window: int = 0) -> torch.Tensor:
     """`DecodeAttention` through `paged_attention` (any device and dtype; DEVICE pages only)."""
     positions = (context_lens - 1)[:, None]
-    return paged_attention(q[:, None], k_pages, v_pages, block_table, context_lens, positions)[:, 0]
+    return paged_attention(q[:, None], k_pages, v_pages, block_table, context_lens, positions,
+                           window=window)[:, 0]
 
 
 def torch_sparse_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -177,9 +185,10 @@ def cpu_kernel_fused_attention(kernels) -> dict[str, FusedSelectAttention]:
 def cpu_kernel_decode_attention(kernels) -> DecodeAttention:
     """`DecodeAttention` by the compiled CPU kernel (float32), pages read where they lie."""
 
-    def attend(q, k_pages, v_pages, block_table, context_lens, rows=NO_ROWS, row_format=0):
+    def attend(q, k_pages, v_pages, block_table, context_lens, rows=NO_ROWS, row_format=0,
+               window=0):
         return kernels.paged_decode_attention(q, k_pages, v_pages, block_table, context_lens,
-                                              q.shape[-1] ** -0.5, rows, row_format)
+                                              q.shape[-1] ** -0.5, rows, row_format, window)
 
     return attend
 

@@ -64,17 +64,10 @@ class LoadedModel:
         return h.hexdigest()
 
     def context_window(self, config: ModelConfig) -> int:
-        """The engine's context window: `max_model_len`, at most what the model supports.
-        A sliding-window model (Mistral v0.1) is exact up to its window, which is the
-        limit: attention that drops the pages left behind is not implemented."""
-        limit, window = self.args.max_position_embeddings, self.args.sliding_window
-        if window is not None and window < limit:
-            if config.max_model_len is not None and config.max_model_len > window:
-                raise ValueError(
-                    f"max_model_len={config.max_model_len} exceeds the model's sliding "
-                    f"window of {window} tokens (attention past the window is not "
-                    "implemented; within it, it is exact)")
-            limit = window
+        """The engine's context window: `max_model_len`, at most what the model supports
+        (a sliding-window model's is its position limit: attention past the window reads
+        the window's pages only)."""
+        limit = self.args.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(
                 f"max_model_len={config.max_model_len} exceeds the model's context window "

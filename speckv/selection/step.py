@@ -54,10 +54,16 @@ class PageSelection:
     """The engine's page selection: resolves choices and plans steps."""
 
     def __init__(self, config: SelectionConfig, num_layers: int, page_size: int,
-                 num_kv_heads: int, page_bytes: int) -> None:
+                 num_kv_heads: int, page_bytes: int, window: int = 0) -> None:
+        """`window`: the model's sliding window where contexts can outgrow it (0: none);
+        the window is then the selection, and no other is taken."""
         if config.dense_layers > num_layers:
             raise ValueError(f"dense_layers={config.dense_layers} is more than the model's "
                              f"{num_layers} layers")
+        if window and config.selection_eval:
+            raise ValueError(f"selection_eval over a sliding-window model (window of {window} "
+                             "tokens, shorter than the context) is not implemented")
+        self.window = window
         self.config = config
         self.num_layers = num_layers
         self.page_size = page_size
@@ -66,7 +72,7 @@ class PageSelection:
         self.default = Choice(config.selector, config.token_budget)
         self.selectors: dict[str, Selector] = {n: SELECTORS.get(n)() for n in SELECTORS.names()}
         self.counters = SelectionCounters(num_layers)
-        self._check_slices(config.selector)
+        self._check_selector(config.selector)
 
     def choice(self, selector: str | None, token_budget: int | float | str | None,
                max_context: int | None = None) -> Choice:
@@ -77,8 +83,7 @@ class PageSelection:
                 token budget above `max_context` (the request's longest context).
         """
         name = self.default.selector if selector is None else selector
-        SELECTORS.get(name)
-        self._check_slices(name)
+        self._check_selector(name)
         budget = self.default.token_budget if token_budget is None else \
             parse_token_budget(token_budget)
         if token_budget is not None and isinstance(budget, int) and max_context is not None \
@@ -87,8 +92,15 @@ class PageSelection:
                              f"{max_context} tokens (prompt + max_tokens)")
         return Choice(name, budget)
 
-    def _check_slices(self, name: str) -> None:
-        need = SELECTORS.get(name).min_slices
+    def _check_selector(self, name: str) -> None:
+        """Raises ValueError for a selector this engine cannot run (unknown names listed)."""
+        selector = SELECTORS.get(name)
+        if self.window and not selector.dense:
+            raise ValueError(f"selector {name!r} over a sliding-window model (window of "
+                             f"{self.window} tokens, shorter than the context) is not "
+                             "implemented: the window is the model's own selection; use "
+                             "selector 'full' (or max_model_len <= the window)")
+        need = selector.min_slices
         if need > self.config.summary_slices:
             raise ValueError(f"selector {name!r} ranks pages by their slices' mean keys: it "
                              f"needs summary_slices >= {need} (the engine keeps "

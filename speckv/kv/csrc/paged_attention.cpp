@@ -209,13 +209,14 @@ inline void page_values(const float* vpage, const float* scores, int64_t ntok, i
 }
 
 // One task: the query rows of KV heads [h0, h1) of one sequence (G rows per KV head)
-// against the first `ctx` tokens of its listed pages. Pages are read front to back,
+// against tokens [first, ctx) of its listed pages (`first` > 0: a sliding window; the
+// pages before it are never read). Pages are read front to back,
 // all the task's heads together, so each page streams from memory once, wherever it
 // lies (`read_page`: a DEVICE slot, or a pool row decoded into the task's scratch
 // as it is read). kDim > 0 fixes the head dim at compile time (full unrolling).
 template <int64_t kDim>
 void attend(const float* qb, const float* kp, const float* vp, const speckv::PoolRows& pool,
-            const int64_t* pages, int64_t ctx, int64_t h0, int64_t h1,
+            const int64_t* pages, int64_t first, int64_t ctx, int64_t h0, int64_t h1,
             const speckv::PageGeometry& geo, int64_t G, float scale, float* ob,
             TaskBuffers& buf) {
   float* acc = buf.acc.data();
@@ -229,8 +230,9 @@ void attend(const float* qb, const float* kp, const float* vp, const speckv::Poo
   std::fill(running_max, running_max + rows, kNegBig);
   std::fill(running_sum, running_sum + rows, 0.f);
   const bool prefetch = g_software_prefetch.load(std::memory_order_relaxed);
-  for (int64_t p = 0; p * page_size < ctx; ++p) {
+  for (int64_t p = first / page_size; p * page_size < ctx; ++p) {
     const int64_t ntok = std::min(page_size, ctx - p * page_size);
+    const int64_t skip = std::max<int64_t>(0, first - p * page_size);  // tokens before `first`
     const float* knext;
     const float* vnext;
     if (prefetch && (p + 1) * page_size < ctx) {
@@ -262,12 +264,13 @@ void attend(const float* qb, const float* kp, const float* vp, const speckv::Poo
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = scores + r * page_size;
       float page_max = kNegBig;
-      for (int64_t t = 0; t < ntok; ++t) page_max = std::max(page_max, sr[t]);
+      for (int64_t t = skip; t < ntok; ++t) page_max = std::max(page_max, sr[t]);
       const float new_max = std::max(running_max[r], page_max);
       const float correction = std::exp(running_max[r] - new_max);
       float sum = 0.f;
+      std::fill(sr, sr + skip, 0.f);  // weight 0 in page_values
 #pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < ntok; ++t) {
+      for (int64_t t = skip; t < ntok; ++t) {
         sr[t] = std::exp(sr[t] - new_max);
         sum += sr[t];
       }
@@ -304,11 +307,12 @@ Attend attend_for(int64_t D) { return D == 64 ? attend<64> : D == 128 ? attend<1
 // q: [B, H, D]; k_pages, v_pages: [N, page_size, Hkv, D]; block_table: [B, P] (int64)
 // page entries (a DEVICE slot, or -1 - row of `arena` in `format`; see pool_rows.h);
 // context_lens: [B] (int64): row b attends the first context_lens[b] tokens of the
-// concatenation of its listed pages. Returns [B, H, D].
+// concatenation of its listed pages, or with window > 0 only the last `window` of them
+// (a sliding window: pages wholly before it are never read). Returns [B, H, D].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pages,
                                      torch::Tensor v_pages, torch::Tensor block_table,
                                      torch::Tensor context_lens, double scale,
-                                     torch::Tensor arena, int64_t format) {
+                                     torch::Tensor arena, int64_t format, int64_t window) {
   check_pages(q, k_pages, v_pages, block_table, context_lens, "paged_decode_attention");
   const auto pool = speckv::pool_rows(arena, format, "paged_decode_attention");
   q = q.contiguous();
@@ -318,6 +322,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pages,
   const speckv::PageGeometry geo{k_pages.size(1), k_pages.size(2), D};
   const int64_t Hkv = geo.H, G = H / Hkv, P = block_table.size(1);
   TORCH_CHECK(H % Hkv == 0 && k_pages.size(3) == D, "paged_decode_attention: bad shapes");
+  TORCH_CHECK(window >= 0, "paged_decode_attention: window must be >= 0 (0: none)");
 
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
@@ -340,7 +345,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pages,
       const int64_t b = task / tasks_per_seq;
       const int64_t h0 = (task % tasks_per_seq) * heads_per_task, h1 = h0 + heads_per_task;
       const int64_t ctx = std::min(cl[b], P * geo.T);
-      run(qp + (b * H + h0 * G) * D, kp, vp, pool, bt + b * P, ctx, h0, h1, geo, G, fscale,
+      const int64_t first = window > 0 ? std::max<int64_t>(0, cl[b] - window) : 0;
+      run(qp + (b * H + h0 * G) * D, kp, vp, pool, bt + b * P, first, ctx, h0, h1, geo, G,
+          fscale,
           op + (b * H + h0 * G) * D, buf);
     }
   });
@@ -381,7 +388,8 @@ torch::Tensor sparse_decode_attention(torch::Tensor q, torch::Tensor k_pages,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const int64_t ctx = std::min(sl[b], K * geo.T);
-      run(qp + (b * H + h * G) * D, kp, vp, pool, ht + task * K, ctx, h, h + 1, geo, G, fscale,
+      run(qp + (b * H + h * G) * D, kp, vp, pool, ht + task * K, 0, ctx, h, h + 1, geo, G,
+          fscale,
           op + (b * H + h * G) * D, buf);
     }
   });
@@ -690,7 +698,7 @@ std::vector<torch::Tensor> fused_decode_attention(
                                    D, P, cb, chosen_all + task * P);
       const int64_t own = (ctx - 1) / geo.T;
       const int64_t selected_len = (count - 1) * geo.T + (ctx - own * geo.T);
-      run(qh, kp, vp, pool, cb.listed.data(), selected_len, h, h + 1, geo, G, fscale,
+      run(qh, kp, vp, pool, cb.listed.data(), 0, selected_len, h, h + 1, geo, G, fscale,
           op + (b * H + h * G) * D, buf);
     }
   });
