@@ -55,7 +55,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(ns.batch):
         prompt = torch.randint(100, 49000, (ns.prompt_len,), generator=g).tolist()
-        engine.add_request(prompt, SamplingParams(max_tokens=4 * ns.steps + 8, ignore_eos=True))
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4 * ns.steps + 8,
+                                                  ignore_eos=True))
     while engine.scheduler.waiting or any(
             s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
         engine.step()

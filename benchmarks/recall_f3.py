@@ -10,7 +10,7 @@ for sel in ("quest", "sink_recent"):
     for budget in (256, 512):
         llm = LLM(device_kv_bytes="256MiB", selector=sel, token_budget=budget, selection_eval=True)
         ids = llm.engine.tokenizer.encode(bench_text())[:2048]
-        llm.engine.generate_all([ids], [SamplingParams(max_tokens=16, ignore_eos=True)])
+        llm.engine.generate_all([ids], [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)])
         st = llm.stats()
         rows.append({"selector": sel, "budget": budget, "recall": st["selection_recall"],
                      "oracle_overlap": st["selection_oracle_overlap"], "fraction": st["selection_fraction"]})

@@ -47,7 +47,8 @@ def main() -> int:
     llm = LLM(loaded=loaded, trace=str(calibration), enable_prefix_caching=False)
     ids = llm.tokenizer.encode((DATA / "declaration.txt").read_text() * 6)
     llm.generate([ids[i * 40: i * 40 + 64 + 8 * i] for i in range(32)],
-                 [SamplingParams(max_tokens=4 + 4 * i, ignore_eos=True) for i in range(32)],
+                 [SamplingParams(temperature=0, max_tokens=4 + 4 * i,
+                                 ignore_eos=True) for i in range(32)],
                  use_tqdm=False)
     llm.close()
     print("traced the calibration run", flush=True)
@@ -59,7 +60,7 @@ def main() -> int:
         traces[name] = tmp / (name.replace(" ", "_").replace("%", "").replace("+", "_") + ".jsonl")
         llm = LLM(loaded=loaded, trace=str(traces[name]), enable_prefix_caching=False, **cell)
         llm.generate([text[i * 37: i * 37 + 512] for i in range(batch)],
-                     SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+                     SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), use_tqdm=False)
         llm.close()
         print(f"traced {name}", flush=True)
     profile = tmp / "cpu-calibrated.json"

@@ -47,7 +47,7 @@ def main() -> None:
         logp = torch.log_softmax(logits.double(), -1)
         nll = -logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
         prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q in PROMPTS[:8]]
-        outs = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=64,
+        outs = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64,
                                                                           ignore_eos=True))]
         if reference is None:
             reference = (logp, outs)

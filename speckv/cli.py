@@ -58,7 +58,10 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
             from speckv.plugins import known
 
             text += f"; known: {', '.join(known(f.metadata['plugin']))}"
-        if "default:" not in text:
+        if "cli_default" in f.metadata:
+            text += (f" (default: {f.metadata['cli_default']}; SamplingParams' in Python: "
+                     f"{default}, as vLLM's)")
+        elif "default:" not in text:
             text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if hint is bool:
@@ -71,6 +74,12 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
         else:
             kwargs["type"] = hint
         group.add_argument(flag, **kwargs)
+
+
+def _cli_defaults(cls: type) -> dict[str, Any]:
+    """The fields whose command-line default differs from the class's (`cli_default`)."""
+    return {f.name: f.metadata["cli_default"] for f in dataclasses.fields(cls)
+            if "cli_default" in f.metadata}
 
 
 def _pick(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -304,8 +313,8 @@ def _info(ns: argparse.Namespace) -> int:
 def _generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if (ns.prompt is None) == (ns.input is None):
         parser.error("give either a prompt or --input FILE.jsonl")
-    params = SamplingParams(**{k: v for k, v in _pick(ns, SamplingParams).items()
-                               if k not in _ENGINE_DEFAULTED})
+    params = SamplingParams(**(_cli_defaults(SamplingParams) | {
+        k: v for k, v in _pick(ns, SamplingParams).items() if k not in _ENGINE_DEFAULTED}))
     if ns.input is not None:
         from speckv.batch import run_jsonl
 

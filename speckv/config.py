@@ -357,6 +357,13 @@ class EngineConfig:
         """
         parts: dict[str, dict[str, Any]] = {name: {} for name in SUBSYSTEMS}
         for key, value in kwargs.items():
+            if key in VLLM_ALIASES:  # vLLM's name for the same option
+                if VLLM_ALIASES[key] in kwargs:
+                    raise ValueError(f"give {key} (vLLM's name) or {VLLM_ALIASES[key]}, "
+                                     "not both")
+                key = VLLM_ALIASES[key]
+            if key in VLLM_DIFFERENT:
+                raise ValueError(f"{key!r} is vLLM's option; {VLLM_DIFFERENT[key]}")
             owner = _FIELD_OWNER.get(key)
             if owner is None:
                 known = ", ".join(sorted(_FIELD_OWNER))
@@ -374,6 +381,18 @@ SUBSYSTEMS: dict[str, type] = {
     "scheduler": SchedulerConfig,
     "sampler": SamplerConfig,
 }
+
+VLLM_ALIASES = {"block_size": "page_size", "seed": "engine_seed"}
+"""vLLM's LLM() keywords that mean what speckv's option of another name means."""
+
+VLLM_DIFFERENT = {
+    "gpu_memory_utilization": "speckv sizes fast memory in bytes, not as a fraction of a "
+                              "GPU's: device_kv_bytes='4GiB' is the KV cache's DEVICE tier "
+                              "(a CPU has no device memory to take a fraction of)",
+    "swap_space": "speckv's capacity tier is the pool: pool='local', pool_bytes='8GiB'",
+    "tensor_parallel_size": "speckv runs one model on one device (no tensor parallelism)",
+}
+"""vLLM's LLM() keywords without a same-meaning speckv option, and what to use."""
 
 _FIELD_OWNER: dict[str, str] = {
     f.name: sub for sub, cls in SUBSYSTEMS.items() for f in dataclasses.fields(cls)

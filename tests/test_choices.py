@@ -35,11 +35,11 @@ def test_each_choice_is_the_single_request_with_its_own_seed(llm):
 @pytest.mark.parametrize("caching", [True, False])
 def test_later_choices_share_the_first_ones_prompt_pages(make_llm, caching):
     llm = make_llm(device_kv_bytes="64MiB", enable_prefix_caching=caching)
-    greedy = SamplingParams(max_tokens=10)
+    greedy = SamplingParams(temperature=0, max_tokens=10)
     want = llm.generate(PROMPT, greedy, use_tqdm=False)[0].outputs[0].token_ids
     llm.reset_prefix_cache()
     before = llm.stats().get("prefix_cache_hit_tokens", 0)
-    out = llm.generate(PROMPT, SamplingParams(max_tokens=10, n=4), use_tqdm=False)[0]
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10, n=4), use_tqdm=False)[0]
     assert [c.token_ids for c in out.outputs] == [want] * 4  # greedy: four times the same
     full_pages = (len(out.prompt_token_ids) - 1) // 16
     hits = llm.stats().get("prefix_cache_hit_tokens", 0) - before
@@ -71,7 +71,8 @@ def test_logprobs_are_the_models_own(llm):
 
 def test_logprobs_do_not_depend_on_penalties_or_temperature(llm):
     """Raw logprobs: the same tokens scored the same whatever picked them."""
-    greedy = llm.generate(PROMPT, SamplingParams(max_tokens=6, logprobs=0), use_tqdm=False)[0]
+    greedy = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, logprobs=0),
+                          use_tqdm=False)[0]
     forced = SamplingParams(max_tokens=6, logprobs=0, temperature=0.5, seed=1,
                             logit_bias={t: 100.0 for t in greedy.outputs[0].token_ids[:1]})
     biased = llm.generate(PROMPT, forced, use_tqdm=False)[0].outputs[0]
@@ -85,8 +86,8 @@ def test_prompt_logprobs_cover_the_whole_prompt_even_when_it_is_cached(make_llm)
     llm = make_llm(device_kv_bytes="64MiB", max_num_batched_tokens=16, max_num_seqs=4)  # chunked
     prompt = llm.tokenizer.encode(PROMPT)
     want = llm.engine.score(prompt).log_softmax(dim=-1)
-    llm.generate(PROMPT, SamplingParams(max_tokens=2), use_tqdm=False)  # now cached
-    out = llm.generate(PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=2),
+    llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # now cached
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2),
                        use_tqdm=False)[0]
     assert out.num_cached_tokens == 0  # every prompt position computed
     assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
@@ -113,14 +114,14 @@ def test_best_of_returns_the_n_most_likely_choices(llm):
 
 def test_aborting_a_request_of_several_choices_frees_them_all(llm):
     engine = llm.engine
-    rid = engine.add_request(PROMPT, SamplingParams(max_tokens=50, n=3, ignore_eos=True))
+    rid = engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=50, n=3, ignore_eos=True))
     for _ in range(4):
         engine.step()
     out = engine.abort(rid)
     assert out.finished and [c.finish_reason for c in out.outputs] == ["abort"] * 3
     assert engine.abort(rid) is None
     assert_no_leak(engine)
-    assert llm.generate(PROMPT, SamplingParams(max_tokens=3), use_tqdm=False)[0].finished
+    assert llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].finished
 
 
 @pytest.mark.parametrize("bad, named", [
@@ -145,7 +146,8 @@ def test_a_sampling_error_in_one_choice_fails_the_request_alone(llm, monkeypatch
 
     monkeypatch.setattr(Sampler, "_draw", staticmethod(draw))
     params = SamplingParams(max_tokens=6, temperature=1.0, seed=2, n=2)
-    outs = llm.generate([PROMPT, PROMPT + " Again."], [params, SamplingParams(max_tokens=6)],
+    outs = llm.generate([PROMPT, PROMPT + " Again."], [params, SamplingParams(temperature=0,
+                                                                              max_tokens=6)],
                         use_tqdm=False)
     assert outs[0].finish_reason == "error" and "injected" in outs[0].error
     assert "abort" in [c.finish_reason for c in outs[0].outputs]  # the other choice stopped

@@ -21,7 +21,7 @@ def real_pages(make_llm):
     """K and V pages of every layer after prefilling a natural-language prompt."""
     llm = make_llm(device_kv_bytes="32MiB")
     engine = llm.engine
-    rid = engine.add_request(TEXT, SamplingParams(max_tokens=2))
+    rid = engine.add_request(TEXT, SamplingParams(temperature=0, max_tokens=2))
     engine.step()
     table = engine.cache.table(rid)
     full = table.num_pages - 1  # sealed pages only

@@ -53,7 +53,7 @@ class ScriptedEngine:
 
 def submit_and_collect(loop_engine: AsyncEngine, token_ids: list[int], n: int = 2) -> list:
     async def go():
-        _, outputs = loop_engine.submit(token_ids, SamplingParams(max_tokens=4))
+        _, outputs = loop_engine.submit(token_ids, SamplingParams(temperature=0, max_tokens=4))
         return [await asyncio.wait_for(outputs.get(), 10) for _ in range(n)]
 
     return asyncio.run(go())

@@ -14,7 +14,7 @@ from tests.conftest import assert_no_leak
 
 def _still_usable(llm):
     assert_no_leak(llm.engine)
-    out = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
     assert out.num_generated_tokens == 3
 
 
@@ -63,7 +63,7 @@ def test_gguf_not_llama_family(tmp_path):
 def test_prompt_longer_than_context(make_llm):
     small = make_llm(max_model_len=16, device_kv_bytes="8MiB")
     with pytest.raises(ValueError, match=r"prompt is \d+ tokens; the context window is 16"):
-        small.generate("word " * 40, SamplingParams(max_tokens=1))
+        small.generate("word " * 40, SamplingParams(temperature=0, max_tokens=1))
     _still_usable(small)
 
 
@@ -140,7 +140,7 @@ def test_a_request_that_cannot_be_sampled_fails_alone(llm, monkeypatch):
         return SampleError("sampling failed: injected") if generator.initial_seed() == 666 \
             else real(probs, generator)
 
-    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     solo = llm.generate("The sea was calm", greedy)[0].token_ids
     monkeypatch.setattr(Sampler, "_draw", staticmethod(draw))
     engine = llm.engine

@@ -70,7 +70,7 @@ def test_family_matches_transformers(family, tmp_path):
     assert (got - expected).abs().max().item() < 1e-4 * max(scale, 1.0)
 
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 30, 17)]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
@@ -128,7 +128,8 @@ def test_a_sliding_window_reads_only_the_window_s_pages(tmp_path):
         hold the prompt's 2 x 5 pages: sealed pages are read from the pool."""
         llm = LLM(model=str(tmp_path), device="cpu", page_size=8, device_kv_bytes="16KiB",
                   pool="local", pool_bytes="4MiB")
-        out = llm.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                    ignore_eos=True))
         assert out[0].token_ids == ref[:max_tokens]
         assert llm.engine.stats()["kv_read"] == "in_place"
         return llm.engine.stats()["tier_pages_read_in_place"]
@@ -140,7 +141,7 @@ def test_a_sliding_window_reads_only_the_window_s_pages(tmp_path):
     for backend in ("torch", "cpu_kernel"):
         llm = LLM(model=str(tmp_path), device="cpu", page_size=8, device_kv_bytes="4MiB",
                   attention_backend=backend)
-        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         assert llm.generate([prompt], params)[0].token_ids == ref
 
 
@@ -150,8 +151,8 @@ def test_selection_over_a_sliding_window_is_refused_by_name(tmp_path):
         LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB", selector="quest")
     llm = LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB")
     with pytest.raises(ValueError, match="window of 12 tokens"):
-        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, selector="quest"))
-    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids) == 2
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2, selector="quest"))
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2))[0].token_ids) == 2
     # a context that never outgrows the window: nothing is left out, every selector runs
     short = LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB", max_model_len=12,
                 selector="quest")
@@ -175,7 +176,7 @@ def test_generation_stops_at_any_of_the_eos_ids(tmp_path):
         json.dumps({"eos_token_id": [never, greedy[k]]}))
     llm = LLM(model=str(tmp_path), device="cpu", device_kv_bytes="4MiB")
     assert llm.engine.args.stop_ids == {never, greedy[k]}
-    out = llm.generate([ids], SamplingParams(max_tokens=6))[0]
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6))[0]
     assert out.token_ids == greedy[:k + 1] and out.finish_reason == "stop"
 
 

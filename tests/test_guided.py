@@ -29,8 +29,8 @@ def assert_person(text: str) -> None:
 
 def test_greedy_output_is_held_to_the_schema(llm):
     question = "Describe a person called Ann who is 31."
-    free = chat(llm, question, SamplingParams(max_tokens=48))
-    held = chat(llm, question, SamplingParams(max_tokens=48, guided_json=PERSON))
+    free = chat(llm, question, SamplingParams(temperature=0, max_tokens=48))
+    held = chat(llm, question, SamplingParams(temperature=0, max_tokens=48, guided_json=PERSON))
     assert held.finish_reason == "stop"
     assert_person(held.text)
     with pytest.raises(ValueError):  # the model alone does not answer in that JSON
@@ -47,17 +47,18 @@ def test_sampled_choices_all_obey(llm):
 
 
 def test_any_json_object_and_a_regex(llm):
-    obj = chat(llm, "List two colours.", SamplingParams(max_tokens=40, guided_json=True))
+    obj = chat(llm, "List two colours.", SamplingParams(temperature=0, max_tokens=40, guided_json=True))
     if obj.finish_reason == "stop":
         assert isinstance(json.loads(obj.text), dict)
     else:  # max_tokens first: what there is is a prefix of a JSON object
         assert obj.finish_reason == "length" and obj.text.startswith("{")
-    answer = chat(llm, "Is the sea salty?", SamplingParams(max_tokens=8, guided_regex="(yes|no)"))
+    answer = chat(llm, "Is the sea salty?", SamplingParams(temperature=0, max_tokens=8,
+                                                           guided_regex="(yes|no)"))
     assert answer.text in ("yes", "no") and answer.finish_reason == "stop"
 
 
 def test_logprobs_stay_the_models_own_under_a_grammar(llm):
-    params = SamplingParams(max_tokens=6, guided_regex="(yes|no)", logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=6, guided_regex="(yes|no)", logprobs=1)
     out = chat(llm, "Is fire cold?", params).outputs[0]
     first = out.token_ids[0]
     assert out.logprobs[0][first].logprob < 0  # not renormalised over the allowed tokens
@@ -69,8 +70,8 @@ def test_logprobs_stay_the_models_own_under_a_grammar(llm):
 ])
 def test_a_format_that_cannot_be_used_is_refused_and_the_engine_goes_on(llm, bad, named):
     with pytest.raises(ValueError, match=named):
-        llm.generate("Hello", SamplingParams(max_tokens=4, **bad), use_tqdm=False)
-    assert llm.generate("Hello", SamplingParams(max_tokens=3), use_tqdm=False)[0].finished
+        llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4, **bad), use_tqdm=False)
+    assert llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].finished
     assert_no_leak(llm.engine)
 
 

@@ -42,7 +42,7 @@ def make_cache(device_pages: int, *, in_place: bool, pool_pages: int = 64,
 
 def make_seq(name: str, prompt_len: int, max_tokens: int) -> Sequence:
     return Sequence(RequestId(name), "", list(range(prompt_len)),
-                    SamplingParams(max_tokens=max_tokens), detokenizer=None)
+                    SamplingParams(temperature=0, max_tokens=max_tokens), detokenizer=None)
 
 
 def test_slot_allocator_hands_out_lowest_ids_first_and_takes_back_exactly():

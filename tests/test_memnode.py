@@ -63,7 +63,7 @@ def test_node_serves_dies_mid_run_and_serves_again_after_restart(make_llm, node,
     assert llm.generate(PROMPT, PARAMS)[0].token_ids == solo
     assert llm.stats()["pool_pages_loaded"] > 0  # the node really served pages
 
-    engine.add_request(PROMPT, SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
     for _ in range(3):
         engine.step()
     node.kill()

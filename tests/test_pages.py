@@ -18,14 +18,15 @@ def pages_for(tokens: int) -> int:
 
 def test_pages_freed_after_batch_finishes(llm):
     prompts = ["Once upon a time", "The quick brown fox jumps over the lazy dog. " * 5, "Hi"]
-    outs = llm.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 17, 33)])
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=n,
+                                                 ignore_eos=True) for n in (5, 17, 33)])
     assert [o.num_generated_tokens for o in outs] == [5, 17, 33]
     assert_no_leak(llm.engine)
 
 
 def test_abort_midway_frees_every_page(llm):
     engine = llm.engine
-    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
     running = engine.add_request("A long story about a dragon " * 4, params)
     waiting = engine.add_request("Another prompt", params)
     engine.step()
@@ -37,11 +38,11 @@ def test_abort_midway_frees_every_page(llm):
     assert engine.abort("no-such-request") is None
     assert_no_leak(engine)
     # the engine is still usable
-    assert llm.generate("Hello", SamplingParams(max_tokens=3))[0].num_generated_tokens >= 1
+    assert llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3))[0].num_generated_tokens >= 1
 
 
 def test_stream_closed_early_aborts(llm):
-    stream = llm.stream("Tell me a story.", SamplingParams(max_tokens=40, ignore_eos=True))
+    stream = llm.stream("Tell me a story.", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     first = next(stream)
     assert first.num_generated_tokens == 1
     stream.close()
@@ -55,7 +56,7 @@ def test_pool_filled_exactly_second_request_waits(make_llm):
     llm = make_llm()
     prompt_a = llm.tokenizer.encode("one two three four five six seven eight " * 20)[:48]
     prompt_b = llm.tokenizer.encode("Water boils at a temperature of " * 3)[:20]
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     solo = [o.token_ids for o in llm.generate([prompt_a, prompt_b], params)]
 
     need = pages_for(48 + 16)
@@ -85,7 +86,7 @@ def test_preemption_recomputes_and_keeps_results(make_llm):
     llm = make_llm()
     prompts = [llm.tokenizer.encode(p) for p in
                ["Rivers flow to the sea because", "A good breakfast has", "The moon orbits"]]
-    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     solo = [o.token_ids for o in llm.generate(prompts, params)]
     budget = pages_for(max(len(p) for p in prompts) + 48) + 2 * pages_for(PAGE)
     tight = make_llm(device_kv_bytes=budget * llm.engine.page_bytes)
@@ -102,9 +103,9 @@ def test_preemption_recomputes_and_keeps_results(make_llm):
 def test_request_larger_than_pool_is_rejected_and_engine_usable(make_llm):
     llm = make_llm(device_kv_bytes=pages_for(64) * 24576)
     with pytest.raises(ValueError, match="DEVICE tier holds"):
-        llm.generate("x " * 40, SamplingParams(max_tokens=100))
+        llm.generate("x " * 40, SamplingParams(temperature=0, max_tokens=100))
     assert_no_leak(llm.engine)
-    assert llm.generate("Hi", SamplingParams(max_tokens=4))[0].num_generated_tokens >= 1
+    assert llm.generate("Hi", SamplingParams(temperature=0, max_tokens=4))[0].num_generated_tokens >= 1
 
 
 def test_budget_below_one_step_names_the_minimum(make_llm):

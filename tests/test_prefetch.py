@@ -303,7 +303,7 @@ def test_abort_with_prefetches_in_flight_leaks_nothing(make_llm):
     engine = llm.engine
     try:
         for p in PROMPTS:
-            engine.add_request(p, SamplingParams(max_tokens=200, ignore_eos=True))
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
         for _ in range(6):
             engine.step()
             check_tier_invariants(engine)

@@ -201,7 +201,7 @@ def test_with_a_pool_the_residual_window_is_stored_when_its_sequence_ends():
 
 
 def make_seq(name: str, tokens: list[int], max_tokens: int) -> Sequence:
-    return Sequence(RequestId(name), "", tokens, SamplingParams(max_tokens=max_tokens),
+    return Sequence(RequestId(name), "", tokens, SamplingParams(temperature=0, max_tokens=max_tokens),
                     detokenizer=None)
 
 

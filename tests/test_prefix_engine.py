@@ -15,7 +15,7 @@ SYSTEM = ("You are a careful assistant for a library. Answer questions about ope
           "borrowing rules and the reading rooms briefly and politely. ") * 4
 QUESTIONS = ["When does the library open?", "How many books may I borrow?",
              "Is there a quiet room?", "Can I renew a loan online?"]
-GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 # (engine options, what the hit reads): DEVICE slots shared, pool rows read in place or
 # fetched into slots of their own; codec none, so every configuration is lossless
@@ -123,14 +123,14 @@ def test_int8_pages_reused_from_the_pool_give_int8s_tokens(make_llm):
 
 def test_a_request_that_opts_out_neither_reuses_nor_leaves_pages(make_llm):
     llm = make_llm()
-    opt_out = SamplingParams(max_tokens=4, cache_prompt=False)
+    opt_out = SamplingParams(temperature=0, max_tokens=4, cache_prompt=False)
     first = llm.generate(SYSTEM + QUESTIONS[0], opt_out, use_tqdm=False)[0]
     assert len(llm.engine.cache.prefix) == 0  # nothing was cached
-    llm.generate(SYSTEM + QUESTIONS[0], SamplingParams(max_tokens=4), use_tqdm=False)
+    llm.generate(SYSTEM + QUESTIONS[0], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     again = llm.generate(SYSTEM + QUESTIONS[1], opt_out, use_tqdm=False)[0]
     assert first.num_cached_tokens == again.num_cached_tokens == 0
     with pytest.raises(ValueError, match="cache_prompt must be true or false"):
-        SamplingParams(cache_prompt="no")
+        SamplingParams(temperature=0, cache_prompt="no")
     assert_no_leak(llm.engine)
 
 

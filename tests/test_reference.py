@@ -38,7 +38,7 @@ def test_chunked_prefill_logits_match_unchunked(llm):
 
 def test_greedy_32_tokens_single_request(llm, hf_model):
     ids = llm.tokenizer.encode(PROMPTS[0])
-    out = llm.generate(ids, SamplingParams(max_tokens=32, ignore_eos=True))[0]
+    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf_model, ids, 32)
     assert out.finish_reason == "length" and out.num_generated_tokens == 32
 
@@ -50,7 +50,7 @@ def test_greedy_batch_with_staggered_admission(make_llm, hf_model):
     llm = make_llm(device_kv_bytes="64MiB", max_num_batched_tokens=8, max_num_seqs=4)
     engine = llm.engine
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
-    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ids = {}
     for i, prompt in enumerate(prompts):
         ids[engine.add_request(prompt, params)] = i

@@ -48,7 +48,7 @@ def test_seed_reproducible_and_independent_of_batch(llm):
 
 
 def test_top_k_1_sampling_equals_greedy(llm):
-    greedy = llm.generate("Bees make", SamplingParams(max_tokens=12))[0].token_ids
+    greedy = llm.generate("Bees make", SamplingParams(temperature=0, max_tokens=12))[0].token_ids
     sampled = llm.generate("Bees make", SamplingParams(
         max_tokens=12, temperature=0.8, top_k=1, seed=3))[0].token_ids
     assert greedy == sampled
@@ -56,9 +56,9 @@ def test_top_k_1_sampling_equals_greedy(llm):
 
 def test_stop_string_truncates_and_streams_consistently(llm):
     prompt = "The capital of France is"  # greedy: " Paris.\n\nThe answer is: ..."
-    full = llm.generate(prompt, SamplingParams(max_tokens=20))[0].text
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20))[0].text
     assert "answer" in full
-    params = SamplingParams(max_tokens=20, stop=["answer"])
+    params = SamplingParams(temperature=0, max_tokens=20, stop=["answer"])
     out = llm.generate(prompt, params)[0]
     assert out.finish_reason == "stop"
     assert out.text == full[:full.index("answer")]
@@ -69,18 +69,19 @@ def test_stop_string_truncates_and_streams_consistently(llm):
 
 def test_eos_stops_and_ignore_eos_continues(llm):
     prompt = llm.apply_chat_template([{"role": "user", "content": "Say hi."}])
-    out = llm.generate(prompt, SamplingParams(max_tokens=64))[0]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=64))[0]
     assert out.finish_reason == "stop"
     assert out.token_ids[-1] == llm.tokenizer.eos_token_id
     assert "<|im_end|>" not in out.text
     n = out.num_generated_tokens
-    longer = llm.generate(prompt, SamplingParams(max_tokens=n + 5, ignore_eos=True))[0]
+    longer = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n + 5, ignore_eos=True))[0]
     assert longer.num_generated_tokens == n + 5 and longer.finish_reason == "length"
     assert longer.token_ids[:n] == out.token_ids
 
 
 def test_max_tokens_and_timings(llm):
-    out = llm.generate("Count: one, two,", SamplingParams(max_tokens=7, ignore_eos=True))[0]
+    out = llm.generate("Count: one, two,", SamplingParams(temperature=0, max_tokens=7,
+                                                          ignore_eos=True))[0]
     assert out.finish_reason == "length" and out.num_generated_tokens == 7
     assert out.num_prompt_tokens == len(llm.tokenizer.encode("Count: one, two,"))
     assert out.time_to_first_token > 0 and out.per_token_latency > 0
@@ -89,7 +90,7 @@ def test_max_tokens_and_timings(llm):
 def test_context_window_ends_generation(make_llm):
     small = make_llm(max_model_len=32, device_kv_bytes="16MiB")
     ids = small.tokenizer.encode("a b c d e f g h i j k l m n o p q r s t")
-    out = small.generate(ids, SamplingParams(max_tokens=100, ignore_eos=True))[0]
+    out = small.generate(ids, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
     assert out.finish_reason == "length"
     assert len(ids) + out.num_generated_tokens == 32
 
@@ -112,7 +113,7 @@ def test_penalties_and_bias_are_their_definitions():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(50, generator=g) * 3
     prompt, output = [1, 2, 2, 7], [7, 9, 9, 9, 3]
-    params = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5,
+    params = SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5,
                             presence_penalty=0.25, logit_bias={4: 5.0, 9: -1.5})
     expected = logits.clone()
     for t in {1, 2, 7, 9, 3}:  # in the prompt or the output
@@ -130,7 +131,7 @@ def test_min_tokens_holds_back_eos_and_stop_tokens():
     from speckv.engine.sampler import adjust_logits
 
     logits = torch.zeros(10)
-    params = SamplingParams(min_tokens=2, stop_token_ids=(5,))
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(5,))
     early = adjust_logits(logits, params, [1], [3], frozenset({2}))
     assert early[2] == float("-inf") and early[5] == float("-inf") and early[3] == 0
     assert torch.equal(adjust_logits(logits, params, [1], [3, 4], frozenset({2})), logits)
@@ -146,23 +147,26 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top_one():
 def test_logit_bias_and_stop_token_ids_on_the_engine(llm):
     forced = llm.tokenizer.encode(" harbour")[0]
     out = llm.generate("Once upon a time", SamplingParams(
-        max_tokens=5, logit_bias={forced: 100.0}, ignore_eos=True), use_tqdm=False)[0]
+        temperature=0, max_tokens=5, logit_bias={forced: 100.0}, ignore_eos=True), use_tqdm=False)[0]
     assert out.token_ids == [forced] * 5
-    free = llm.generate("Once upon a time", SamplingParams(max_tokens=8), use_tqdm=False)[0]
+    free = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=8),
+                        use_tqdm=False)[0]
     stop = free.token_ids[3]
-    out = llm.generate("Once upon a time", SamplingParams(max_tokens=8, stop_token_ids=(stop,)),
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=8,
+                                                          stop_token_ids=(stop,)),
                        use_tqdm=False)[0]
     first = free.token_ids.index(stop)
     assert out.token_ids == free.token_ids[:first + 1] and out.finish_reason == "stop"
     assert out.text == llm.tokenizer.decode(free.token_ids[:first])  # the stop token's text left out
     held = llm.generate("Once upon a time", SamplingParams(
-        max_tokens=8, stop_token_ids=(stop,), min_tokens=8), use_tqdm=False)[0]
+        temperature=0, max_tokens=8, stop_token_ids=(stop,), min_tokens=8), use_tqdm=False)[0]
     assert len(held.token_ids) == 8 and stop not in held.token_ids
-    plain = llm.generate("Once upon a time", SamplingParams(max_tokens=24, ignore_eos=True),
+    plain = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=24,
+                                                            ignore_eos=True),
                          use_tqdm=False)[0]
     assert len(set(plain.token_ids)) < 24  # greedy repeats itself here...
     penalized = llm.generate("Once upon a time", SamplingParams(
-        max_tokens=24, repetition_penalty=10.0, ignore_eos=True), use_tqdm=False)[0]
+        temperature=0, max_tokens=24, repetition_penalty=10.0, ignore_eos=True), use_tqdm=False)[0]
     prompt = set(llm.tokenizer.encode("Once upon a time"))
     assert len(set(penalized.token_ids)) == 24 and not prompt & set(penalized.token_ids)
 
@@ -181,4 +185,4 @@ def test_bad_sampling_options_are_refused_by_name(llm):
         with pytest.raises(ValueError, match=name):
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="logit_bias names token ids outside the vocabulary"):
-        llm.generate("hi", SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)
+        llm.generate("hi", SamplingParams(temperature=0, logit_bias={10**6: 1.0}), use_tqdm=False)

@@ -446,10 +446,11 @@ def run(llm, token_lists, params):
 def test_full_through_the_selector_path_and_whole_budget_quest_equal_dense(loaded, make_llm):
     llm = make_llm(device_kv_bytes="96MiB")
     batch = prompts(loaded, [300, 181, 420])
-    greedy = SamplingParams(max_tokens=40, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     reference = run(llm, batch, [greedy] * 3)
     # a mixed batch runs the sparse path: the `full` rows get every page through it
-    mixed = [SamplingParams(max_tokens=40, ignore_eos=True, selector="quest", token_budget=64),
+    mixed = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, selector="quest",
+                            token_budget=64),
              greedy, greedy]
     got = run(llm, batch, mixed)
     assert got[1:] == reference[1:]
@@ -458,20 +459,24 @@ def test_full_through_the_selector_path_and_whole_budget_quest_equal_dense(loade
     twilight.top_p = 1.0  # its adaptive cut would drop pages the whole budget allows
     try:
         for name in ("quest", "centroid", "twilight"):
-            whole = SamplingParams(max_tokens=40, ignore_eos=True, selector=name, token_budget=1.0)
+            whole = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, selector=name,
+                                   token_budget=1.0)
             assert run(llm, batch, [whole] * 3) == reference, name
     finally:
         twilight.top_p = Twilight.top_p
     with pytest.raises(ValueError, match="needs summary_slices >= 2"):
-        run(llm, batch[:1], [SamplingParams(max_tokens=4, selector="subpage")])
+        run(llm, batch[:1], [SamplingParams(temperature=0, max_tokens=4, selector="subpage")])
     sliced = make_llm(device_kv_bytes="96MiB", summary_slices=4)
     for name in ("subpage", "centroid"):
-        whole = SamplingParams(max_tokens=40, ignore_eos=True, selector=name, token_budget=1.0)
+        whole = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, selector=name,
+                               token_budget=1.0)
         assert run(sliced, batch, [whole] * 3) == reference, name
-    sparse = SamplingParams(max_tokens=40, ignore_eos=True, selector="subpage", token_budget=64)
+    sparse = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, selector="subpage",
+                            token_budget=64)
     assert run(sliced, batch, [sparse] * 3) != reference
     assert_no_leak(sliced.engine)
-    sparse = SamplingParams(max_tokens=40, ignore_eos=True, selector="centroid", token_budget=64)
+    sparse = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, selector="centroid",
+                            token_budget=64)
     assert run(llm, batch, [sparse] * 3) != reference
     stats = llm.stats()
     assert 0 < stats["selection_pages_selected"] < stats["selection_pages_visible"]
@@ -481,7 +486,7 @@ def test_full_through_the_selector_path_and_whole_budget_quest_equal_dense(loade
 def test_sink_recent_reads_the_sink_and_the_latest_pages(loaded, make_llm):
     llm = make_llm(device_kv_bytes="64MiB", selector="sink_recent", token_budget=64,
                    min_context_tokens=0)
-    run(llm, prompts(loaded, [200]), [SamplingParams(max_tokens=8, ignore_eos=True)])
+    run(llm, prompts(loaded, [200]), [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)])
     per_layer = llm.stats()["selection_fraction_per_layer"]
     assert per_layer[0] == per_layer[1] == 1.0  # dense layers
     assert all(f < 0.4 for f in per_layer[2:])  # 4 of ~13 pages
@@ -491,13 +496,13 @@ def test_sink_recent_reads_the_sink_and_the_latest_pages(loaded, make_llm):
 def test_evaluation_mode_measures_recall_and_oracle_overlap(loaded, make_llm):
     llm = make_llm(device_kv_bytes="64MiB", selection_eval=True, selector="quest",
                    token_budget=128)
-    run(llm, prompts(loaded, [400]), [SamplingParams(max_tokens=6, ignore_eos=True)])
+    run(llm, prompts(loaded, [400]), [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)])
     stats = llm.stats()
     assert 0.5 < stats["selection_recall"] < 1.0
     assert 0.3 < stats["selection_oracle_overlap"] <= 1.0
     oracle = make_llm(device_kv_bytes="64MiB", selection_eval=True, selector="oracle",
                       token_budget=128)
-    run(oracle, prompts(loaded, [400]), [SamplingParams(max_tokens=6, ignore_eos=True)])
+    run(oracle, prompts(loaded, [400]), [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)])
     assert oracle.stats()["selection_oracle_overlap"] == pytest.approx(1.0)
     assert oracle.stats()["selection_recall"] > stats["selection_recall"]
 
@@ -508,7 +513,7 @@ def test_unselected_pages_are_not_read_from_the_pool(loaded, make_llm, kv_read):
     fused kernel call chooses and reads them; the reference (no pool) uses that kernel
     too, so `copy` also checks that the fused choice equals the unfused one."""
     batch = prompts(loaded, [500, 470])
-    params = [SamplingParams(max_tokens=12, ignore_eos=True)] * 2
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 2
     tight = dict(device_kv_bytes="12MiB", pool="local", pool_bytes="256MiB", kv_read=kv_read)
     dense = make_llm(**tight)
     sparse = make_llm(**tight, selector="quest", token_budget=96)
@@ -534,7 +539,8 @@ def test_unselected_pages_are_not_read_from_the_pool(loaded, make_llm, kv_read):
 def test_score_continuation_equals_greedy_decoding(loaded, make_llm):
     llm = make_llm(device_kv_bytes="64MiB")
     prefix = prompts(loaded, [333])[0]
-    params = SamplingParams(max_tokens=10, ignore_eos=True, selector="quest", token_budget=64)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, selector="quest",
+                            token_budget=64)
     decoded = run(llm, [prefix], [params])[0]
     last, (logits,) = llm.engine.score_continuation(prefix, decoded, [("quest", 64)])
     assert [int(last.argmax())] + logits[:-1].argmax(-1).tolist() == decoded
@@ -563,12 +569,12 @@ def test_bad_selection_options_name_the_problem(make_llm, llm):
         make_llm(token_budget=100_000)
     engine = llm.engine
     with pytest.raises(ValueError, match="above the request's context of 13 tokens"):
-        engine.add_request([1, 2, 3], SamplingParams(max_tokens=10, token_budget=64))
+        engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=10, token_budget=64))
     with pytest.raises(ValueError, match="unknown selector"):
-        engine.add_request([1, 2, 3], SamplingParams(selector="nope"))
+        engine.add_request([1, 2, 3], SamplingParams(temperature=0, selector="nope"))
     with pytest.raises(ValueError, match="token_budget must be >= 1"):
-        SamplingParams(token_budget=0)
+        SamplingParams(temperature=0, token_budget=0)
     # nothing was added: the engine still serves
-    assert run(llm, [[1, 2, 3]], [SamplingParams(max_tokens=2)])
+    assert run(llm, [[1, 2, 3]], [SamplingParams(temperature=0, max_tokens=2)])
     assert_no_leak(engine)
     assert {"full", "quest", "sink_recent", "oracle"} <= set(SELECTORS.names())  # built-ins (plugins may add)

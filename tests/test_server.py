@@ -142,13 +142,13 @@ def test_penalties_logit_bias_and_stop_token_ids_reach_the_engine(server, refere
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
                                     logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
     assert out.choices[0].text == reference.tokenizer.decode([forced]) * 4
-    params = SamplingParams(max_tokens=12, repetition_penalty=1.5, presence_penalty=0.5)
+    params = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.5, presence_penalty=0.5)
     expected = reference.generate(PROMPT, params, use_tqdm=False)[0].text
     got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
                                     presence_penalty=0.5,
                                     extra_body={"repetition_penalty": 1.5}).choices[0].text
     assert got == expected
-    free = reference.generate(PROMPT, SamplingParams(max_tokens=8), use_tqdm=False)[0]
+    free = reference.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     stop = free.token_ids[2]
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
                                     extra_body={"stop_token_ids": [stop]})
@@ -223,7 +223,7 @@ def test_chat_logprobs_and_streamed_choices(server, reference):
     assert reasons == {c.index: c.finish_reason for c in full.choices}
     # developer messages are the system role of the template
     system = [{"role": "system", "content": "Answer briefly."}, messages[1]]
-    want = reference.chat(system, SamplingParams(max_tokens=5), use_tqdm=False)[0].text
+    want = reference.chat(system, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].text
     got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5,
                                          temperature=0)
     assert got.choices[0].message.content == want

@@ -106,7 +106,7 @@ def test_simulate_runs_on_a_trace_written_by_a_real_engine_run(make_llm, tmp_pat
     trace = tmp_path / "run.jsonl"
     llm = make_llm(trace=str(trace))
     prompt = llm.tokenizer.encode("The tide came in over the flats, " * 4)
-    llm.generate([prompt, prompt[:20]], SamplingParams(max_tokens=6, ignore_eos=True),
+    llm.generate([prompt, prompt[:20]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                  use_tqdm=False)
     llm.close()
     meta, steps = read_trace(str(trace))

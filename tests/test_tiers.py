@@ -148,7 +148,8 @@ def test_sealed_pages_are_stored_once_they_leave_the_residual_window(make_llm):
     llm = make_llm(device_kv_bytes="16MiB", pool="local", pool_bytes="16MiB",
                    residual_tokens=32, keep_sink_page=True)
     engine = llm.engine
-    rid = engine.add_request(list(range(100, 200)), SamplingParams(max_tokens=2))  # 100 tokens
+    rid = engine.add_request(list(range(100, 200)), SamplingParams(temperature=0,
+                                                                   max_tokens=2))  # 100 tokens
     engine.step()  # prefill: pages 0-5 sealed, 6 open
     table = engine.cache.table(rid)
     # sink page 0 never stored; pages wholly before the last 32 tokens (1..3) stored
@@ -166,7 +167,7 @@ def test_budget_below_one_step_fails_at_start_with_the_minimum(make_llm):
         make_llm(device_kv_bytes=LAYERS * PAGE * 3 - 1, pool="local", residual_tokens=17)
     llm = make_llm(device_kv_bytes=LAYERS * PAGE * 3, pool="local", pool_bytes="8MiB",
                    residual_tokens=17)  # exactly the minimum works
-    assert llm.generate("Hi", SamplingParams(max_tokens=3))[0].num_generated_tokens == 3
+    assert llm.generate("Hi", SamplingParams(temperature=0, max_tokens=3))[0].num_generated_tokens == 3
     llm.close()
 
 
@@ -194,15 +195,16 @@ def test_bad_pool_options_are_refused_clearly(make_llm, options, message):
 def test_request_larger_than_the_pool_is_rejected_and_engine_stays_usable(make_llm):
     llm = make_llm(device_kv_bytes="8MiB", pool="local", pool_bytes=20 * LAYERS * PAGE)
     with pytest.raises(ValueError, match=r"pool pages but the pool holds 600"):
-        llm.generate(list(range(100, 500)), SamplingParams(max_tokens=4))
+        llm.generate(list(range(100, 500)), SamplingParams(temperature=0, max_tokens=4))
     assert_no_leak(llm.engine)
-    assert llm.generate("Hi", SamplingParams(max_tokens=2))[0].num_generated_tokens == 2
+    assert llm.generate("Hi", SamplingParams(temperature=0, max_tokens=2))[0].num_generated_tokens == 2
     # at the edge: 20 pages a layer hold 309 + 11 tokens (the 20th page open); one more
     # token is refused up front, never admitted to wait for room that cannot come
-    fits = llm.generate(list(range(100, 409)), SamplingParams(max_tokens=11, ignore_eos=True))
+    fits = llm.generate(list(range(100, 409)), SamplingParams(temperature=0, max_tokens=11,
+                                                              ignore_eos=True))
     assert fits[0].num_generated_tokens == 11
     with pytest.raises(ValueError, match=r"needs up to 630 pool pages but the pool holds 600"):
-        llm.generate(list(range(100, 409)), SamplingParams(max_tokens=12))
+        llm.generate(list(range(100, 409)), SamplingParams(temperature=0, max_tokens=12))
     assert_no_leak(llm.engine)
     llm.close()
 

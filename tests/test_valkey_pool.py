@@ -361,7 +361,7 @@ def test_valkey_killed_mid_run_then_restarted(make_llm, fresh, monkeypatch):
     monkeypatch.setattr(valkey, "RETRY_S", 0.2)
     a = make_llm(**shared(fresh.url))
     b = make_llm(**shared(fresh.url))
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     results: list = []
     runner = threading.Thread(target=lambda: results.extend(
         a.generate([SYSTEM + q for q in QUESTIONS], params, use_tqdm=False)))
@@ -399,7 +399,7 @@ def test_two_serve_processes_share_prefixes_through_one_valkey(fresh, make_llm):
         b = second.client().chat.completions.create(**ask)
         assert b.choices[0].message.content == a.choices[0].message.content
         plain = make_llm(enable_prefix_caching=False)
-        want = plain.chat(messages, SamplingParams(max_tokens=8), use_tqdm=False)[0]
+        want = plain.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
         assert b.choices[0].message.content == want.outputs[0].text
         assert a.usage.prompt_tokens_details.cached_tokens == 0
         cached = b.usage.prompt_tokens_details.cached_tokens

@@ -145,7 +145,7 @@ PROMPTS = ["Write one sentence about the sea.", "What is 17 times 3?", "List thr
 def test_quantized_path_decodes_the_float_paths_tokens(make_llm, float_llm):
     llm = make_llm(device_kv_bytes="64MiB", max_num_seqs=8)
     prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
-    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     quantized = llm.generate(prompts, params)
     dense = float_llm.generate(prompts, params)
     for q, d in zip(quantized, dense):
@@ -244,7 +244,7 @@ def test_on_cuda_auto_expands_the_weights_and_int4_is_refused():
     llm = LLM(device="cuda", weight_quant="auto", device_kv_bytes="64MiB")
     layer = llm.engine.model.layers[0]
     assert not isinstance(layer.wqkv, QuantWeight) and layer.wqkv.is_cuda
-    out = llm.generate("The sea is", SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    out = llm.generate("The sea is", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert len(out.token_ids) == 8
     with pytest.raises(ValueError, match="weight_quant=int4 runs on the CPU in float32 only"):
         load_model(ModelConfig(device="cuda", weight_quant="int4"))

@@ -84,7 +84,7 @@ def measure(llm, num_seqs: int, prompt_len: int, new_tokens: int) -> dict[str, A
 
     engine = llm.engine
     g = torch.Generator().manual_seed(1234)
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for _ in range(num_seqs):
         engine.add_request(torch.randint(100, 49000, (prompt_len,), generator=g).tolist(), params)
     steps = []  # (seconds, tokens, every sequence decoding, stall s, pages fetched, running)

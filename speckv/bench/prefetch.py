@@ -158,7 +158,8 @@ def quality(loaded, options, budgets, new_tokens: int) -> list[dict]:
         llm = _engine(loaded, options, pool="local", pool_bytes="1GiB", device_kv_bytes="1GiB",
                       selector="quest", token_budget=budget, predictor=",".join(names))
         try:
-            llm.generate(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True), use_tqdm=False)
+            llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new_tokens,
+                                                ignore_eos=True), use_tqdm=False)
             s = llm.stats()
         finally:
             llm.close()

@@ -129,7 +129,7 @@ def _capacity(llm, ns: argparse.Namespace, params) -> dict[str, Any]:
     DEVICE budget, and how long they take."""
     from speckv import SamplingParams
 
-    params = SamplingParams(max_tokens=params.max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=params.max_tokens, ignore_eos=True)
     prompts, engine = _users(llm, ns), llm.engine
     first = llm.generate(prompts[0], params, use_tqdm=False)[0]
     start = time.perf_counter()
@@ -164,7 +164,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
     loaded = load_model(EngineConfig.from_kwargs(**options).model)
     engines = {mode: LLM(loaded=loaded, enable_prefix_caching=mode == "on", **options)
                for mode in ("on", "off")}
-    params = SamplingParams(max_tokens=ns.new_tokens)
+    params = SamplingParams(temperature=0, max_tokens=ns.new_tokens)
     results: dict[str, dict[str, list]] = {w: {"on": [], "off": []}
                                            for w in ("chat", "system", "capacity")}
     bar = tqdm(total=3 * 2 * ns.rounds, desc="bench prefix", unit="run")
@@ -187,7 +187,7 @@ def _one_at_a_time(llm, sequences: dict[str, list[list[int]]]) -> dict[str, list
     """Seconds of a one-token generation of each prompt, in order, per workload."""
     from speckv import SamplingParams
 
-    first, result = SamplingParams(max_tokens=1), {}
+    first, result = SamplingParams(temperature=0, max_tokens=1), {}
     for name, prompts in sequences.items():
         llm.reset_prefix_cache()
         times = []

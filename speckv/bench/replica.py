@@ -69,7 +69,7 @@ def run(ns: argparse.Namespace, options: dict) -> int:
         a, b = (LLM(loaded=loaded, pool="valkey", pool_url=url, **options) for _ in range(2))
         cold = LLM(loaded=loaded, pool="local", **options)
         prompts = _users(a, ns)
-        one = SamplingParams(max_tokens=1)
+        one = SamplingParams(temperature=0, max_tokens=1)
         a.generate(prompts[0], one, use_tqdm=False)
         times: dict[str, list[float]] = {"replica": [], "cold": []}
         cached, same = [], True

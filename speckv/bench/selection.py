@@ -190,7 +190,7 @@ def run_speed(llm, ns, bar) -> list[dict[str, Any]]:
             chunk = engine.config.scheduler.max_num_batched_tokens
             prefill_steps = -(-batch * context // chunk) + batch
             room = ns.rounds * len(configs) * (ns.steps + 1) + prefill_steps + 2
-            params = SamplingParams(max_tokens=room, ignore_eos=True)
+            params = SamplingParams(temperature=0, max_tokens=room, ignore_eos=True)
             ids = [engine.add_request(torch.randint(100, 49000, (context - room,),
                                                     generator=g).tolist(), params)
                    for _ in range(batch)]

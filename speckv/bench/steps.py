@@ -21,7 +21,7 @@ def prefill(llm, batch: int, context: int, decode_steps: int) -> None:
 
     engine = llm.engine
     g = torch.Generator().manual_seed(7)
-    params = SamplingParams(max_tokens=decode_steps + 16, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=decode_steps + 16, ignore_eos=True)
     for _ in range(batch):
         engine.add_request(torch.randint(100, 49000, (context,), generator=g).tolist(), params)
     while True:

@@ -158,7 +158,8 @@ def _run_speckv(options: dict, batch: int, prompt_len: int, new_tokens: int, rep
     prompts = _prompts(batch, prompt_len)
 
     def gen(n: int):
-        outs = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                            use_tqdm=False)
         return [o.token_ids for o in outs]
 
     return _measure(gen, batch, prompt_len, new_tokens, repeats)

@@ -19,6 +19,8 @@ MAX_N = 128  # most choices (n, best_of) of one request
 class SamplingParams:
     """How to pick tokens for one request, and when to stop.
 
+    Defaults are vLLM's (temperature 1.0: sampled; max_tokens 16); until 2026-12-03
+    they were greedy and 64 tokens, which `speckv generate` keeps as its own defaults.
     `temperature=0` is greedy, and so is any temperature below `GREEDY_BELOW`
     (1e-5). `top_k=0` and `top_p=1` disable those filters; a `top_k` above the
     vocabulary keeps it all, and the most likely token always survives `top_p`, so
@@ -33,9 +35,10 @@ class SamplingParams:
     token was picked.
     """
 
-    max_tokens: int = field(default=64, metadata={"help": "most tokens to generate"})
-    temperature: float = field(default=0.0, metadata={
-        "help": "sampling temperature; 0 is greedy"})
+    max_tokens: int = field(default=16, metadata={"help": "most tokens to generate",
+                                                  "cli_default": 64})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature; 0 is greedy", "cli_default": 0.0})
     top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens; 0: all"})
     top_p: float = field(default=1.0, metadata={
         "help": "sample from the smallest set of tokens whose probability reaches top_p, in (0, 1]"})
