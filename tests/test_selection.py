@@ -162,14 +162,18 @@ def test_subpage_tells_apart_pages_whose_means_tie():
     assert picked == {"centroid": [0, 1, 7], "subpage": [0, 4, 7]}
 
 
-@pytest.mark.parametrize("name, slices, dim", [("centroid", 1, 16), ("centroid", 4, 16),
-                                               ("subpage", 4, 16), ("centroid", 1, 64),
-                                               ("subpage", 4, 64)])
+@pytest.mark.parametrize("name, slices, dim, ties", [
+    ("centroid", 1, 16, False), ("centroid", 4, 16, False), ("subpage", 4, 16, False),
+    ("centroid", 1, 64, False), ("subpage", 4, 64, False), ("centroid", 1, 64, True),
+    ("subpage", 4, 64, True)])
 def test_fused_landmark_kernel_chooses_as_the_selector_and_attends_as_the_sparse_path(
-        name, slices, dim):
+        name, slices, dim, ties):
     """`landmark_decode_attention` (CPU) against the torch path on random pages: the same
     pages chosen for every sequence and KV head (union_by_rank's order, exactly), and the
-    output of the sparse kernel over them (head dim 64: the 16-pages-at-a-time path)."""
+    output of the sparse kernel over them (head dim 64: the 16-pages-at-a-time path).
+    With `ties`, keys in {-1, 0, 1} and queries in {-2..2}: estimates are exact in any
+    order of summation, many equal (zeros of either sign among them), so the tie-breaks
+    (older page; +0 == -0) are what decides."""
     from speckv.kv.attention import cpu_kernel_fused_attention
     from speckv.kv.cpu_kernels import load_cpu_kernels
 
@@ -177,6 +181,8 @@ def test_fused_landmark_kernel_chooses_as_the_selector_and_attends_as_the_sparse
     g = torch.Generator().manual_seed(11)
     batch, num_pages, num_kv, group = 3, 40, 2, 3
     k_pages = torch.randn(batch * num_pages, PS, num_kv, dim, generator=g)
+    if ties:
+        k_pages = torch.randint(-1, 2, k_pages.shape, generator=g).float()
     v_pages = torch.randn_like(k_pages)
     store = SummaryStore(batch * num_pages, num_kv, dim, dtype=torch.float32,
                          device=torch.device("cpu"), slices=slices)
@@ -187,6 +193,8 @@ def test_fused_landmark_kernel_chooses_as_the_selector_and_attends_as_the_sparse
     summary_table = slots[perm].view(batch, num_pages)
     lens = torch.tensor([40 * PS, 23 * PS + 5, 7 * PS - 2])
     q = torch.randn(batch, num_kv * group, dim, generator=g)
+    if ties:
+        q = torch.randint(-2, 3, q.shape, generator=g).float()
     positions = (lens - 1)[:, None]
     budget = torch.tensor([9, 5, 4])
     out, chosen = cpu_kernel_fused_attention(kernels)[name](

@@ -21,6 +21,7 @@
 #endif
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -595,36 +596,58 @@ void landmark_estimates(const float* qh, const float* centroids, const int64_t* 
   }
 }
 
+// An estimate and its page as one integer whose ascending order is the estimate's
+// descending one, ties to the older page: the float's bits made order-preserving (-0 as
+// +0, as the float compare has them equal), complemented, above the page index. Sorting
+// these is branch-free and reads no estimate through an index.
+inline uint64_t rank_key(float x, int64_t p) {
+  if (x == 0.f) x = 0.f;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending with x
+  return (static_cast<uint64_t>(~u) << 32) | static_cast<uint64_t>(p);
+}
+
 // A landmark selector's choice: the candidates first in union_by_rank's order
 // (speckv/selection/base.py): each query head ranks the pages [0, own) by its estimate
 // (ties: the older page); a page's key is (its best rank over the group, then its best
 // estimate, higher first, then the older page).
+//
+// Only ranks up to `extra` can be chosen (one head's top extra + 1 hold at least
+// `extra` candidates, the sink page being ranked too), so each head finds its top
+// extra + 1 by nth_element and sorts just those; the pages no head ranks there are never
+// chosen, and the final choice runs over the ranked candidates only (at most
+// G * (extra + 1) pages).
 template <int64_t kDim>
 int64_t landmark_choose(const float* qh, const float* centroids, const int64_t* summary_ids,
                         const int64_t* entries, int64_t ctx, int64_t budget, bool keep_sink,
                         int64_t page_size, int64_t h, int64_t Hkv, int64_t S, int64_t G,
                         int64_t D, bool best_slice, int64_t P, float* est, float* best,
-                        int64_t* rank, int64_t* order, int64_t* listed, bool* chosen) {
+                        int64_t* rank, int64_t* order, uint64_t* keys, int64_t* listed,
+                        bool* chosen) {
   return choose_and_list(entries, ctx, budget, keep_sink, page_size, listed, chosen,
                          [&](int64_t first, int64_t own, int64_t extra) {
     landmark_estimates<kDim>(qh, centroids, summary_ids, own, h, Hkv, S, G, D, best_slice, P, est);
-    // only ranks up to `extra` can be chosen (one head's top extra + 1 hold at least
-    // `extra` candidates, the sink page being ranked too), so each head orders just its
-    // top extra + 1; the others keep rank `own`, after all of those
     std::fill(rank, rank + own, own);
-    std::fill(best, best + own, kNegBig);
     const int64_t top = std::min(extra + 1, own);
+    int64_t n = 0;  // ranked candidates, in order[0, n)
     for (int64_t g = 0; g < G; ++g) {
       const float* e = est + g * P;
-      for (int64_t p = 0; p < own; ++p) order[p] = p;
-      std::partial_sort(order, order + top, order + own, [e](int64_t a, int64_t b) {
-        return e[a] > e[b] || (e[a] == e[b] && a < b);
-      });
-      for (int64_t i = 0; i < top; ++i) rank[order[i]] = std::min(rank[order[i]], i);
-      for (int64_t p = 0; p < own; ++p) best[p] = std::max(best[p], e[p]);
+      for (int64_t p = 0; p < own; ++p) keys[p] = rank_key(e[p], p);
+      std::nth_element(keys, keys + top - 1, keys + own);
+      std::sort(keys, keys + top);
+      for (int64_t i = 0; i < top; ++i) {
+        const int64_t p = static_cast<int64_t>(keys[i] & 0xffffffffu);
+        if (rank[p] == own && p >= first) order[n++] = p;
+        rank[p] = std::min(rank[p], i);
+      }
     }
-    int64_t n = 0;
-    for (int64_t p = first; p < own; ++p) order[n++] = p;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = order[i];
+      float b = est[p];
+      for (int64_t g = 1; g < G; ++g) b = std::max(b, est[g * P + p]);
+      best[p] = b;
+    }
     mark_best(order, n, extra, chosen, [rank, best](int64_t a, int64_t b) {
       if (rank[a] != rank[b]) return rank[a] < rank[b];
       if (best[a] != best[b]) return best[a] > best[b];
@@ -636,9 +659,10 @@ int64_t landmark_choose(const float* qh, const float* centroids, const int64_t* 
 // What a fused selector's choice needs per thread (scores, orders, the listed pages).
 struct ChooseBuffers {
   explicit ChooseBuffers(int64_t P, int64_t G)
-      : scores(P), est(G * P), best(P), rank(P), order(P), listed(P) {}
+      : scores(P), est(G * P), best(P), rank(P), order(P), listed(P), keys(P) {}
   std::vector<float> scores, est, best;
   std::vector<int64_t> rank, order, listed;
+  std::vector<uint64_t> keys;
 };
 
 // Fused decode attention (TinyServe's fused kernel): per sequence and KV head, the
@@ -743,7 +767,7 @@ std::vector<torch::Tensor> landmark_decode_attention(
           int64_t P, ChooseBuffers& cb, bool* chosen) {
         return pick(qh, cp, slots, entries, ctx, budget, keep_sink, T, h, Hkv, S, G, D,
                     best_slice, P, cb.est.data(), cb.best.data(), cb.rank.data(),
-                    cb.order.data(), cb.listed.data(), chosen);
+                    cb.order.data(), cb.keys.data(), cb.listed.data(), chosen);
       });
 }
 
