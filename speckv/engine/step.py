@@ -113,6 +113,7 @@ def _sealed_pages(chunks: list[ScheduledChunk], ps: int,
         return None
     return torch.tensor(rows, device=device), torch.tensor(pages, device=device)
 
+
 def _window_pages(chunks: list[ScheduledChunk], window: int, ps: int, num_pages: int,
                   device: torch.device) -> torch.Tensor | None:
     """[B, P] bool: the pages holding a key that some query of the row sees through a
