@@ -72,6 +72,57 @@ def test_quant_matmul_matches_a_float64_reference(fmt, tokens):
     assert (y.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
+_BINDING = """
+#include <torch/extension.h>
+torch::Tensor quant_matmul(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);
+torch::Tensor dequantize_rows(torch::Tensor, torch::Tensor, int64_t, torch::Tensor);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_matmul", &quant_matmul);
+  m.def("dequantize_rows", &dequantize_rows);
+}
+"""
+# The kernel's instruction-set paths below the machine's own (which every other test
+# here runs): each compiled alone with the wider extensions turned off.
+_NARROWER = {"avx2": ("avx512f", ("-mno-avx512f",)),
+             "portable": ("avx2", ("-mno-avx2", "-mno-avx512f"))}
+
+
+@pytest.fixture(scope="module", params=sorted(_NARROWER))
+def narrower_kernel(request, tmp_path_factory):
+    from torch.utils.cpp_extension import load
+
+    from speckv.kv import cpu_kernels
+
+    above, flags = _NARROWER[request.param]
+    if above not in cpu_kernels._cpu_features().split():
+        pytest.skip(f"this CPU has no {above}: its own build already is the {request.param} path")
+    directory = tmp_path_factory.mktemp(f"quant_{request.param}")
+    (directory / "binding.cpp").write_text(_BINDING)
+    source = cpu_kernels._SOURCES[2]
+    assert source.name == "quant_matmul.cpp"
+    return load(name=f"speckv_quant_{request.param}", verbose=False,
+                sources=[str(source), str(directory / "binding.cpp")],
+                extra_cflags=[*cpu_kernels._CFLAGS, *flags],
+                extra_ldflags=list(cpu_kernels._LDFLAGS), build_directory=str(directory))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_instruction_set_path_matches_the_reference(narrower_kernel, fmt):
+    # 37 rows: a remainder after the 4-row groups; the token counts cover every tile
+    # shape of both SIMD paths (1; 2-4; 5-8; groups of 8 and a tail) and the GEMM switch
+    cols = _cols(fmt, 576)  # 18 blocks: a whole chunk of 16 and a partial one
+    w, reference = _quantized(fmt, 37, cols, seed=7)
+    code = quant.FORMATS[fmt]
+    every_row = torch.empty(0, dtype=torch.long)
+    assert torch.equal(narrower_kernel.dequantize_rows(w.codes, w.scales, code, every_row),
+                       reference)
+    for tokens in (1, 2, 3, 4, 5, 8, 9, 20, 47, 48):
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+        y = narrower_kernel.quant_matmul(x, w.codes, w.scales, code)
+        ref = x.double() @ reference.double().t()
+        assert (y.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item(), tokens
+
+
 def test_quant_matmul_reads_a_non_contiguous_input_and_no_tokens():
     w, reference = _quantized("Q4_1", 8, 64, seed=3)
     x = torch.randn(64, 6).t()  # [6, 64], not contiguous

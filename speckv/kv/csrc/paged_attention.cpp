@@ -16,7 +16,7 @@
 #include "pool_rows.h"
 
 #include <algorithm>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <atomic>
@@ -182,6 +182,78 @@ inline void page_values_avx512(const float* vpage, const float* scores, int64_t 
     }
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same loops in 256-bit registers (CPUs without AVX-512): 8 tokens' scores from one
+// transposing sum, a query row's accumulator in registers across a page's tokens.
+
+// Lane t of the result is the sum of the 8 lanes of v[t].
+inline __m256 sum_lanes_8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // a: tokens 0-3's sums of lanes 0-3, then of lanes 4-7; b: tokens 4-7's
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+template <int64_t kDim>
+inline void page_scores_avx2(const float* qb, const float* kpage, int64_t ntok, int64_t h0,
+                             int64_t h1, const speckv::PageGeometry& geo, int64_t G,
+                             float scale, float* scores) {
+  constexpr int64_t NV = kDim / 8;
+  const int64_t T = geo.T, token_stride = geo.H * kDim;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  __m256 part[8];
+  for (int64_t t0 = 0; t0 < ntok; t0 += 8) {
+    const int64_t n = std::min<int64_t>(8, ntok - t0);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = (h - h0) * G + g;
+        const float* qr = qb + r * kDim;
+        __m256 q[NV];
+        for (int64_t c = 0; c < NV; ++c) q[c] = _mm256_loadu_ps(qr + 8 * c);
+        for (int64_t t = 0; t < 8; ++t) {
+          if (t >= n) {
+            part[t] = _mm256_setzero_ps();
+            continue;
+          }
+          const float* kr = kpage + (t0 + t) * token_stride + h * kDim;
+          __m256 s = _mm256_mul_ps(q[0], _mm256_loadu_ps(kr));
+          for (int64_t c = 1; c < NV; ++c) s = _mm256_fmadd_ps(q[c], _mm256_loadu_ps(kr + 8 * c), s);
+          part[t] = s;
+        }
+        const __m256 sums = _mm256_mul_ps(sum_lanes_8(part), vscale);
+        if (n == 8) {
+          _mm256_storeu_ps(scores + r * T + t0, sums);
+        } else {
+          alignas(32) float out[8];
+          _mm256_store_ps(out, sums);
+          std::memcpy(scores + r * T + t0, out, n * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+template <int64_t kDim>
+inline void page_values_avx2(const float* vpage, const float* scores, int64_t ntok,
+                             int64_t h0, int64_t h1, const speckv::PageGeometry& geo,
+                             int64_t G, float* acc) {
+  constexpr int64_t NV = kDim / 8;
+  const int64_t T = geo.T, token_stride = geo.H * kDim;
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = (h - h0) * G + g;
+      float* ar = acc + r * kDim;
+      __m256 a[NV];
+      for (int64_t c = 0; c < NV; ++c) a[c] = _mm256_loadu_ps(ar + 8 * c);
+      for (int64_t t = 0; t < ntok; ++t) {
+        const __m256 w = _mm256_set1_ps(scores[r * T + t]);
+        const float* vr = vpage + t * token_stride + h * kDim;
+        for (int64_t c = 0; c < NV; ++c) a[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * c), a[c]);
+      }
+      for (int64_t c = 0; c < NV; ++c) _mm256_storeu_ps(ar + 8 * c, a[c]);
+    }
+  }
+}
 #endif
 
 template <int64_t kDim>
@@ -191,6 +263,11 @@ inline void page_scores(const float* qb, const float* kpage, int64_t ntok, int64
 #if defined(__AVX512F__)
   if constexpr (kDim > 0 && kDim % 16 == 0) {
     page_scores_avx512<kDim>(qb, kpage, ntok, h0, h1, geo, G, scale, scores);
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kDim > 0 && kDim % 8 == 0) {
+    page_scores_avx2<kDim>(qb, kpage, ntok, h0, h1, geo, G, scale, scores);
     return;
   }
 #endif
@@ -203,6 +280,11 @@ inline void page_values(const float* vpage, const float* scores, int64_t ntok, i
 #if defined(__AVX512F__)
   if constexpr (kDim > 0 && kDim % 16 == 0) {
     page_values_avx512<kDim>(vpage, scores, ntok, h0, h1, geo, G, acc);
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kDim > 0 && kDim % 8 == 0) {
+    page_values_avx2<kDim>(vpage, scores, ntok, h0, h1, geo, G, acc);
     return;
   }
 #endif
