@@ -409,6 +409,20 @@ inline void group(const CodedRows<F, R>& src, int64_t b, int64_t i, const float*
   }
 }
 
+// Block b of one row (codes q, scales d, c) against one token, group after group. With
+// one token a tile goes row by row instead of group by group across its rows: a row's
+// widened codes and scales then live only while it is multiplied, and 4 rows do not
+// spill registers (measured 1.26x faster at 1 token; slower from 2 tokens on, where the
+// rows share each load of x).
+template <int64_t F>
+inline __m256 row_block(const uint8_t* q, const float* d, const float* c, const float* x,
+                        __m256 acc) {
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(x), expand_group<F, 0>(q, d, c), acc);
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), expand_group<F, 1>(q, d, c), acc);
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), expand_group<F, 2>(q, d, c), acc);
+  return _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), expand_group<F, 3>(q, d, c), acc);
+}
+
 // y[t * ldy + r] = sum_k x[t * K + k] * w[r, k] for r < R, t < NT.
 template <int64_t NT, int64_t F, int64_t R>
 inline void tile(CodedRows<F, R>& src, const float* x, int64_t K, float* y, int64_t ldy) {
@@ -420,10 +434,17 @@ inline void tile(CodedRows<F, R>& src, const float* x, int64_t K, float* y, int6
     const int64_t n = std::min(kChunk, K / kBlock - b0);
     src.prepare(b0, n);
     for (int64_t i = 0; i < n; ++i) {
-      group<0>(src, b0 + i, i, x, K, acc);
-      group<1>(src, b0 + i, i, x, K, acc);
-      group<2>(src, b0 + i, i, x, K, acc);
-      group<3>(src, b0 + i, i, x, K, acc);
+      const int64_t b = b0 + i;
+      if constexpr (NT == 1) {
+        for (int64_t r = 0; r < R; ++r)
+          acc[r][0] = row_block<F>(src.rows.codes + r * src.rows.code_stride + b * Layout<F>::Q,
+                                   &src.d[r][i], &src.c[r][i], x + b * kBlock, acc[r][0]);
+      } else {
+        group<0>(src, b, i, x, K, acc);
+        group<1>(src, b, i, x, K, acc);
+        group<2>(src, b, i, x, K, acc);
+        group<3>(src, b, i, x, K, acc);
+      }
     }
   }
   for (int64_t r = 0; r < R; ++r)
