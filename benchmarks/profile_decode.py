@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from speckv import LLM, SamplingParams
+from speckv.bench.common import machine
 from speckv.models import llama
 
 
@@ -88,6 +89,7 @@ def main() -> None:
             engine.step()
     weights = engine.model.weight_bytes
     bandwidth = read_bandwidth()
+    print(machine())
     print(f"batch {ns.batch}, context ~{ns.prompt_len}, weight_quant={ns.weight_quant}: "
           f"{step_ms:.1f} ms/step ({ns.batch * 1000 / step_ms:.1f} tok/s)")
     print(f"  weight matmuls {spent['matmul'] / ns.steps * 1000:.1f} ms/step, decode attention "

@@ -34,8 +34,15 @@ def in_subprocess(fn: Callable, *args) -> Any:
 
 
 def machine() -> str:
-    return (f"{platform.machine()} {platform.processor() or ''} {mp.cpu_count()} cpus, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    """The CPU (its model name where /proc/cpuinfo has one), cores, torch, and which
+    instruction-set build of the weight-only kernel runs here."""
+    from speckv.kv.cpu_kernels import cpu_model
+    from speckv.models.quant import _kernels_if_built
+
+    kernels = _kernels_if_built()
+    isa = kernels.quant_matmul_isa() if kernels is not None else "not built"
+    return (f"{platform.machine()} {cpu_model()}, {mp.cpu_count()} cpus, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), kernels {isa}")
 
 
 def parse_options(text: str, flag: str = "--variant") -> dict[str, Any]:

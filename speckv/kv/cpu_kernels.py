@@ -65,11 +65,22 @@ def build_directory() -> Path:
 
 def _cpu_features() -> str:
     """The CPU's feature flags (-march=native builds for them)."""
+    return _cpuinfo(("flags", "Features")) or platform.processor()
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7R13 Processor"), or what `platform` knows."""
+    line = _cpuinfo(("model name",))
+    return line.partition(":")[2].strip() if line else platform.processor() or "unknown CPU"
+
+
+def _cpuinfo(keys: tuple[str, ...]) -> str:
+    """The first line of /proc/cpuinfo that starts with one of `keys` ("" if none)."""
     try:
         with open("/proc/cpuinfo") as fh:
-            return next((line for line in fh if line.startswith(("flags", "Features"))), "")
+            return next((line for line in fh if line.startswith(keys)), "")
     except OSError:
-        return platform.processor()
+        return ""
 
 
 def load_cpu_kernels(wait: float = BUILD_WAIT_S) -> ModuleType:

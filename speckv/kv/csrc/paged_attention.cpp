@@ -868,6 +868,7 @@ void prefetch_rows(torch::Tensor arena, torch::Tensor rows);
 // speckv/models/csrc/quant_matmul.cpp
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
                            int64_t format);
+const char* quant_matmul_isa();
 torch::Tensor dequantize_rows(torch::Tensor codes, torch::Tensor scales, int64_t format,
                               torch::Tensor rows);
 // speckv/models/csrc/layer_ops.cpp
@@ -910,6 +911,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W^T with W a GGUF-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K: codes and fp16 "
         "scales), float32 activations (CPU)",
         release());
+  m.def("quant_matmul_isa", &quant_matmul_isa,
+        "the weight-only matmul's build for this CPU: avx512, avx2 or portable");
   m.def("dequantize_rows", &dequantize_rows,
         "rows of a quantized weight expanded to float32 (empty rows: all of them)", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows, one pass", release());

@@ -565,6 +565,17 @@ void dispatch(int64_t format, Fn&& fn) {
 
 }  // namespace
 
+// Which of this file's builds the compiler made for this CPU (-march=native).
+const char* quant_matmul_isa() {
+#if defined(SPECKV_QUANT_AVX512)
+  return "avx512";
+#elif defined(SPECKV_QUANT_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 // codes, scales: a weight in `format` (above); rows: int64 [n] (or empty: all N rows)
 // -> float32 [n, K], the rows expanded (an embedding lookup, or the whole matrix).
 torch::Tensor dequantize_rows(torch::Tensor codes, torch::Tensor scales, int64_t format,
