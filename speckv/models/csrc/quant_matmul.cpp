@@ -218,19 +218,13 @@ inline void expand_block16(const uint8_t* q, const float* d_, const float* c_, _
   }
 }
 
+// One block's codes -> its 32 floats at out (`expand_row`).
 template <int64_t F>
-void expand_row(const Rows& row, int64_t K, float* out) {
-  alignas(64) float d[kChunk], c[kChunk];
-  for (int64_t b0 = 0; b0 < K / kBlock; b0 += kChunk) {
-    const int64_t n = std::min(kChunk, K / kBlock - b0);
-    widen_scales<F>(row, b0, n, d, c);
-    for (int64_t i = 0; i < n; ++i) {
-      __m512 lo, hi;
-      expand_block16<F>(row.codes + (b0 + i) * Layout<F>::Q, d + i, c + i, lo, hi);
-      _mm512_storeu_ps(out + (b0 + i) * kBlock, lo);
-      _mm512_storeu_ps(out + (b0 + i) * kBlock + 16, hi);
-    }
-  }
+inline void store_block(const uint8_t* q, const float* d, const float* c, float* out) {
+  __m512 lo, hi;
+  expand_block16<F>(q, d, c, lo, hi);
+  _mm512_storeu_ps(out, lo);
+  _mm512_storeu_ps(out + 16, hi);
 }
 
 // Where a tile's weights come from: codes expanded on the fly (their scales widened a
@@ -362,21 +356,13 @@ inline __m256 expand_group(const uint8_t* q, const float* d, const float* c) {
   }
 }
 
+// One block's codes -> its 32 floats at out (`expand_row`).
 template <int64_t F>
-void expand_row(const Rows& row, int64_t K, float* out) {
-  alignas(32) float d[kChunk], c[kChunk];
-  for (int64_t b0 = 0; b0 < K / kBlock; b0 += kChunk) {
-    const int64_t n = std::min(kChunk, K / kBlock - b0);
-    widen_scales<F>(row, b0, n, d, c);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint8_t* q = row.codes + (b0 + i) * Layout<F>::Q;
-      float* o = out + (b0 + i) * kBlock;
-      _mm256_storeu_ps(o, expand_group<F, 0>(q, d + i, c + i));
-      _mm256_storeu_ps(o + 8, expand_group<F, 1>(q, d + i, c + i));
-      _mm256_storeu_ps(o + 16, expand_group<F, 2>(q, d + i, c + i));
-      _mm256_storeu_ps(o + 24, expand_group<F, 3>(q, d + i, c + i));
-    }
-  }
+inline void store_block(const uint8_t* q, const float* d, const float* c, float* out) {
+  _mm256_storeu_ps(out, expand_group<F, 0>(q, d, c));
+  _mm256_storeu_ps(out + 8, expand_group<F, 1>(q, d, c));
+  _mm256_storeu_ps(out + 16, expand_group<F, 2>(q, d, c));
+  _mm256_storeu_ps(out + 24, expand_group<F, 3>(q, d, c));
 }
 
 inline float sum_lanes(__m256 v) {
@@ -412,7 +398,7 @@ inline void group(const CodedRows<F, R>& src, int64_t b, int64_t i, const float*
 // Block b of one row (codes q, scales d, c) against one token, group after group. With
 // one token a tile goes row by row instead of group by group across its rows: a row's
 // widened codes and scales then live only while it is multiplied, and 4 rows do not
-// spill registers (measured 1.26x faster at 1 token; slower from 2 tokens on, where the
+// spill registers (measured 1.24x faster at 1 token; slower from 2 tokens on, where the
 // rows share each load of x).
 template <int64_t F>
 inline __m256 row_block(const uint8_t* q, const float* d, const float* c, const float* x,
@@ -500,6 +486,18 @@ void matmul_rows(const float* x, int64_t T, int64_t K, const Rows& w, int64_t N,
 #endif
 
 #if defined(SPECKV_QUANT_AVX512) || defined(SPECKV_QUANT_AVX2)
+// A row -> K floats: each chunk's scales widened once, then block after block.
+template <int64_t F>
+void expand_row(const Rows& row, int64_t K, float* out) {
+  alignas(64) float d[kChunk], c[kChunk];
+  for (int64_t b0 = 0; b0 < K / kBlock; b0 += kChunk) {
+    const int64_t n = std::min(kChunk, K / kBlock - b0);
+    widen_scales<F>(row, b0, n, d, c);
+    for (int64_t i = 0; i < n; ++i)
+      store_block<F>(row.codes + (b0 + i) * Layout<F>::Q, d + i, c + i, out + (b0 + i) * kBlock);
+  }
+}
+
 // The codes and scales of a group of rows, asked into L1 while an earlier group is
 // multiplied: rows are a few hundred bytes, so the hardware prefetcher, which follows a
 // stream only once it has seen it, leaves each group's first lines to a cache miss.
